@@ -1,0 +1,150 @@
+"""The CodexMini student's configuration: a Llama-shaped config plus per-layer attention types and sizes."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PretrainedConfig
+
+LAYER_TYPES = ("softmax", "linear", "hybrid")
+FEATURE_MAPS = ("elu", "relu", "hedgehog", "taylor")
+
+
+@strict
+class CodexMiniConfig(PretrainedConfig):
+    r"""Configuration of a CodexMini student.
+
+    Field names follow `LlamaConfig` so Llama teachers map over without key tables. On top of Llama:
+
+    Args:
+        layer_types: one of `"softmax"`, `"linear"`, `"hybrid"` per layer (default: all softmax).
+        layer_num_attention_heads / layer_num_key_value_heads / layer_intermediate_sizes: per-layer sizes, so a
+            pruned (heterogeneous) model is representable. Left out, every layer uses the scalar field; given, the
+            scalar fields are set to the largest entry.
+        head_dim: its own field; `num_attention_heads * head_dim` need not equal `hidden_size`.
+        embedding_rank: if set, embeddings are factored as `vocab x rank` then `rank x hidden` (ALBERT).
+        feature_map: feature map of linear / hybrid layers: `elu` (elu+1), `relu`, `hedgehog`, `taylor`.
+        feature_dim: hedgehog's projection width per half (default `head_dim`).
+        linear_decay: a learnable per-head decay (forget gate) on the linear-attention state.
+        linear_chunk_size: chunk length of the chunked parallel form.
+        sliding_window: window of the softmax part of hybrid layers.
+    """
+
+    model_type = "codexmini"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    layer_types: list | None = None
+    layer_num_attention_heads: list | None = None
+    layer_num_key_value_heads: list | None = None
+    layer_intermediate_sizes: list | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    tie_word_embeddings: bool = True
+    embedding_rank: int | None = None
+    feature_map: str = "elu"
+    feature_dim: int | None = None
+    linear_decay: bool = False
+    linear_chunk_size: int = 64
+    sliding_window: int = 64
+
+    def __post_init__(self, **kwargs):
+        n = self.num_hidden_layers
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly or choose a head count that divides it."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.layer_types = list(self.layer_types or ["softmax"] * n)
+        self.layer_num_attention_heads = _per_layer(self.layer_num_attention_heads, self.num_attention_heads, n,
+                                                    "layer_num_attention_heads")
+        self.layer_num_key_value_heads = _per_layer(self.layer_num_key_value_heads, self.num_key_value_heads, n,
+                                                    "layer_num_key_value_heads")
+        self.layer_intermediate_sizes = _per_layer(self.layer_intermediate_sizes, self.intermediate_size, n,
+                                                   "layer_intermediate_sizes")
+        # The scalars summarise the lists (largest entry), so tools that read `num_attention_heads` see a bound.
+        self.num_attention_heads = max(self.layer_num_attention_heads)
+        self.num_key_value_heads = max(self.layer_num_key_value_heads)
+        self.intermediate_size = max(self.layer_intermediate_sizes)
+        super().__post_init__(**kwargs)
+        self.validate_shapes()
+
+    def validate_shapes(self) -> None:
+        """Raise a ValueError naming the field if the shapes cannot make a model."""
+        n = self.num_hidden_layers
+        if n < 1:
+            raise ValueError(f"num_hidden_layers must be >= 1, got {n}")
+        if len(self.layer_types) != n:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {n}")
+        for i, t in enumerate(self.layer_types):
+            if t not in LAYER_TYPES:
+                raise ValueError(f"layer_types[{i}] = {t!r} is not one of {LAYER_TYPES}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map = {self.feature_map!r} is not one of {FEATURE_MAPS}")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        for i in range(n):
+            h, kv = self.layer_num_attention_heads[i], self.layer_num_key_value_heads[i]
+            if h < 1 or kv < 1:
+                raise ValueError(f"layer {i}: attention heads ({h}) and key/value heads ({kv}) must be >= 1")
+            if h % kv:
+                raise ValueError(
+                    f"layer {i}: num_key_value_heads ({kv}) must divide num_attention_heads ({h}) "
+                    "for grouped-query attention"
+                )
+            if self.layer_intermediate_sizes[i] < 1:
+                raise ValueError(f"layer {i}: intermediate size must be >= 1, got {self.layer_intermediate_sizes[i]}")
+        if self.embedding_rank is not None and not 0 < self.embedding_rank < self.hidden_size:
+            raise ValueError(
+                f"embedding_rank ({self.embedding_rank}) must be between 1 and hidden_size-1 ({self.hidden_size - 1}); "
+                "set it to null for unfactored embeddings"
+            )
+        if self.linear_chunk_size < 1 or self.sliding_window < 1:
+            raise ValueError("linear_chunk_size and sliding_window must be >= 1")
+
+    def validate_layer_type(self) -> None:
+        # transformers' own check knows only its attention names; ours are softmax / linear / hybrid.
+        self.validate_shapes()
+
+    @property
+    def hedgehog_dim(self) -> int:
+        return self.feature_dim or self.head_dim
+
+    def num_params_estimate(self) -> int:
+        """Parameter count implied by the config (matches `sum(p.numel())` of the built model without hedgehog)."""
+        d, v = self.hidden_size, self.vocab_size
+        emb = v * self.embedding_rank + self.embedding_rank * d if self.embedding_rank else v * d
+        head = 0 if self.tie_word_embeddings else v * d
+        total = emb + head + d
+        for i in range(self.num_hidden_layers):
+            h, kv, f = (self.layer_num_attention_heads[i], self.layer_num_key_value_heads[i],
+                        self.layer_intermediate_sizes[i])
+            total += d * self.head_dim * (2 * h + 2 * kv) + 3 * d * f + 2 * d
+        return total
+
+
+def _per_layer(values, default, n, name):
+    if values is None:
+        return [int(default)] * n
+    values = [int(x) for x in values]
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but num_hidden_layers is {n}")
+    return values
