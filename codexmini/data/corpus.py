@@ -62,7 +62,9 @@ def source_files(cfg: DataConfig) -> list[Path]:
         elif path.is_dir():
             files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file())
         else:
-            files = sorted(p for p in Path().glob(cfg.source) if p.is_file())
+            import glob
+
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise FileNotFoundError(f"data.source {cfg.source!r} matches no files (file_glob={cfg.file_glob!r})")
     if cfg.max_files is not None and len(files) > cfg.max_files:
