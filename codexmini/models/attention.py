@@ -207,6 +207,8 @@ class HybridAttention(LinearAttention):
         q `[B,H,T,D]`; k_all/v_all `[B,H,wc+T,D]`. Returns numerator `[B,H,T,D]` and denominator `[B,H,T,1]`.
         """
         B, H, T, D = q.shape
+        if T == 1:
+            return self._window_softmax_decode(q, k_all, v_all, valid_all, w)
         nb = math.ceil(T / w)
         # Extended key index = combined index + (w - wc): query i then sits at extended index i + w and sees
         # extended keys (i, i + w]. Query block b needs extended keys [b*w, b*w + 2w).
@@ -229,6 +231,17 @@ class HybridAttention(LinearAttention):
         num = (a @ vb).reshape(B, H, nb * w, D)[:, :, :T]
         den = a.sum(-1).reshape(B, H, nb * w, 1)[:, :, :T]
         return num, den
+
+
+    def _window_softmax_decode(self, q, k_all, v_all, valid_all, w):
+        """Fast path for one decoding token: its window is simply the last `w` combined keys."""
+        k, v, ok = k_all[:, :, -w:].float(), v_all[:, :, -w:].float(), valid_all[:, None, None, -w:]
+        scores = (q.float() @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # [B, H, 1, <=w]
+        scores = scores.masked_fill(~ok, float("-inf"))
+        m = scores.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        a = torch.exp(scores - m)
+        return a @ v, a.sum(-1, keepdim=True)
 
 
 ATTENTION_CLASSES = {"softmax": Attention, "linear": LinearAttention, "hybrid": HybridAttention}
