@@ -200,13 +200,21 @@ class CodexMiniForCausalLM(CodexMiniPreTrainedModel, GenerationMixin):
         return self.lm_head(hidden)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=None, **kwargs):
+                labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=None, skip_logits=False,
+                **kwargs):
         """Returns logits `[B, T, vocab]` (or the last `logits_to_keep`), the loss if `labels` is given
-        (next-token cross-entropy, -100 ignored), and the cache."""
+        (next-token cross-entropy, -100 ignored), and the cache.
+
+        `skip_logits=True` returns no logits, only the hidden states (last one = final norm output): the
+        distillation loss turns them into logits a chunk at a time through `self.logits`.
+        """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
         h = out.last_hidden_state
+        if skip_logits:
+            hidden = out.hidden_states if out.hidden_states is not None else (h,)
+            return CausalLMOutputWithPast(logits=None, cache=out.cache, hidden_states=hidden)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.logits(h)
