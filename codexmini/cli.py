@@ -1,121 +1,144 @@
-"""`codexmini` command line.
+"""`codexmini` command line: a thin layer over `pipeline.run()` and the stage functions.
 
-    codexmini student  --teacher SPEC --layers 0,2,4 --layer-types 1:linear,3:hybrid --out DIR
-    codexmini generate MODEL_DIR --prompt "def fib(n):"
+    codexmini run RECIPE [key=value ...]        run / resume a recipe (Hydra overrides)
+    codexmini ls                                recipes and config groups
+    codexmini validate RECIPE [key=value ...]   compose and check, run nothing
+    codexmini distill|eval|generate MODEL_DIR [key=value ...]   one stage on an existing model folder
+    codexmini report RUN_DIR                    table over a run's stages + size/perplexity plot
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
-
-def _parse_layers(text: str | None):
-    if not text:
-        return None
-    if ":" in text:  # start:stop:step
-        start, stop, *step = (int(x) for x in text.split(":"))
-        return list(range(start, stop, step[0] if step else 1))
-    return [int(x) for x in text.split(",")]
+SINGLE_STAGES = ("distill", "eval", "generate")
 
 
-def _parse_types(text: str | None):
-    if not text:
-        return None
-    out = {}
-    for item in text.split(","):
-        idx, _, kind = item.partition(":")
-        if not kind:
-            raise SystemExit(f"--layer-types item {item!r} must look like INDEX:TYPE (e.g. 3:linear)")
-        out[int(idx)] = kind
-    return out
+def _compose(recipe, overrides):
+    from .config import compose
+
+    return compose(recipe, overrides)
 
 
-def cmd_student(args) -> int:
-    """Build a student from a teacher, measure both on held-out data, save the student, print a sample."""
-    import torch
+def cmd_run(args) -> int:
+    from .pipeline import run
+    from .report import report
 
-    from codexmini.data import DataConfig, build_data, perplexity
-    from codexmini.models.from_teacher import student_from_teacher
-    from codexmini.models.teacher import load_teacher
-
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    print(f"loading teacher {args.teacher} ...", flush=True)
-    teacher, tok = load_teacher(args.teacher)
-    student = student_from_teacher(teacher, _parse_layers(args.layers), _parse_types(args.layer_types),
-                                   feature_map=args.feature_map, sliding_window=args.sliding_window)
-    data = build_data(DataConfig(max_files=args.max_files, block_size=args.block_size,
-                                 max_val_blocks=args.val_blocks, seed=args.seed), tok)
-    rows = []
-    for name, model in (("teacher", teacher), ("student", student)):
-        t0 = time.perf_counter()
-        ppl = perplexity(model, data.val, batch_size=4, progress=True)
-        rows.append((name, model.num_parameters(), ppl["ppl"], time.perf_counter() - t0))
-    print(f"\n{'model':<8} {'params':>12} {'val ppl':>10} {'eval s':>8}")
-    for name, n, ppl, secs in rows:
-        print(f"{name:<8} {n:>12,} {ppl:>10.2f} {secs:>8.1f}")
-    print(f"layer types: {student.config.layer_types}")
-    out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out)
-    tok.save_pretrained(out)
-    metrics = {"teacher_val_ppl": rows[0][2], "student_val_ppl": rows[1][2], "teacher_params": rows[0][1],
-               "student_params": rows[1][1], "val_tokens": data.stats["tokens_val"]}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
-    print(f"saved student to {out}")
-    sample = _generate(student, tok, args.prompt, 32)
-    print(f"\nstudent sample (greedy, before any distillation):\n{args.prompt}{sample}")
+    cfg = _compose(args.recipe, args.overrides)
+    run_dir = run(cfg)
+    print(f"\n{report(run_dir)}\nrun folder: {run_dir}")
     return 0
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
-    ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def cmd_validate(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .pipeline import validate
+
+    cfg = _compose(args.recipe, args.overrides)
+    problems = validate(cfg)
+    if args.show:
+        print(OmegaConf.to_yaml(cfg))
+    if problems:
+        print(f"{args.recipe}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.recipe}: valid ({len(cfg.stages)} stages: {', '.join(s.stage for s in cfg.stages)})")
+    return 0
 
 
-def cmd_generate(args) -> int:
-    from codexmini.models.teacher import load_teacher
+def _comment(path: Path, index: int) -> str:
+    """The index-th leading comment line of a YAML file (recipes start with their command, then a summary)."""
+    lines = []
+    for ln in path.read_text().splitlines():
+        if not ln.startswith("#"):
+            break
+        lines.append(ln.lstrip("# ").strip())
+    return lines[index] if len(lines) > index else ""
 
-    model, tok = load_teacher(args.model)
-    print(args.prompt + _generate(model, tok, args.prompt, args.max_new_tokens))
+
+def cmd_ls(args) -> int:
+    from .config import CONFIG_DIR, RECIPE_DIR
+
+    print("recipes:")
+    for p in sorted(RECIPE_DIR.glob("*.yaml")):
+        print(f"  {p.stem:<20} {_comment(p, 1)}")
+    print("config groups:")
+    for group in sorted(d for d in CONFIG_DIR.iterdir() if d.is_dir()):
+        print(f"  {group.name}/")
+        for p in sorted(group.glob("*.yaml")):
+            print(f"    {p.stem:<18} {_comment(p, 0)}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    """One stage on an existing model folder, with the same config keys as a recipe."""
+    from omegaconf import OmegaConf
+
+    from .pipeline import run
+    from .report import report
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{model_dir} is not a model folder (no config.json)")
+    cfg = _compose(args.recipe, ["model.init=folder", f"model.path={model_dir}", f"recipe={args.command}",
+                                 *args.overrides])
+    cfg.stages = OmegaConf.merge(cfg.stages, [{"stage": args.command}])[-1:]
+    run_dir = run(cfg)
+    print(report(run_dir))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    print(report(args.run_dir))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codexmini", description="Distil, prune, quantize and ship small LMs.")
+    parser = argparse.ArgumentParser(prog="codexmini", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("student", help="build a student from a teacher and measure both on held-out data")
-    p.add_argument("--teacher", default="smollm2-135m-instruct", help="hub id, folder, .gguf or packaged name")
-    p.add_argument("--layers", default="0:30:2", help="teacher layers to keep: 0,2,4 or start:stop:step")
-    p.add_argument("--layer-types", default="3:linear,7:hybrid,11:linear",
-                   help="student layers to linearize, INDEX:TYPE,... (others stay softmax)")
-    p.add_argument("--feature-map", default="hedgehog", choices=["elu", "relu", "hedgehog", "taylor"])
-    p.add_argument("--sliding-window", type=int, default=64)
-    p.add_argument("--max-files", type=int, default=40, help="stdlib files in the corpus")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--val-blocks", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--out", default="runs/student")
-    p.set_defaults(func=cmd_student)
-    g = sub.add_parser("generate", help="generate text with a model folder or GGUF file")
-    g.add_argument("model")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.set_defaults(func=cmd_generate)
+    p = sub.add_parser("run", help="run or resume a recipe")
+    p.add_argument("recipe", help="a name from recipes/ (codexmini ls) or a path to a YAML file")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_steps=50")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="compose a recipe and check it without running anything")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--show", action="store_true", help="print the composed config")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("ls", help="list recipes and config groups")
+    p.set_defaults(func=cmd_ls)
+    for name in SINGLE_STAGES:
+        p = sub.add_parser(name, help=f"run the {name} stage on an existing model folder")
+        p.add_argument("model_dir")
+        p.add_argument("overrides", nargs="*", help="config keys, as in a recipe (e.g. trainer.max_steps=20)")
+        p.add_argument("--recipe", default="quickstart", help="recipe whose teacher/data/config to use")
+        p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("report", help="table and plot over a run's stages")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError, HydraException, OmegaConfBaseException) as err:
+        # Bad input (recipe name, key, value, path): a clear message instead of a traceback.
+        print(f"codexmini: error: {err}", file=sys.stderr)
+        if err.__cause__ is not None:
+            print(f"  {err.__cause__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

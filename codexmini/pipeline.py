@@ -1,0 +1,372 @@
+"""Run a recipe: thread the model through its stages, one folder and one manifest per stage, resumable.
+
+    runs/<recipe>/<run_name>/
+        config.yaml             the resolved run config
+        00-init/                the student as built (HF folder + manifest.json)
+        01-distill/             each stage: HF folder (config.json, model.safetensors, tokenizer), manifest.json,
+                                checkpoints/step_N/ while training, metrics.jsonl
+        ...
+
+A stage folder is complete only once its manifest.json exists (written last, atomically). Re-running the same
+command skips complete stages whose key (stage config + input model hash) is unchanged and resumes a stage that
+was interrupted from its latest step checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .config import check_target_signature, instantiate
+from .data import DataConfig, build_data, perplexity
+from .distill import DistillConfig, TrainerConfig, distill
+from .models import CodexMiniConfig, CodexMiniForCausalLM
+from .models.from_teacher import student_from_teacher
+
+MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- files
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_model_folder(model, tokenizer, folder: Path) -> dict:
+    """Save an HF folder atomically (into a temp folder, then moved in file by file) and hash its files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save."))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        hashes = {}
+        for f in sorted(tmp.iterdir()):
+            hashes[f.name] = sha256_file(f)
+            os.replace(f, folder / f.name)
+        return hashes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def versions() -> dict:
+    import accelerate
+    import transformers
+
+    return {"codexmini": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- teachers and students
+def tiny_random_teacher(data: DataConfig | dict | None = None, hidden_size: int = 64, num_hidden_layers: int = 4,
+                        num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
+                        vocab_size: int = 512, pretrain_steps: int = 0, seed: int = 0):
+    """A tiny random Llama teacher made on the fly, with a byte-level BPE trained on the run's corpus.
+
+    `pretrain_steps` > 0 trains it briefly with cross-entropy first, so that distilling from it means something.
+    Returns (model, tokenizer) like `load_teacher`.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .data import load_documents, split_documents, train_bpe_tokenizer
+
+    data = DataConfig(**data) if isinstance(data, dict) else (data or DataConfig(max_files=20))
+    train_docs, _ = split_documents(load_documents(data), data)
+    tokenizer = train_bpe_tokenizer(train_docs["text"], vocab_size)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                      num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                      intermediate_size=intermediate_size, max_position_embeddings=4096, tie_word_embeddings=True,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    if pretrain_steps:
+        # Pretrain as a CodexMini twin (same function, see student_from_teacher) and copy the weights back.
+        twin = student_from_teacher(model)
+        bundle = build_data(data, tokenizer)
+        twin, _ = distill(twin, None, bundle.train, bundle.val, DistillConfig(kd_ratio=0.0),
+                          TrainerConfig(max_steps=pretrain_steps, batch_size=8, lr=3e-3, warmup_steps=5,
+                                        eval_every=pretrain_steps, checkpoint_every=10 ** 9, seed=seed))
+        model.load_state_dict(twin.state_dict(), strict=False)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def build_student(cfg: DictConfig, teacher, tokenizer) -> CodexMiniForCausalLM:
+    m = cfg.model
+    if m.init == "from_teacher":
+        types = list(m.layer_types) if m.layer_types is not None else None
+        student = student_from_teacher(teacher, list(m.layers) if m.layers is not None else None, types,
+                                       feature_map=m.feature_map, sliding_window=m.sliding_window,
+                                       linear_decay=m.linear_decay, linear_chunk_size=m.linear_chunk_size)
+        return student.float().train()
+    if m.init == "folder":
+        if not m.path or not Path(m.path).is_dir():
+            raise FileNotFoundError(f"model.path {m.path!r} is not a folder (model.init=folder)")
+        return CodexMiniForCausalLM.from_pretrained(m.path).float()
+    if m.init == "scratch":
+        n = m.num_hidden_layers
+        config = CodexMiniConfig(
+            vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_hidden_layers=n,
+            num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+            intermediate_size=m.intermediate_size, head_dim=m.head_dim, layer_types=list(m.layer_types or
+                                                                                        ["softmax"] * n),
+            feature_map=m.feature_map, sliding_window=m.sliding_window, linear_decay=m.linear_decay,
+            linear_chunk_size=m.linear_chunk_size, tie_word_embeddings=m.tie_word_embeddings,
+            embedding_rank=m.embedding_rank, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(cfg.seed)
+        return CodexMiniForCausalLM(config)
+    raise ValueError(f"model.init {m.init!r} is not one of from_teacher, scratch, folder")
+
+
+class Context:
+    """What stages share in one process: the teacher (loaded once, lazily), the tokenizer and the data."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    @cached_property
+    def teacher_and_tokenizer(self):
+        print(f"[codexmini] loading teacher ({self.cfg.teacher.get('_target_')})", flush=True)
+        return instantiate(self.cfg.teacher)
+
+    @property
+    def teacher(self):
+        return self.teacher_and_tokenizer[0]
+
+    @property
+    def tokenizer(self):
+        return self.teacher_and_tokenizer[1]
+
+    @cached_property
+    def data(self):
+        return build_data(DataConfig(**OmegaConf.to_container(self.cfg.data)), self.tokenizer)
+
+
+# --------------------------------------------------------------------------- stages
+def _stage_distill(model, cfg: DictConfig, ctx: Context, folder: Path):
+    dcfg = DistillConfig(**OmegaConf.to_container(cfg.distill))
+    tcfg = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
+    teacher = ctx.teacher if dcfg.kd_ratio > 0 else None
+    return distill(model, teacher, ctx.data.train, ctx.data.val, dcfg, tcfg, workdir=folder,
+                   tokenizer=ctx.tokenizer)
+
+
+def _stage_eval(model, cfg: DictConfig, ctx: Context, folder: Path):
+    return model, {}
+
+
+def _stage_generate(model, cfg: DictConfig, ctx: Context, folder: Path):
+    tok = ctx.tokenizer
+    ids = tok(cfg.generate.prompt, return_tensors="pt").input_ids
+    t0 = time.perf_counter()
+    out = model.eval().generate(ids, max_new_tokens=cfg.generate.max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+    secs = time.perf_counter() - t0
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(f"\n[codexmini] sample ({folder.name}):\n{cfg.generate.prompt}{text}\n", flush=True)
+    return model, {"prompt": cfg.generate.prompt, "sample": text,
+                   "generate_tokens_per_s": (out.shape[1] - ids.shape[1]) / secs}
+
+
+# name -> (function, produces a new model, config sections its key depends on)
+STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
+    "distill": (_stage_distill, True, ("distill", "trainer", "data", "teacher")),
+    "eval": (_stage_eval, False, ("data",)),
+    "generate": (_stage_generate, False, ("generate",)),
+}
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(STAGES)
+
+
+# --------------------------------------------------------------------------- the run
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.recipe / cfg.run_name
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    """Check a composed run config without running anything; returns the problems found (empty = valid)."""
+    problems = []
+    try:
+        check_target_signature(cfg.teacher)
+    except ValueError as err:
+        problems.append(f"teacher: {err}")
+    if not cfg.stages:
+        problems.append("stages: the recipe lists no stages")
+    for i, spec in enumerate(cfg.stages):
+        if spec.stage not in STAGES:
+            problems.append(f"stages[{i}].stage {spec.stage!r} is not one of {sorted(STAGES)}")
+        try:
+            _stage_config(cfg, spec)
+        except Exception as err:  # noqa: BLE001 - any bad override is reported, with its key
+            problems.append(f"stages[{i}].overrides: {err}")
+    if cfg.model.init == "folder" and not (cfg.model.path and Path(cfg.model.path).is_dir()):
+        problems.append(f"model.path {cfg.model.path!r} is not a folder (model.init=folder)")
+    if cfg.data.source != "stdlib":
+        from .data import source_files
+
+        try:
+            source_files(DataConfig(**OmegaConf.to_container(cfg.data)))
+        except FileNotFoundError as err:
+            problems.append(f"data.source: {err}")
+    try:
+        from .distill.loop import check_configs
+
+        check_configs(DistillConfig(**OmegaConf.to_container(cfg.distill)),
+                      TrainerConfig(**OmegaConf.to_container(cfg.trainer)))
+    except ValueError as err:
+        problems.append(str(err))
+    return problems
+
+
+def _stage_config(cfg: DictConfig, spec) -> DictConfig:
+    """The run config with this stage's overrides applied (typed: a bad key or type raises)."""
+    stage_cfg = cfg.copy()
+    for key, value in (spec.overrides or {}).items():
+        if OmegaConf.select(stage_cfg, key, default="__missing__") == "__missing__":
+            raise KeyError(f"override key {key!r} does not exist in the run config")
+        OmegaConf.update(stage_cfg, key, value, merge=True)
+    return stage_cfg
+
+
+def _stage_key(stage_cfg: DictConfig, sections: tuple[str, ...], spec, input_hash: str | None) -> str:
+    payload = {s: OmegaConf.to_container(stage_cfg[s], resolve=True) for s in sections}
+    payload.update(stage=spec.stage, input=input_hash, seed=stage_cfg.seed)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_metrics(model, folder: Path | None, ctx: Context) -> dict:
+    ppl = perplexity(model, ctx.data.val, batch_size=8)
+    out = {"val_ppl": ppl["ppl"], "val_loss": ppl["loss"], "parameters": model.num_parameters()}
+    if folder is not None and (folder / "model.safetensors").is_file():
+        size = (folder / "model.safetensors").stat().st_size
+        out.update(file_bytes=size, bits_per_weight=8 * size / out["parameters"])
+    return out
+
+
+def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
+    """Run (or resume) every stage of a composed recipe; returns the run folder."""
+    problems = validate(cfg)
+    if problems:
+        raise ValueError("invalid recipe:\n  " + "\n  ".join(problems))
+    torch.manual_seed(cfg.seed)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    ctx = ctx or Context(cfg)
+
+    # Stage 00: the student as built.
+    init_dir = run_dir / "00-init"
+    init_cfg = {"model": OmegaConf.to_container(cfg.model), "teacher": OmegaConf.to_container(cfg.teacher),
+                "seed": cfg.seed}
+    init_key = hashlib.sha256(json.dumps(init_cfg, sort_keys=True).encode()).hexdigest()[:16]
+    manifest = read_manifest(init_dir)
+    if manifest is None or manifest["key"] != init_key:
+        shutil.rmtree(init_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        student = build_student(cfg, ctx.teacher, ctx.tokenizer)
+        hashes = save_model_folder(student, ctx.tokenizer, init_dir)
+        metrics = _model_metrics(student, init_dir, ctx)
+        teacher_ppl = perplexity(ctx.teacher, ctx.data.val, batch_size=8)
+        metrics.update(teacher_val_ppl=teacher_ppl["ppl"], teacher_parameters=ctx.teacher.num_parameters(),
+                       data=ctx.data.stats)
+        _write_manifest(init_dir, "init", "init", init_key, init_cfg, None, metrics, hashes, t0)
+        print(f"[codexmini] 00-init: student {metrics['parameters']:,} params, val ppl {metrics['val_ppl']:.2f} "
+              f"(teacher {teacher_ppl['ppl']:.2f})", flush=True)
+    model_dir = init_dir
+
+    for i, spec in enumerate(cfg.stages, start=1):
+        fn, produces_model, sections = STAGES[spec.stage]
+        stage_cfg = _stage_config(cfg, spec)
+        folder = run_dir / f"{i:02d}-{spec.name or spec.stage}"
+        input_hash = read_manifest(model_dir)["outputs"].get("model.safetensors")
+        key = _stage_key(stage_cfg, sections, spec, input_hash)
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest["key"] == key:
+            print(f"[codexmini] {folder.name}: complete, skipped", flush=True)
+            if produces_model:
+                model_dir = folder
+            continue
+        if manifest is not None:  # inputs or config changed: the old result is stale
+            shutil.rmtree(folder)
+        elif folder.exists() and not _resumable(folder, key):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / "stage_key", key)
+        t0 = time.perf_counter()
+        print(f"[codexmini] {folder.name}: running {spec.stage}", flush=True)
+        model = CodexMiniForCausalLM.from_pretrained(model_dir).float()
+        model, metrics = fn(model, stage_cfg, ctx, folder)
+        hashes = {}
+        if produces_model:
+            hashes = save_model_folder(model, ctx.tokenizer, folder)
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
+        metrics.update(_model_metrics(model, folder if produces_model else model_dir, ctx))
+        config_used = {s: OmegaConf.to_container(stage_cfg[s], resolve=True) for s in sections}
+        _write_manifest(folder, spec.stage, spec.name or spec.stage, key, config_used,
+                        {"model_dir": str(model_dir), "sha256": input_hash}, metrics, hashes, t0)
+        print(f"[codexmini] {folder.name}: val ppl {metrics['val_ppl']:.3f}", flush=True)
+        if produces_model:
+            model_dir = folder
+    return run_dir
+
+
+def _resumable(folder: Path, key: str) -> bool:
+    """An incomplete stage folder is resumed only if it was started for the same key."""
+    marker = folder / "stage_key"
+    return marker.is_file() and marker.read_text() == key
+
+
+def _write_manifest(folder: Path, stage: str, name: str, key: str, config: dict, inputs, metrics: dict,
+                    hashes: dict, t0: float) -> None:
+    manifest = {
+        "stage": stage, "name": name, "key": key, "config": config, "inputs": inputs,
+        "metrics": {k: v for k, v in metrics.items() if k != "loss_curve"}, "wall_time_s": time.perf_counter() - t0,
+        "versions": versions(), "outputs": hashes, "argv": sys.argv,
+        "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # Written last: a stage folder counts as complete only once this file exists.
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, default=_json_default))
+
+
+def _json_default(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)

@@ -1,0 +1,89 @@
+"""`codexmini report RUN`: a table over a run's stages and a size-vs-perplexity plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = ("stage", "parameters", "file MB", "bits/weight", "val ppl", "tokens/s", "wall s")
+
+
+def collect(run_dir: Path) -> list[dict]:
+    rows = []
+    for folder in sorted(p for p in Path(run_dir).iterdir() if p.is_dir()):
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            continue
+        m = json.loads(manifest_path.read_text())
+        met = m["metrics"]
+        rows.append({
+            "stage": folder.name, "parameters": met.get("parameters"),
+            "file MB": met["file_bytes"] / 2 ** 20 if met.get("file_bytes") else None,
+            "bits/weight": met.get("bits_per_weight"), "val ppl": met.get("val_ppl"),
+            "tokens/s": met.get("runtime_decode_tokens_per_s") or met.get("generate_tokens_per_s"),
+            "wall s": m.get("wall_time_s"), "teacher_val_ppl": met.get("teacher_val_ppl"),
+            "sample": met.get("sample"),
+        })
+    if not rows:
+        raise FileNotFoundError(f"{run_dir} has no completed stages (no manifest.json in its sub-folders)")
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+
+def render(rows: list[dict]) -> str:
+    table = [[_fmt(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(COLUMNS)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(t) for t in table]
+    teacher = next((r["teacher_val_ppl"] for r in rows if r.get("teacher_val_ppl")), None)
+    if teacher:
+        out.append(f"teacher val ppl: {teacher:.2f}")
+    sample = next((r["sample"] for r in reversed(rows) if r.get("sample")), None)
+    if sample is not None:
+        out.append(f"last sample: {sample!r}")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Size (MB) vs validation perplexity per stage; needs matplotlib (extra: report)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: pip install 'codexmini[report]' for matplotlib")
+        return None
+    pts = [(r["file MB"], r["val ppl"], r["stage"]) for r in rows if r["file MB"] and r["val ppl"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+    for x, y, name in pts:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("model file size (MB)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.set_title("size vs perplexity across stages")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def report(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    rows = collect(run_dir)
+    text = render(rows)
+    (run_dir / "report.md").write_text(text + "\n")
+    png = plot(rows, run_dir / "report.png")
+    return text + (f"\nplot: {png}" if png else "")
