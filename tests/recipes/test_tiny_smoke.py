@@ -1,0 +1,112 @@
+"""tiny_smoke through the real CLI entry point, in-process; then kill a run mid-stage and resume it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from codexmini.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    t0 = time.perf_counter()
+    assert main(["run", "tiny_smoke", f"output_dir={out}"]) == 0
+    return out / "tiny_smoke" / "default", time.perf_counter() - t0
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
+    run_dir, seconds = smoke_run
+    assert seconds < 120
+    stages = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    assert stages == ["00-init", "01-distill", "02-heal", "03-eval", "04-generate"]
+    init, distilled, healed = (_manifest(run_dir / s) for s in stages[:3])
+    for m in (init, distilled, healed):
+        assert set(m) >= {"stage", "key", "config", "metrics", "outputs", "versions", "wall_time_s"}
+        assert m["metrics"]["val_ppl"] > 1
+    # Models are HF folders chained by hash: each stage's input is the previous stage's output.
+    assert distilled["inputs"]["sha256"] == init["outputs"]["model.safetensors"]
+    assert healed["inputs"]["sha256"] == distilled["outputs"]["model.safetensors"]
+    assert (run_dir / "02-heal" / "config.json").is_file() and (run_dir / "02-heal" / "tokenizer.json").is_file()
+    assert not (run_dir / "01-distill" / "checkpoints").exists()
+    # Distillation moved the student towards the teacher.
+    assert healed["metrics"]["val_ppl"] < init["metrics"]["val_ppl"]
+    assert healed["config"]["trainer"]["max_steps"] == 6  # the per-stage override
+    sample = _manifest(run_dir / "04-generate")["metrics"]["sample"]
+    assert isinstance(sample, str)
+
+
+def test_report_table_and_plot(smoke_run, capsys):
+    run_dir, _ = smoke_run
+    assert main(["report", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "02-heal" in text and "val ppl" in text and "teacher val ppl" in text
+    png = run_dir / "report.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_skips_complete_stages(smoke_run, capsys):
+    run_dir, _ = smoke_run
+    before = _manifest(run_dir / "02-heal")["completed_at"]
+    assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("complete, skipped") == 4
+    assert _manifest(run_dir / "02-heal")["completed_at"] == before
+
+
+def test_changed_config_reruns_only_what_depends_on_it(smoke_run, capsys):
+    run_dir, _ = smoke_run
+    assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}", "generate.max_new_tokens=4"]) == 0
+    out = capsys.readouterr().out
+    assert "04-generate: running generate" in out and "02-heal: complete, skipped" in out
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    overrides = ["trainer.max_steps=40", "trainer.checkpoint_every=5", "stages=[{stage: distill}]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "codexmini.cli", "run", "tiny_smoke", f"output_dir={tmp_path / 'a'}", *overrides]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    ckpt = tmp_path / "a" / "tiny_smoke" / "default" / "01-distill" / "checkpoints" / "step_10" / "state.json"
+    deadline = time.time() + 180
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stage = tmp_path / "a" / "tiny_smoke" / "default" / "01-distill"
+    assert not (stage / "manifest.json").exists()  # never looks complete when it is not
+    assert main(["run", "tiny_smoke", f"output_dir={tmp_path / 'a'}", *overrides]) == 0
+    resumed = _manifest(stage)
+    assert resumed["metrics"]["resumed_from"] >= 10
+    assert main(["run", "tiny_smoke", f"output_dir={tmp_path / 'b'}", *overrides]) == 0
+    clean = _manifest(tmp_path / "b" / "tiny_smoke" / "default" / "01-distill")
+    assert clean["metrics"]["resumed_from"] == 0
+    assert resumed["metrics"]["val_ppl"] == pytest.approx(clean["metrics"]["val_ppl"], rel=1e-5)
+    assert resumed["outputs"]["model.safetensors"] == clean["outputs"]["model.safetensors"] or \
+        resumed["metrics"]["val_loss"] == pytest.approx(clean["metrics"]["val_loss"], rel=1e-6)
+
+
+def test_cli_reports_bad_input_without_traceback(capsys):
+    assert main(["run", "quickstrat"]) == 2
+    assert "Did you mean: quickstart" in capsys.readouterr().err
+    assert main(["validate", "tiny_smoke", "trainer.max_steps=abc"]) == 2
+    assert "trainer.max_steps" in capsys.readouterr().err
+
+
+def test_single_stage_command_on_a_model_folder(smoke_run, tmp_path, capsys):
+    run_dir, _ = smoke_run
+    assert main(["eval", str(run_dir / "02-heal"), "--recipe", "tiny_smoke", f"output_dir={tmp_path}"]) == 0
+    m = _manifest(tmp_path / "eval" / "default" / "01-eval")
+    assert m["metrics"]["val_ppl"] == pytest.approx(_manifest(run_dir / "02-heal")["metrics"]["val_ppl"], rel=1e-4)
