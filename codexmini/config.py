@@ -34,6 +34,7 @@ class ModelConfig:
     init: str = "from_teacher"  # from_teacher | scratch | folder
     path: str | None = None  # init=folder: a from_pretrained folder (e.g. an earlier stage)
     layers: list[int] | None = None  # from_teacher: teacher layers to keep (default all)
+    keep_layers: int | None = None  # from_teacher: keep this many layers, chosen by block influence
     layer_types: list[str] | None = None  # per student layer: softmax | linear | hybrid (default all softmax)
     feature_map: str = "hedgehog"
     sliding_window: int = 64

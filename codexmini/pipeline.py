@@ -36,6 +36,7 @@ from .data import DataConfig, build_data, perplexity
 from .distill import DistillConfig, TrainerConfig, distill
 from .models import CodexMiniConfig, CodexMiniForCausalLM
 from .models.from_teacher import student_from_teacher
+from .prune.depth import select_layers
 
 MANIFEST = "manifest.json"
 
@@ -126,11 +127,17 @@ def tiny_random_teacher(data: DataConfig | dict | None = None, hidden_size: int 
     return model.eval().requires_grad_(False), tokenizer
 
 
-def build_student(cfg: DictConfig, teacher, tokenizer) -> CodexMiniForCausalLM:
+def build_student(cfg: DictConfig, teacher, tokenizer, calibration=None) -> CodexMiniForCausalLM:
     m = cfg.model
     if m.init == "from_teacher":
         types = list(m.layer_types) if m.layer_types is not None else None
-        student = student_from_teacher(teacher, list(m.layers) if m.layers is not None else None, types,
+        layers = list(m.layers) if m.layers is not None else None
+        if m.keep_layers is not None:
+            if layers is not None:
+                raise ValueError("set model.layers or model.keep_layers, not both")
+            layers = select_layers(teacher, calibration, m.keep_layers)
+            print(f"[codexmini] kept teacher layers by block influence: {layers}", flush=True)
+        student = student_from_teacher(teacher, layers, types,
                                        feature_map=m.feature_map, sliding_window=m.sliding_window,
                                        linear_decay=m.linear_decay, linear_chunk_size=m.linear_chunk_size)
         return student.float().train()
@@ -301,7 +308,7 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
     if manifest is None or manifest["key"] != init_key:
         shutil.rmtree(init_dir, ignore_errors=True)
         t0 = time.perf_counter()
-        student = build_student(cfg, ctx.teacher, ctx.tokenizer)
+        student = build_student(cfg, ctx.teacher, ctx.tokenizer, ctx.data.calibration)
         hashes = save_model_folder(student, ctx.tokenizer, init_dir)
         metrics = _model_metrics(student, init_dir, ctx)
         teacher_ppl = perplexity(ctx.teacher, ctx.data.val, batch_size=8)

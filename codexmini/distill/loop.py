@@ -212,6 +212,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
     if use_teacher:
         teacher.to(accelerator.device).eval().requires_grad_(False)
     unwrapped = accelerator.unwrap_model(model)
+    # The lm_head module itself when there is one (the loss then takes its fused linear path).
+    student_head = unwrapped.lm_head if getattr(unwrapped, "lm_head", None) is not None else unwrapped.logits
 
     def evaluate():
         blocks = val_blocks if trainer.eval_blocks is None else val_blocks[: trainer.eval_blocks]
@@ -236,8 +238,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
                         t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
                     t_head = teacher.lm_head
                 else:
-                    t_hidden, t_head = s_out.hidden_states[-1].detach(), unwrapped.logits
-                losses = chunked_kd_loss(s_out.hidden_states[-1], unwrapped.logits, t_hidden, t_head, ids,
+                    t_hidden, t_head = s_out.hidden_states[-1].detach(), student_head
+                losses = chunked_kd_loss(s_out.hidden_states[-1], student_head, t_hidden, t_head, ids,
                                          kind=cfg.loss, temperature=cfg.temperature,
                                          kd_ratio=cfg.kd_ratio if use_teacher else 0.0, beta=cfg.beta,
                                          alpha=cfg.alpha, chunk_size=cfg.chunk_size)

@@ -72,15 +72,77 @@ def align_vocab(teacher_logits: torch.Tensor, student_vocab: int) -> torch.Tenso
                      f"({student_vocab}); they must share a tokenizer")
 
 
+class _FusedLinearForwardKL(torch.autograd.Function):
+    """Forward KL (+ cross-entropy) through linear heads, a chunk of rows at a time, gradient computed in forward.
+
+    The fast path of `chunked_kd_loss` for the common case (forward_kl, bias-free linear heads): the student's
+    logits are never kept or recomputed, and the gradient is the closed form
+    d/ds [T^2 KL(p_T || q_T)] = T (q_T - p_T),  d/ds CE = softmax(s) - onehot.
+    `chunked_kd_loss(..., fused=False)` is the autograd reference it is tested against.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, targets, mask, kd_ratio, temperature, chunk_size):
+        # hidden [N, H], weight [V, H], t_hidden [N, Ht], t_weight [Vt, Ht], targets/mask [N]
+        V = weight.shape[0]
+        w = weight.float()
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros_like(w)
+        kd_sum = hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        T = temperature
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            h = hidden[sl].float()
+            m = mask[sl].float()[:, None]
+            s = h @ w.t()
+            g = torch.zeros_like(s)
+            if kd_ratio > 0:
+                t = align_vocab(t_hidden[sl].float() @ t_weight.float().t(), V)
+                log_q = F.log_softmax(s / T if T != 1 else s, dim=-1)
+                log_p = F.log_softmax(t / T if T != 1 else t, dim=-1)
+                p = log_p.exp()
+                kd_sum += ((p * (log_p - log_q)).sum(-1, keepdim=True) * m).sum() * T * T
+                g += (kd_ratio * T) * (log_q.exp() - p) * m
+            if kd_ratio < 1:
+                log_q1 = log_q if (kd_ratio > 0 and T == 1) else F.log_softmax(s, dim=-1)
+                tgt = targets[sl].clamp(min=0)[:, None]
+                ce_sum += (-log_q1.gather(1, tgt) * m).sum()
+                g += (1 - kd_ratio) * log_q1.exp() * m
+                g.scatter_add_(1, tgt, -(1 - kd_ratio) * m)
+            grad_h[sl] = g @ w
+            grad_w += g.t() @ h
+        n = mask.sum().clamp(min=1).float()
+        ctx.save_for_backward(grad_h / n, grad_w / n)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        loss = (kd_ratio * kd_sum + (1 - kd_ratio) * ce_sum) / n
+        return loss, kd_sum / n, ce_sum / n
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return ((grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype),
+                None, None, None, None, None, None, None)
+
+
+def _linear_weight(head):
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
+        return head.weight
+    return None
+
+
 def chunked_kd_loss(student_hidden: torch.Tensor, student_head: Callable, teacher_hidden: torch.Tensor,
                     teacher_head: Callable, labels: torch.Tensor, *, kind: str = "forward_kl",
                     temperature: float = 1.0, kd_ratio: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                    chunk_size: int = 128) -> dict:
+                    chunk_size: int = 128, fused: bool = True) -> dict:
     """Mixed KD + cross-entropy loss over a sequence, `chunk_size` positions at a time.
 
     Args:
         student_hidden / teacher_hidden: final hidden states `[B, T, H_s]` / `[B, T, H_t]`.
-        student_head / teacher_head: hidden -> logits `[..., V]` (the lm_head).
+        student_head / teacher_head: hidden -> logits `[..., V]` (the lm_head module, or any callable).
+        fused: for forward_kl with bias-free `nn.Linear` heads, use the fused closed-form gradient (faster: no
+            logits kept or recomputed); otherwise, or with fused=False, autograd through checkpointed chunks.
         labels: `[B, T]` token ids; position t predicts labels[:, t+1]; -100 is ignored.
         kd_ratio: weight of the KD term; (1 - kd_ratio) weighs the next-token cross-entropy.
 
@@ -91,6 +153,15 @@ def chunked_kd_loss(student_hidden: torch.Tensor, student_head: Callable, teache
     s_h, t_h = student_hidden[:, :-1], teacher_hidden[:, :-1]
     targets = labels[:, 1:]
     mask = targets != -100
+    w_s, w_t = _linear_weight(student_head), _linear_weight(teacher_head)
+    if fused and kind == "forward_kl" and w_s is not None and (w_t is not None or kd_ratio == 0):
+        H = s_h.shape[-1]
+        t_flat = t_h.reshape(-1, t_h.shape[-1])
+        # Rows of a chunk: chunk_size positions of every sequence, as in the reference path.
+        loss, kd, ce = _FusedLinearForwardKL.apply(
+            s_h.reshape(-1, H), w_s, t_flat, w_t if w_t is not None else w_s, targets.reshape(-1),
+            mask.reshape(-1), kd_ratio, temperature, chunk_size * s_h.shape[0])
+        return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
     n = mask.sum().clamp(min=1)
     def chunk_terms(s_chunk, t_chunk, tgt, m):
         s_logits = student_head(s_chunk).float()

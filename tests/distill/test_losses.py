@@ -76,3 +76,25 @@ def test_bad_options_are_refused():
         chunked_kd_loss(torch.zeros(1, 3, 2), lambda x: x, torch.zeros(1, 3, 2), lambda x: x,
                         torch.zeros(1, 3, dtype=torch.long), kd_ratio=1.5)
     assert math.isclose(float(divergence(torch.zeros(1, 4), torch.zeros(1, 4))), 0.0, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.6, 0.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_linear_path_equals_autograd_reference(kd_ratio, temperature):
+    V, H = 17, 8
+    head_s = torch.nn.Linear(H, V, bias=False)
+    head_t = torch.nn.Linear(H + 2, V + 3, bias=False)  # wider and padded vocabulary
+    hs = torch.randn(3, 11, H, requires_grad=True)
+    ht = torch.randn(3, 11, H + 2)
+    labels = torch.randint(0, V, (3, 11))
+    labels[1, 3:6] = -100
+    results = []
+    for fused in (False, True):
+        head_s.zero_grad()
+        out = chunked_kd_loss(hs, head_s, ht, head_t, labels, kind="forward_kl", temperature=temperature,
+                              kd_ratio=kd_ratio, chunk_size=4, fused=fused)
+        (out["loss"] * 1.7).backward()
+        results.append((out["loss"].detach(), out["kd"], out["ce"], hs.grad.clone(), head_s.weight.grad.clone()))
+        hs.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -89,3 +89,17 @@ def test_student_from_teacher_rejects_bad_layer_indices(tiny_llama_dir):
     teacher, _ = load_teacher(tiny_llama_dir)
     with pytest.raises(ValueError, match="teacher has 4 layers"):
         student_from_teacher(teacher, layers=[0, 9])
+
+
+@pytest.mark.parametrize("mode, module", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_bitsandbytes_teacher_loads_quantized_and_stays_close(tiny_llama_dir, mode, module):
+    pytest.importorskip("bitsandbytes")
+    ref, tok = load_teacher(tiny_llama_dir)
+    model, _ = load_teacher(tiny_llama_dir, quantization=mode)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == module
+    ids = torch.randint(4, len(tok), (1, 12))
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), model(ids).logits.float()
+    # Same function up to quantization error: the logits stay strongly correlated.
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > 0.95, cos
