@@ -22,7 +22,7 @@ def collect(run_dir: Path) -> list[dict]:
             "bits/weight": met.get("bits_per_weight"), "val ppl": met.get("val_ppl"),
             "tokens/s": met.get("runtime_decode_tokens_per_s") or met.get("generate_tokens_per_s"),
             "wall s": m.get("wall_time_s"), "teacher_val_ppl": met.get("teacher_val_ppl"),
-            "sample": met.get("sample"),
+            "sample": met.get("sample"), "new_model": bool(m.get("outputs")),
         })
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no completed stages (no manifest.json in its sub-folders)")
@@ -63,9 +63,14 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         print("plot skipped: pip install 'codexmini[report]' for matplotlib")
         return None
-    pts = [(r["file MB"], r["val ppl"], r["stage"]) for r in rows if r["file MB"] and r["val ppl"]]
+    # Only stages that wrote a model of their own (eval / generate reuse the previous one).
+    pts = [(r["file MB"], r["val ppl"], r["stage"]) for r in rows if r["new_model"] and r["file MB"] and r["val ppl"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+    teacher = next((r["teacher_val_ppl"] for r in rows if r.get("teacher_val_ppl")), None)
+    if teacher:
+        ax.axhline(teacher, linestyle="--", color="gray", label=f"teacher ({teacher:.2f})")
+        ax.legend()
     for x, y, name in pts:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("model file size (MB)")

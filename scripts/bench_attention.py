@@ -4,7 +4,7 @@ Prints two tables (median of --repeats runs; ratios against softmax at the same 
   1. forward+backward time and peak extra memory of one attention layer at sequence lengths 512 .. 8192;
   2. decode time per token at context 128 .. 8192 (prefill the context, then time single-token steps).
 
-Peak memory is the growth of the worker process's max RSS over its state after the layer and inputs were built;
+Each point runs one untimed warm-up first. Peak memory is the growth of the worker process's max RSS over its state after the layer and inputs were built;
 each (layer, length) point runs in a fresh subprocess so peaks do not leak between points.
 
     .venv/bin/python scripts/bench_attention.py            # full table (a few minutes on 2 cores)
@@ -60,7 +60,10 @@ def worker(args) -> None:
         T = args.length
         x = torch.randn(1, T, args.hidden, requires_grad=True)
         cos, sin = rotary_cos_sin(torch.arange(T)[None], cfg.head_dim, cfg.rope_theta, x.dtype)
-        base = _rss_mb()
+        base = _rss_mb()  # before the warm-up: max RSS only grows, so the warm-up's peak is the step's peak
+        layer(x, cos, sin).sum().backward()  # warm-up: one-time allocations and kernel selection
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             layer(x, cos, sin).sum().backward()
@@ -102,7 +105,7 @@ def run_point(args, variant, mode, length):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="lengths 512/1024 and contexts 128/1024 only")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)

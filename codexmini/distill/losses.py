@@ -83,6 +83,13 @@ class _FusedLinearForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, t_hidden, t_weight, targets, mask, kd_ratio, temperature, chunk_size):
+        # The loss and its closed-form gradient are computed in fp32 whatever autocast is active outside.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _FusedLinearForwardKL._forward(ctx, hidden, weight, t_hidden, t_weight, targets, mask,
+                                                  kd_ratio, temperature, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, t_hidden, t_weight, targets, mask, kd_ratio, temperature, chunk_size):
         # hidden [N, H], weight [V, H], t_hidden [N, Ht], t_weight [Vt, Ht], targets/mask [N]
         V = weight.shape[0]
         w = weight.float()
