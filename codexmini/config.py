@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from .data.corpus import DataConfig
+from .distill.attention_transfer import TransferConfig
 from .distill.loop import DistillConfig, TrainerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +80,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stages: list[StageSpec] = field(default_factory=list)
 
 
-GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "trainer": TrainerConfig,
-          "generate": GenerateConfig}
+GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "transfer": TransferConfig,
+          "trainer": TrainerConfig, "generate": GenerateConfig}
 
 
 def register_configs() -> None:

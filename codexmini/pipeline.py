@@ -34,6 +34,7 @@ from . import __version__
 from .config import check_target_signature, instantiate
 from .data import DataConfig, build_data, perplexity
 from .distill import DistillConfig, TrainerConfig, distill
+from .distill.attention_transfer import TransferConfig, attention_transfer
 from .models import CodexMiniConfig, CodexMiniForCausalLM
 from .models.from_teacher import student_from_teacher
 from .prune.depth import select_layers
@@ -194,6 +195,11 @@ def _stage_distill(model, cfg: DictConfig, ctx: Context, folder: Path):
                    tokenizer=ctx.tokenizer)
 
 
+def _stage_transfer(model, cfg: DictConfig, ctx: Context, folder: Path):
+    tcfg = TransferConfig(**OmegaConf.to_container(cfg.transfer))
+    return attention_transfer(model, ctx.data.train, ctx.data.calibration, tcfg)
+
+
 def _stage_eval(model, cfg: DictConfig, ctx: Context, folder: Path):
     return model, {}
 
@@ -213,6 +219,7 @@ def _stage_generate(model, cfg: DictConfig, ctx: Context, folder: Path):
 
 # name -> (function, produces a new model, config sections its key depends on)
 STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
+    "transfer": (_stage_transfer, True, ("transfer", "data")),
     "distill": (_stage_distill, True, ("distill", "trainer", "data", "teacher")),
     "eval": (_stage_eval, False, ("data",)),
     "generate": (_stage_generate, False, ("generate",)),
