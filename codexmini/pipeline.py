@@ -197,7 +197,7 @@ def _stage_distill(model, cfg: DictConfig, ctx: Context, folder: Path):
 
 def _stage_transfer(model, cfg: DictConfig, ctx: Context, folder: Path):
     tcfg = TransferConfig(**OmegaConf.to_container(cfg.transfer))
-    return attention_transfer(model, ctx.data.train, ctx.data.calibration, tcfg)
+    return attention_transfer(model, ctx.data.train, ctx.data.val, tcfg)
 
 
 def _stage_eval(model, cfg: DictConfig, ctx: Context, folder: Path):

@@ -123,33 +123,26 @@ def main() -> None:
     decode_contexts = [128, 1024] if args.quick else [128, 512, 2048, 8192]
     print(f"# one attention layer: hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV) of "
           f"{args.hidden // args.heads}, batch 1, fp32, {args.threads} threads, median of {args.repeats}")
-    print("\n## forward + backward")
-    print(f"| {'variant':<16} | {'T':>5} | {'ms':>9} | {'vs softmax':>10} | {'peak MB':>8} |")
-    print(f"|{'-' * 18}|{'-' * 7}|{'-' * 11}|{'-' * 12}|{'-' * 10}|")
-    for T in train_lengths:
-        base = None
-        for variant in VARIANTS:
-            r = run_point(args, variant, "train", T)
-            if "error" in r:
-                print(f"| {variant:<16} | {T:>5} | {'error':>9} | {r['error'][:40]} |")
-                continue
-            base = base or r["seconds"]
-            print(f"| {variant:<16} | {T:>5} | {r['seconds'] * 1e3:>9.1f} | {r['seconds'] / base:>9.2f}x | "
-                  f"{r['peak_mb']:>8.0f} |", flush=True)
-    print("\n## decode, one token")
-    print(f"| {'variant':<16} | {'context':>7} | {'ms/token':>9} | {'vs softmax':>10} | {'state KB':>9} |")
-    print(f"|{'-' * 18}|{'-' * 9}|{'-' * 11}|{'-' * 12}|{'-' * 11}|")
-    for C in decode_contexts:
-        base = None
-        for variant in VARIANTS:
-            r = run_point(args, variant, "decode", C)
-            if "error" in r:
-                print(f"| {variant:<16} | {C:>7} | {'error':>9} | {r['error'][:40]} |")
-                continue
-            base = base or r["seconds"]
-            print(f"| {variant:<16} | {C:>7} | {r['seconds'] * 1e3:>9.3f} | {r['seconds'] / base:>9.2f}x | "
-                  f"{r['state_kb']:>9.0f} |", flush=True)
+    table(args, "forward + backward", "train", "T", train_lengths, "ms", 1, "peak MB", "peak_mb")
+    table(args, "decode, one token", "decode", "context", decode_contexts, "ms/token", 3, "state KB", "state_kb")
 
+
+def table(args, title, mode, length_name, lengths, time_name, decimals, extra_name, extra_key) -> None:
+    """One markdown table: a row per (length, variant), time relative to softmax at the same length."""
+    w = max(len(length_name), 5)
+    print(f"\n## {title}")
+    print(f"| {'variant':<16} | {length_name:>{w}} | {time_name:>9} | {'vs softmax':>10} | {extra_name:>9} |")
+    print(f"|{'-' * 18}|{'-' * (w + 2)}|{'-' * 11}|{'-' * 12}|{'-' * 11}|")
+    for n in lengths:
+        base = None
+        for variant in VARIANTS:
+            r = run_point(args, variant, mode, n)
+            if "error" in r:
+                print(f"| {variant:<16} | {n:>{w}} | {'error':>9} | {r['error'][:40]} |")
+                continue
+            base = base or r["seconds"]
+            print(f"| {variant:<16} | {n:>{w}} | {r['seconds'] * 1e3:>9.{decimals}f} | {r['seconds'] / base:>9.2f}x | "
+                  f"{r[extra_key]:>9.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()
