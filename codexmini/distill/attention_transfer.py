@@ -58,6 +58,11 @@ def _layer_inputs(student, ids, layer_ids):
     return captured
 
 
+def _rope(student, ids, dtype):
+    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    return rotary_cos_sin(pos, student.config.head_dim, student.config.rope_theta, dtype)
+
+
 def transfer_error(student, blocks: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
     """Mean squared error between each linearized layer's output and its softmax twin's, per layer."""
     layers = _linearized_layers(student)
@@ -68,8 +73,7 @@ def transfer_error(student, blocks: torch.Tensor, batch_size: int = 4) -> dict[i
         for start in range(0, len(blocks), batch_size):
             ids = blocks[start:start + batch_size]
             xs = _layer_inputs(student, ids, [i for i, _ in layers])
-            pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-            cos, sin = rotary_cos_sin(pos, student.config.head_dim, student.config.rope_theta, xs[layers[0][0]].dtype)
+            cos, sin = _rope(student, ids, xs[layers[0][0]].dtype)
             for i, attn in layers:
                 totals[i] += F.mse_loss(attn(xs[i], cos, sin), twins[i](xs[i], cos, sin)).item() * len(ids)
             n += len(ids)
@@ -103,8 +107,7 @@ def attention_transfer(student, train_blocks: torch.Tensor, val_blocks: torch.Te
     for _ in tqdm(range(cfg.steps), desc="attention transfer"):
         ids = train_blocks[torch.randint(len(train_blocks), (cfg.batch_size,), generator=g)]
         xs = _layer_inputs(student, ids, [i for i, _ in layers])
-        pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-        cos, sin = rotary_cos_sin(pos, student.config.head_dim, student.config.rope_theta, xs[layers[0][0]].dtype)
+        cos, sin = _rope(student, ids, xs[layers[0][0]].dtype)
         # Each layer learns from its own inputs, so the losses are independent and simply add up.
         loss = sum(F.mse_loss(attn(xs[i], cos, sin), twins[i](xs[i], cos, sin)) for i, attn in layers)
         opt.zero_grad(set_to_none=True)

@@ -39,6 +39,13 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(B, H, groups, T, D).reshape(B, H * groups, T, D)
 
 
+def initial_decay_logits(num_heads: int) -> torch.Tensor:
+    """RetNet's spread of per-head decays, gamma_h = 1 - 2^(-5 - 3h/H): short and long memories; as logits."""
+    h = torch.arange(num_heads, dtype=torch.float32)
+    gamma = 1 - 2.0 ** (-5 - h * 3 / max(num_heads, 1))
+    return torch.log(gamma / (1 - gamma))
+
+
 class Attention(nn.Module):
     """Shared projections; subclasses differ in how q, k, v are mixed."""
 
@@ -118,11 +125,8 @@ class LinearAttention(Attention):
             self.decay_logit = None
 
     def reset_decay(self) -> None:
-        # RetNet's spread of per-head decays, gamma_h = 1 - 2^(-5 - h * 3 / H): short and long memories.
         with torch.no_grad():
-            h = torch.arange(self.num_heads, dtype=torch.float32)
-            gamma = 1 - 2.0 ** (-5 - h * 3 / max(self.num_heads, 1))
-            self.decay_logit.copy_(torch.log(gamma / (1 - gamma)))
+            self.decay_logit.copy_(initial_decay_logits(self.num_heads))
 
     def log_decay(self):
         return None if self.decay_logit is None else F.logsigmoid(self.decay_logit.float())

@@ -77,9 +77,14 @@ class HedgehogFeatureMap(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.weight.zero_()
-            n = min(self.weight.shape[1], self.weight.shape[2])
-            self.weight[:, torch.arange(n), torch.arange(n)] = 1.0
+            self.weight.copy_(self.identity_weight())
+
+    def identity_weight(self) -> torch.Tensor:
+        """`[heads, head_dim, feature_dim]` identity per head: phi starts as [softmax(x), softmax(-x)]."""
+        eye = torch.zeros_like(self.weight)
+        n = min(eye.shape[1], eye.shape[2])
+        eye[:, torch.arange(n), torch.arange(n)] = 1.0
+        return eye
 
     def out_dim(self, head_dim: int) -> int:
         return 2 * self.weight.shape[-1]

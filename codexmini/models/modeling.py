@@ -10,7 +10,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import ATTENTION_CLASSES, LinearAttention
+from .attention import ATTENTION_CLASSES, LinearAttention, initial_decay_logits
 from .cache import CodexMiniCache
 from .configuration import CodexMiniConfig
 from .feature_maps import HedgehogFeatureMap
@@ -99,15 +99,11 @@ class CodexMiniPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        # transformers' init helpers skip tensors already loaded from a checkpoint.
         if isinstance(module, HedgehogFeatureMap):
-            eye = torch.zeros_like(module.weight)
-            n = min(eye.shape[1], eye.shape[2])
-            eye[:, torch.arange(n), torch.arange(n)] = 1.0
-            init.copy_(module.weight, eye)
+            init.copy_(module.weight, module.identity_weight())
         elif isinstance(module, LinearAttention) and module.decay_logit is not None:
-            h = torch.arange(module.num_heads, dtype=torch.float32)
-            gamma = 1 - 2.0 ** (-5 - h * 3 / module.num_heads)
-            init.copy_(module.decay_logit, torch.log(gamma / (1 - gamma)))
+            init.copy_(module.decay_logit, initial_decay_logits(module.num_heads))
 
 
 class CodexMiniModel(CodexMiniPreTrainedModel):
