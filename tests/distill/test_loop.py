@@ -96,3 +96,13 @@ def test_bf16_autocast_training_runs_and_learns(blocks):
                                _trainer(mixed_precision="bf16", max_steps=20))
     assert metrics["precision"] == "bf16"
     assert metrics["val_ppl"] < before
+
+
+def test_bitsandbytes_8bit_adamw_trains(blocks):
+    pytest.importorskip("bitsandbytes")
+    student = CodexMiniForCausalLM(tiny_config())
+    before = student.model.layers[0].mlp.up_proj.weight.detach().clone()
+    student, metrics = distill(student, None, blocks.train, blocks.val, DistillConfig(),
+                               _trainer(optimizer="adamw_8bit", max_steps=3))
+    assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)
+    assert metrics["val_ppl"] < 300
