@@ -35,6 +35,7 @@ from .config import check_target_signature, instantiate
 from .data import DataConfig, build_data, perplexity
 from .distill import DistillConfig, TrainerConfig, distill
 from .distill.attention_transfer import TransferConfig, attention_transfer
+from .files import sha256_file, write_atomic
 from .models import CodexMiniConfig, CodexMiniForCausalLM
 from .models.from_teacher import student_from_teacher
 from .prune.depth import select_layers
@@ -43,27 +44,6 @@ MANIFEST = "manifest.json"
 
 
 # --------------------------------------------------------------------------- files
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
@@ -226,10 +206,6 @@ STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
 }
 
 
-def stage_names() -> tuple[str, ...]:
-    return tuple(STAGES)
-
-
 # --------------------------------------------------------------------------- the run
 def run_dir_for(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / cfg.recipe / cfg.run_name
@@ -283,6 +259,11 @@ def _stage_config(cfg: DictConfig, spec) -> DictConfig:
 def _stage_key(stage_cfg: DictConfig, sections: tuple[str, ...], spec, input_hash: str | None) -> str:
     payload = {s: OmegaConf.to_container(stage_cfg[s], resolve=True) for s in sections}
     payload.update(stage=spec.stage, input=input_hash, seed=stage_cfg.seed)
+    return _key(payload)
+
+
+def _key(payload: dict) -> str:
+    """A short, stable hash of a JSON-able payload: what decides whether a stage is still up to date."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -310,7 +291,7 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
     init_dir = run_dir / "00-init"
     init_cfg = {"model": OmegaConf.to_container(cfg.model), "teacher": OmegaConf.to_container(cfg.teacher),
                 "seed": cfg.seed}
-    init_key = hashlib.sha256(json.dumps(init_cfg, sort_keys=True).encode()).hexdigest()[:16]
+    init_key = _key(init_cfg)
     manifest = read_manifest(init_dir)
     if manifest is None or manifest["key"] != init_key:
         shutil.rmtree(init_dir, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import atomic_path, write_atomic
+
 COLUMNS = ("stage", "parameters", "file MB", "bits/weight", "val ppl", "tokens/s", "wall s")
 
 
@@ -78,10 +80,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_title("size vs perplexity across stages")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -89,6 +90,6 @@ def report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     rows = collect(run_dir)
     text = render(rows)
-    (run_dir / "report.md").write_text(text + "\n")
+    write_atomic(run_dir / "report.md", text + "\n")
     png = plot(rows, run_dir / "report.png")
     return text + (f"\nplot: {png}" if png else "")

@@ -8,12 +8,12 @@ permutation when it loads a GGUF, so a round trip gives back the same model).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic_path
 
 _TENSOR_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight",
@@ -64,11 +64,8 @@ def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", nam
     if dtype not in ("f32", "f16"):
         raise ValueError(f"GGUF dtype {dtype!r} must be 'f32' or 'f16'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "llama")
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(name)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
@@ -105,10 +102,6 @@ def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", nam
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
