@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.perplexity import perplexity
+from .hidden import HIDDEN_LOSSES, HiddenProjector, hidden_state_loss, layer_map
 from .losses import LOSSES, chunked_kd_loss
 
 
@@ -33,6 +34,19 @@ class DistillConfig:
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew_kl / skew_reverse_kl
     chunk_size: int = 128  # positions turned into logits at a time
+    # Hidden-state matching (added to the loss with this weight; 0 = off).
+    hidden_weight: float = 0.0
+    hidden_loss: str = "mse"  # mse (normalised by the teacher's mean square) | cosine
+    hidden_student_layers: list[int] | None = None  # None: every student layer
+    hidden_teacher_layers: list[int] | None = None  # None: the student's source_layers, else evenly spaced
+    # On-policy distillation (GKD): this fraction of batches are continuations sampled from the student.
+    on_policy_fraction: float = 0.0
+    on_policy_prompt_tokens: int = 32  # the block's first tokens are the prompt
+    on_policy_new_tokens: int | None = None  # None: up to the block length
+    on_policy_temperature: float = 1.0
+    # Offline teacher: top-k logits cached under this folder once, reused across epochs and runs (None = off).
+    teacher_cache: str | None = None
+    teacher_top_k: int = 64
 
 
 @dataclass
@@ -63,6 +77,19 @@ def check_configs(cfg: DistillConfig, trainer: TrainerConfig) -> None:
         raise ValueError(f"distill.loss {cfg.loss!r} is not one of {LOSSES}")
     if not 0 <= cfg.kd_ratio <= 1:
         raise ValueError(f"distill.kd_ratio must be in [0, 1], got {cfg.kd_ratio}")
+    if cfg.hidden_weight < 0:
+        raise ValueError(f"distill.hidden_weight must be >= 0, got {cfg.hidden_weight}")
+    if cfg.hidden_loss not in HIDDEN_LOSSES:
+        raise ValueError(f"distill.hidden_loss {cfg.hidden_loss!r} is not one of {HIDDEN_LOSSES}")
+    if not 0 <= cfg.on_policy_fraction <= 1:
+        raise ValueError(f"distill.on_policy_fraction must be in [0, 1], got {cfg.on_policy_fraction}")
+    if cfg.on_policy_fraction > 0 and cfg.on_policy_prompt_tokens < 1:
+        raise ValueError(f"distill.on_policy_prompt_tokens must be >= 1, got {cfg.on_policy_prompt_tokens}")
+    if cfg.on_policy_fraction > 0 and cfg.on_policy_temperature <= 0:
+        raise ValueError(f"distill.on_policy_temperature must be > 0, got {cfg.on_policy_temperature}")
+    if cfg.teacher_cache is not None and cfg.hidden_weight > 0:
+        raise ValueError("distill.teacher_cache keeps only the teacher's logits, but hidden_weight > 0 needs its "
+                         "hidden states every step: set distill.teacher_cache=null or distill.hidden_weight=0")
     if trainer.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise ValueError(f"trainer.mixed_precision {trainer.mixed_precision!r} is not one of auto, no, bf16, fp16")
     if trainer.optimizer not in ("adamw", "adamw_8bit"):
@@ -99,8 +126,8 @@ def check_vocab(student, teacher, tokenizer=None) -> None:
                          "so the padding can be checked")
 
 
-def _optimizer(model, trainer: TrainerConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(params, trainer: TrainerConfig):
+    params = [p for p in params if p.requires_grad]
     if trainer.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -116,7 +143,7 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> None:
+def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int, extra=None) -> None:
     from safetensors.torch import save_model
 
     final = ckpt_dir / f"step_{step}"
@@ -124,6 +151,8 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, kee
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
+    if extra is not None:
+        save_model(extra, str(tmp / "extra.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
@@ -136,10 +165,12 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, kee
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, extra=None) -> int:
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"))
+    if extra is not None:
+        load_model(extra, str(path / "extra.safetensors"))
     # Our own files, still loaded without unpickling arbitrary objects.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -165,6 +196,38 @@ def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch
     return perm[offset * batch_size:(offset + 1) * batch_size] if n_blocks >= batch_size else perm
 
 
+def is_on_policy(step: int, fraction: float, seed: int) -> bool:
+    """Whether `step` trains on student samples: a seeded draw per step, so resume and every process agree."""
+    if fraction <= 0:
+        return False
+    return bool(torch.rand((), generator=torch.Generator().manual_seed(seed * 7919 + step + 1)) < fraction)
+
+
+def sample_on_policy(model, ids: torch.Tensor, cfg: DistillConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continue each block's first `on_policy_prompt_tokens` tokens with the student's own samples.
+
+    Returns (sequences, labels) with the prompt masked out of the labels (-100): only the student's tokens
+    are scored, as in GKD. Sampling uses its own seeded RNG and leaves the training RNG untouched.
+    """
+    p = cfg.on_policy_prompt_tokens
+    if p >= ids.shape[1]:
+        raise ValueError(f"distill.on_policy_prompt_tokens ({p}) must be shorter than the block ({ids.shape[1]})")
+    new = cfg.on_policy_new_tokens or ids.shape[1] - p
+    was_training = model.training
+    model.eval()
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        prompt = ids[:, :p]
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=True, temperature=cfg.on_policy_temperature, top_k=0,
+                             top_p=1.0, pad_token_id=model.config.pad_token_id or 0)
+    model.train(was_training)
+    labels = out.clone()
+    labels[:, :p] = -100
+    return out, labels
+
+
 def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: DistillConfig,
             trainer: TrainerConfig, workdir: str | Path | None = None, tokenizer=None,
             on_step: Callable[[int], None] | None = None) -> tuple[object, dict]:
@@ -172,7 +235,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
 
     Args:
         student: a CodexMiniForCausalLM (trained in place and returned).
-        teacher: any causal LM sharing the tokenizer, or None.
+        teacher: any causal LM sharing the tokenizer, or None. With `cfg.teacher_cache` its top-k logits are
+            computed once per block and read back from disk afterwards (also by later runs).
         train_blocks / val_blocks: `[N, T]` token blocks.
         workdir: where checkpoints and metrics.jsonl go; a run finds its latest checkpoint there and resumes.
         on_step: called after every optimizer step with the step number (tests use it to interrupt).
@@ -186,6 +250,11 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
     use_teacher = teacher is not None and cfg.kd_ratio > 0
     if use_teacher:
         check_vocab(student, teacher, tokenizer)
+    use_hidden = teacher is not None and cfg.hidden_weight > 0
+    pairs = layer_map(student.config, teacher.config, cfg.hidden_student_layers,
+                      cfg.hidden_teacher_layers) if use_hidden else []
+    if cfg.on_policy_fraction > 0 and not use_teacher:
+        raise ValueError("distill.on_policy_fraction > 0 needs a teacher and kd_ratio > 0")
     precision = resolve_precision(trainer.mixed_precision)
     _reset_accelerate_precision(precision)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum,
@@ -202,15 +271,28 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
     if trainer.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
-    optimizer = _optimizer(student, trainer)
+    projector = HiddenProjector(len(pairs), student.config.hidden_size, teacher.config.hidden_size) \
+        if use_hidden else None
+    trained_extra = projector if projector is not None and not projector.identity else None
+    params = list(student.parameters()) + (list(trained_extra.parameters()) if trained_extra is not None else [])
+    optimizer = _optimizer(params, trainer)
     scheduler = get_cosine_schedule_with_warmup(optimizer, trainer.warmup_steps, trainer.max_steps)
     start = 0
     if ckpt_dir is not None and (latest := _latest_checkpoint(ckpt_dir)) is not None:
-        start = _load_checkpoint(latest, student, optimizer, scheduler)
+        start = _load_checkpoint(latest, student, optimizer, scheduler, trained_extra)
         accelerator.print(f"resuming from {latest} (step {start})")
-    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    if use_teacher:
+    if trained_extra is not None:
+        model, projector, optimizer, scheduler = accelerator.prepare(student, trained_extra, optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if teacher is not None and (use_teacher or use_hidden):
         teacher.to(accelerator.device).eval().requires_grad_(False)
+    logit_cache = None
+    if use_teacher and cfg.teacher_cache is not None:
+        from .teacher_cache import TeacherLogitCache
+
+        logit_cache = TeacherLogitCache(cfg.teacher_cache, teacher, train_blocks, cfg.teacher_top_k,
+                                        student.config.vocab_size, batch_size=max(trainer.batch_size // world, 1))
     unwrapped = accelerator.unwrap_model(model)
     # The lm_head module itself when there is one (the loss then takes its fused linear path).
     student_head = unwrapped.lm_head if getattr(unwrapped, "lm_head", None) is not None else unwrapped.logits
@@ -221,28 +303,41 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
             return perplexity(unwrapped, blocks.to(accelerator.device), batch_size=trainer.batch_size)
 
     log = (workdir / "metrics.jsonl").open("a") if workdir is not None and accelerator.is_main_process else None
-    history, tokens, checksum, t0 = [], 0, 0, time.perf_counter()
+    history, tokens, checksum, n_on_policy, t0 = [], 0, 0, 0, time.perf_counter()
     micro = trainer.batch_size // trainer.grad_accum // world or 1
     bar = tqdm(range(start, trainer.max_steps), desc="distill", initial=start, total=trainer.max_steps,
                disable=not accelerator.is_main_process)
     for step in bar:
         global_idx = batch_indices(step, len(train_blocks), trainer.batch_size, trainer.seed)
         mine = global_idx[rank::world]  # each process its own slice of the global batch
-        stats = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-        for chunk in mine.split(micro):
-            ids = train_blocks[chunk].to(accelerator.device)
+        on_policy = use_teacher and is_on_policy(step, cfg.on_policy_fraction, trainer.seed)
+        stats = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if use_hidden else {})}
+        for j, chunk in enumerate(mine.split(micro)):
+            ids = labels = train_blocks[chunk].to(accelerator.device)
+            kd_ratio = cfg.kd_ratio if use_teacher else 0.0
+            if on_policy:
+                ids, labels = sample_on_policy(unwrapped, ids, cfg, seed=trainer.seed * 1000003 + step * 131 + j
+                                               + 7 * rank)
+                kd_ratio = 1.0  # the student's own samples have no ground truth: divergence only (GKD)
             with accelerator.accumulate(model), accelerator.autocast():
-                s_out = model(input_ids=ids, use_cache=False, skip_logits=True)
-                if use_teacher:
+                s_out = model(input_ids=ids, use_cache=False, skip_logits=True, output_hidden_states=use_hidden)
+                t_out = None
+                if use_teacher and logit_cache is not None and not on_policy:
+                    t_hidden, t_head = logit_cache.get(chunk).to(accelerator.device), logit_cache.head
+                elif use_teacher or use_hidden:
                     with torch.no_grad():
-                        t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-                    t_head = teacher.lm_head
+                        t_out = teacher.model(input_ids=ids, use_cache=False, output_hidden_states=use_hidden)
+                    t_hidden, t_head = t_out.last_hidden_state, teacher.lm_head
                 else:
                     t_hidden, t_head = s_out.hidden_states[-1].detach(), student_head
-                losses = chunked_kd_loss(s_out.hidden_states[-1], student_head, t_hidden, t_head, ids,
+                losses = chunked_kd_loss(s_out.hidden_states[-1], student_head, t_hidden, t_head, labels,
                                          kind=cfg.loss, temperature=cfg.temperature,
-                                         kd_ratio=cfg.kd_ratio if use_teacher else 0.0, beta=cfg.beta,
-                                         alpha=cfg.alpha, chunk_size=cfg.chunk_size)
+                                         kd_ratio=kd_ratio, beta=cfg.beta, alpha=cfg.alpha,
+                                         chunk_size=cfg.chunk_size)
+                if use_hidden:
+                    losses["hidden"] = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, pairs, projector,
+                                                         cfg.hidden_loss)
+                    losses["loss"] = losses["loss"] + cfg.hidden_weight * losses["hidden"]
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and trainer.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), trainer.max_grad_norm)
@@ -251,6 +346,7 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
                 optimizer.zero_grad(set_to_none=True)
             for k in stats:
                 stats[k] += float(losses[k].detach()) / len(mine.split(micro))
+            n_on_policy += int(on_policy) * len(chunk)
             tokens += ids.numel() * world
             checksum += int(ids.sum())
         done = step + 1
@@ -266,7 +362,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
         if ckpt_dir is not None and (done % trainer.checkpoint_every == 0) and done < trainer.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_checkpoint(ckpt_dir, done, unwrapped, optimizer, scheduler, trainer.keep_checkpoints)
+                _save_checkpoint(ckpt_dir, done, unwrapped, optimizer, scheduler, trainer.keep_checkpoints,
+                                 accelerator.unwrap_model(projector) if trained_extra is not None else None)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done)
@@ -281,7 +378,11 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
         "val_ppl": final["ppl"], "val_loss": final["loss"], "steps": trainer.max_steps, "resumed_from": start,
         "train_tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else None,
         "final_train_loss": history[-1]["loss"] if history else None, "precision": precision,
-        "world_size": world, "rank": rank, "data_checksum": checksum, "distill": asdict(cfg), "loss_curve": [r["loss"] for r in history],
+        "world_size": world, "rank": rank, "data_checksum": checksum, "distill": asdict(cfg),
+        "loss_curve": [r["loss"] for r in history], "on_policy_blocks": n_on_policy,
+        "hidden_layer_map": pairs or None,
+        "teacher_cache": {"dir": str(logit_cache.dir), "shards_computed": logit_cache.computed}
+        if logit_cache is not None else None,
     }
     if accelerator.is_main_process and workdir is not None:
         accelerator.print(f"distill: val ppl {final['ppl']:.3f} after {trainer.max_steps} steps "

@@ -27,6 +27,8 @@ class CodexMiniConfig(PretrainedConfig):
         linear_decay: a learnable per-head decay (forget gate) on the linear-attention state.
         linear_chunk_size: chunk length of the chunked parallel form.
         sliding_window: window of the softmax part of hybrid layers.
+        source_layers: for a student built from a teacher, the teacher layer each student layer was copied from
+            (hidden-state distillation matches them by default; depth pruning keeps it up to date).
     """
 
     model_type = "codexmini"
@@ -61,6 +63,7 @@ class CodexMiniConfig(PretrainedConfig):
     linear_decay: bool = False
     linear_chunk_size: int = 64
     sliding_window: int = 64
+    source_layers: list | None = None
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers
@@ -117,6 +120,8 @@ class CodexMiniConfig(PretrainedConfig):
                 f"embedding_rank ({self.embedding_rank}) must be between 1 and hidden_size-1 ({self.hidden_size - 1}); "
                 "set it to null for unfactored embeddings"
             )
+        if self.source_layers is not None and len(self.source_layers) != n:
+            raise ValueError(f"source_layers has {len(self.source_layers)} entries but num_hidden_layers is {n}")
         if self.linear_chunk_size < 1 or self.sliding_window < 1:
             raise ValueError("linear_chunk_size and sliding_window must be >= 1")
 

@@ -74,6 +74,7 @@ def student_config_from_teacher(teacher_config, layers: Sequence[int] | None = N
         max_position_embeddings=tc.max_position_embeddings, tie_word_embeddings=tc.tie_word_embeddings,
         attention_bias=getattr(tc, "attention_bias", False), mlp_bias=getattr(tc, "mlp_bias", False),
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
+        source_layers=list(layers),
         **extra,
     )
     fields.update(overrides)
