@@ -74,7 +74,9 @@ def student_config_from_teacher(teacher_config, layers: Sequence[int] | None = N
         max_position_embeddings=tc.max_position_embeddings, tie_word_embeddings=tc.tie_word_embeddings,
         attention_bias=getattr(tc, "attention_bias", False), mlp_bias=getattr(tc, "mlp_bias", False),
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
-        source_layers=list(layers),
+        # Relative to the original teacher when the source is itself a student (e.g. depth pruning).
+        source_layers=([int(tc.source_layers[i]) for i in layers] if getattr(tc, "source_layers", None)
+                       else list(layers)),
         **extra,
     )
     fields.update(overrides)

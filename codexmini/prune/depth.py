@@ -34,3 +34,20 @@ def select_layers(model, calibration: torch.Tensor, keep: int) -> list[int]:
         raise ValueError(f"cannot keep {keep} of {n} layers; choose 1..{n}")
     scores = block_influence(model, calibration)
     return sorted(sorted(range(n), key=lambda i: scores[i], reverse=True)[:keep])
+
+
+@torch.no_grad()
+def contiguous_block(model, calibration: torch.Tensor, n: int, batch_size: int = 4) -> int:
+    """Start of the `n` consecutive layers whose removal changes the hidden state least (Minitron / Gromov et al.):
+    the block with the highest cosine similarity between its input and its output. The last layer stays."""
+    layers = model.config.num_hidden_layers
+    if not 1 <= n < layers:
+        raise ValueError(f"cannot remove a block of {n} of {layers} layers; choose 1..{layers - 1}")
+    model.eval()
+    total = torch.zeros(layers - n)
+    for start in range(0, len(calibration), batch_size):
+        ids = calibration[start:start + batch_size].to(next(model.parameters()).device)
+        hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        for s in range(layers - n):  # blocks [s, s+n) never include the last layer (its output is normed)
+            total[s] += F.cosine_similarity(hs[s].float(), hs[s + n].float(), dim=-1).mean() * len(ids)
+    return int(total.argmax())
