@@ -3,7 +3,7 @@
     codexmini run RECIPE [key=value ...]        run / resume a recipe (Hydra overrides)
     codexmini ls                                recipes and config groups
     codexmini validate RECIPE [key=value ...]   compose and check, run nothing
-    codexmini distill|eval|generate MODEL_DIR [key=value ...]   one stage on an existing model folder
+    codexmini distill|prune|eval|generate MODEL_DIR [key=value ...]   one stage on an existing model folder
     codexmini report RUN_DIR                    table over a run's stages + size/perplexity plot
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SINGLE_STAGES = ("distill", "eval", "generate")
+SINGLE_STAGES = ("distill", "prune", "eval", "generate")
 
 
 def _compose(recipe, overrides):

@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from .data.corpus import DataConfig
 from .distill.attention_transfer import TransferConfig
 from .distill.loop import DistillConfig, TrainerConfig
+from .prune.width import PruneConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("CODEXMINI_CONFIG_DIR", REPO_ROOT / "configs"))
@@ -81,13 +82,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stages: list[StageSpec] = field(default_factory=list)
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "transfer": TransferConfig,
-          "trainer": TrainerConfig, "generate": GenerateConfig}
+          "prune": PruneConfig, "trainer": TrainerConfig, "generate": GenerateConfig}
 
 
 def register_configs() -> None:

@@ -39,6 +39,7 @@ from .files import sha256_file, write_atomic
 from .models import CodexMiniConfig, CodexMiniForCausalLM
 from .models.from_teacher import student_from_teacher
 from .prune.depth import select_layers
+from .prune.width import PruneConfig, check_config, prune
 
 MANIFEST = "manifest.json"
 
@@ -180,6 +181,16 @@ def _stage_transfer(model, cfg: DictConfig, ctx: Context, folder: Path):
     return attention_transfer(model, ctx.data.train, ctx.data.val, tcfg)
 
 
+def _stage_prune(model, cfg: DictConfig, ctx: Context, folder: Path):
+    pcfg = PruneConfig(**OmegaConf.to_container(cfg.prune))
+    check_config(pcfg, model.config)  # before any work: scoring needs calibration passes
+    before = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
+    new, report = prune(model, pcfg, ctx.data.calibration)
+    print(f"[codexmini] pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
+          f"({pcfg.criterion}); sizes {report['sizes']}", flush=True)
+    return new, {"val_ppl_before": before, "prune": report}
+
+
 def _stage_eval(model, cfg: DictConfig, ctx: Context, folder: Path):
     return model, {}
 
@@ -201,6 +212,7 @@ def _stage_generate(model, cfg: DictConfig, ctx: Context, folder: Path):
 STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
     "transfer": (_stage_transfer, True, ("transfer", "data")),
     "distill": (_stage_distill, True, ("distill", "trainer", "data", "teacher")),
+    "prune": (_stage_prune, True, ("prune", "data")),
     "eval": (_stage_eval, False, ("data",)),
     "generate": (_stage_generate, False, ("generate",)),
 }
@@ -243,6 +255,12 @@ def validate(cfg: DictConfig) -> list[str]:
                       TrainerConfig(**OmegaConf.to_container(cfg.trainer)))
     except ValueError as err:
         problems.append(str(err))
+    for i, spec in enumerate(cfg.stages):
+        if spec.stage == "prune":
+            try:
+                check_config(PruneConfig(**OmegaConf.to_container(_stage_config(cfg, spec).prune)))
+            except (ValueError, KeyError) as err:
+                problems.append(f"stages[{i}] (prune): {err}")
     return problems
 
 

@@ -31,16 +31,25 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     run_dir, seconds = smoke_run
     assert seconds < 120
     stages = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
-    assert stages == ["00-init", "01-transfer", "02-distill", "03-heal", "04-eval", "05-generate"]
-    init, transferred, distilled, healed = (_manifest(run_dir / s) for s in stages[:4])
-    for m in (init, transferred, distilled, healed):
+    assert stages == ["00-init", "01-transfer", "02-distill", "03-prune", "04-heal", "05-eval", "06-generate"]
+    init, transferred, distilled, pruned, healed = (_manifest(run_dir / s) for s in stages[:5])
+    for m in (init, transferred, distilled, pruned, healed):
         assert set(m) >= {"stage", "key", "config", "metrics", "outputs", "versions", "wall_time_s"}
         assert m["metrics"]["val_ppl"] > 1
     # Models are HF folders chained by hash: each stage's input is the previous stage's output.
     assert transferred["inputs"]["sha256"] == init["outputs"]["model.safetensors"]
     assert distilled["inputs"]["sha256"] == transferred["outputs"]["model.safetensors"]
-    assert healed["inputs"]["sha256"] == distilled["outputs"]["model.safetensors"]
-    assert (run_dir / "03-heal" / "config.json").is_file() and (run_dir / "03-heal" / "tokenizer.json").is_file()
+    assert pruned["inputs"]["sha256"] == distilled["outputs"]["model.safetensors"]
+    assert healed["inputs"]["sha256"] == pruned["outputs"]["model.safetensors"]
+    assert (run_dir / "04-heal" / "config.json").is_file() and (run_dir / "04-heal" / "tokenizer.json").is_file()
+    # Pruning: fewer parameters, sizes written into the config, perplexity before and after recorded.
+    p = pruned["metrics"]
+    assert p["parameters"] < distilled["metrics"]["parameters"] == p["prune"]["params_before"]
+    assert p["prune"]["params_after"] == p["parameters"] and p["prune"]["criterion"] == "taylor"
+    assert p["val_ppl_before"] == pytest.approx(distilled["metrics"]["val_ppl"], rel=1e-4)
+    saved = json.loads((run_dir / "03-prune" / "config.json").read_text())
+    assert saved["layer_intermediate_sizes"] == p["prune"]["sizes"]["layer_intermediate_sizes"] == [96, 96, 96]
+    assert saved["layer_num_attention_heads"] == [2, 2, 2]
     assert not (run_dir / "02-distill" / "checkpoints").exists()
     # Attention transfer lowered the linearized layers' error against softmax attention.
     before, after = (transferred["metrics"][k] for k in ("transfer_mse_before", "transfer_mse_after"))
@@ -48,7 +57,7 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     # Distillation moved the student towards the teacher.
     assert healed["metrics"]["val_ppl"] < init["metrics"]["val_ppl"]
     assert healed["config"]["trainer"]["max_steps"] == 6  # the per-stage override
-    sample = _manifest(run_dir / "05-generate")["metrics"]["sample"]
+    sample = _manifest(run_dir / "06-generate")["metrics"]["sample"]
     assert isinstance(sample, str)
 
 
@@ -56,25 +65,25 @@ def test_report_table_and_plot(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert main(["report", str(run_dir)]) == 0
     text = capsys.readouterr().out
-    assert "03-heal" in text and "val ppl" in text and "teacher val ppl" in text
+    assert "04-heal" in text and "03-prune" in text and "val ppl" in text and "teacher val ppl" in text
     png = run_dir / "report.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rerun_skips_complete_stages(smoke_run, capsys):
     run_dir, _ = smoke_run
-    before = _manifest(run_dir / "03-heal")["completed_at"]
+    before = _manifest(run_dir / "04-heal")["completed_at"]
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 5
-    assert _manifest(run_dir / "03-heal")["completed_at"] == before
+    assert out.count("complete, skipped") == 6
+    assert _manifest(run_dir / "04-heal")["completed_at"] == before
 
 
 def test_changed_config_reruns_only_what_depends_on_it(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}", "generate.max_new_tokens=4"]) == 0
     out = capsys.readouterr().out
-    assert "05-generate: running generate" in out and "03-heal: complete, skipped" in out
+    assert "06-generate: running generate" in out and "04-heal: complete, skipped" in out
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
@@ -111,6 +120,16 @@ def test_cli_reports_bad_input_without_traceback(capsys):
 
 def test_single_stage_command_on_a_model_folder(smoke_run, tmp_path, capsys):
     run_dir, _ = smoke_run
-    assert main(["eval", str(run_dir / "03-heal"), "--recipe", "tiny_smoke", f"output_dir={tmp_path}"]) == 0
+    assert main(["eval", str(run_dir / "04-heal"), "--recipe", "tiny_smoke", f"output_dir={tmp_path}"]) == 0
     m = _manifest(tmp_path / "eval" / "default" / "01-eval")
-    assert m["metrics"]["val_ppl"] == pytest.approx(_manifest(run_dir / "03-heal")["metrics"]["val_ppl"], rel=1e-4)
+    assert m["metrics"]["val_ppl"] == pytest.approx(_manifest(run_dir / "04-heal")["metrics"]["val_ppl"], rel=1e-4)
+
+
+def test_single_prune_stage_on_a_model_folder(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    assert main(["prune", str(run_dir / "04-heal"), "--recipe", "tiny_smoke", f"output_dir={tmp_path}",
+                 "prune.mlp=0.5", "prune.heads=0", "prune.criterion=wanda"]) == 0
+    m = _manifest(tmp_path / "prune" / "default" / "01-prune")
+    assert m["metrics"]["prune"]["sizes"]["layer_intermediate_sizes"] == [48, 48, 48]
+    assert main(["prune", str(run_dir / "04-heal"), "--recipe", "tiny_smoke", f"output_dir={tmp_path}",
+                 "prune.mlp=1.5"]) == 2
