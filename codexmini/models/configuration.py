@@ -29,6 +29,8 @@ class CodexMiniConfig(PretrainedConfig):
         sliding_window: window of the softmax part of hybrid layers.
         source_layers: for a student built from a teacher, the teacher layer each student layer was copied from
             (hidden-state distillation matches them by default; depth pruning keeps it up to date).
+        quantization_scheme: {linear module name: "int8" | "int4_g<group>[_asym]"}; `from_pretrained` rebuilds
+            those modules as `QuantLinear` holding the packed weights (see `models/quantized.py`).
     """
 
     model_type = "codexmini"
@@ -64,6 +66,7 @@ class CodexMiniConfig(PretrainedConfig):
     linear_chunk_size: int = 64
     sliding_window: int = 64
     source_layers: list | None = None
+    quantization_scheme: dict | None = None
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers

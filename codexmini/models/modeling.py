@@ -14,6 +14,7 @@ from .attention import ATTENTION_CLASSES, LinearAttention, initial_decay_logits
 from .cache import CodexMiniCache
 from .configuration import CodexMiniConfig
 from .feature_maps import HedgehogFeatureMap
+from .quantized import install_quant_linears
 
 
 class CodexMiniRMSNorm(nn.Module):
@@ -176,6 +177,8 @@ class CodexMiniForCausalLM(CodexMiniPreTrainedModel, GenerationMixin):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.quantization_scheme:
+            install_quant_linears(self, config.quantization_scheme)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -1,0 +1,61 @@
+"""Choosing a quantization scheme per module by pattern, swapping modules, and counting storage bits."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..models.quantized import QuantLinear, Scheme
+
+
+def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none") -> dict[str, str]:
+    """{module name: scheme} for every `nn.Linear`, first matching rule wins (`re.search` on the name).
+
+    `rules`: [{"pattern": "lm_head", "scheme": "int8"}, {"pattern": ".*", "scheme": "int4_g32"}].
+    """
+    compiled = []
+    for i, rule in enumerate(rules):
+        if set(rule) != {"pattern", "scheme"}:
+            raise ValueError(f"quantize.rules[{i}] must have exactly the keys pattern and scheme, got {sorted(rule)}")
+        Scheme(rule["scheme"])
+        try:
+            compiled.append((re.compile(rule["pattern"]), rule["scheme"]))
+        except re.error as err:
+            raise ValueError(f"quantize.rules[{i}].pattern {rule['pattern']!r} is not a regular expression: "
+                             f"{err}") from err
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        scheme = next((s for rx, s in compiled if rx.search(name)), default)
+        if name == "lm_head" and tied:
+            scheme = "none"  # the tied head is the embedding: quantizing it would untie it
+        if scheme != "none":
+            out[name] = scheme
+    return out
+
+
+def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def model_bits_per_weight(model: nn.Module) -> float:
+    """Storage bits of all weights (quantized buffers with scales and zero points, float parameters as stored)
+    over the number of weights the float model has."""
+    bits, weights = 0, 0
+    seen = set()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            bits += mod.storage_bits()
+            weights += mod.in_features * mod.out_features
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            bits += p.numel() * p.element_size() * 8
+            weights += p.numel()
+    return bits / max(weights, 1)

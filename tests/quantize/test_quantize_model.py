@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from codexmini import CodexMiniForCausalLM
+from codexmini.models.quantized import QuantLinear
+from codexmini.quantize import QuantizeConfig, quantize_model, resolve_schemes
+from codexmini.quantize.gptq import HessianAccumulator, gptq_quantize
+from codexmini.quantize.numerics import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from tests.conftest import tiny_config
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    fields = dict(num_hidden_layers=3, layer_types=["softmax", "linear", "hybrid"], tie_word_embeddings=False)
+    fields.update(kw)
+    return CodexMiniForCausalLM(tiny_config(**fields)).eval()
+
+
+@pytest.fixture
+def calib():
+    torch.manual_seed(1)
+    return torch.randint(4, 300, (8, 32))
+
+
+def _correlated_inputs(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) * (torch.rand(d, generator=g) * 3)[None]
+    return torch.randn(n, d, generator=g) @ mix
+
+
+@pytest.mark.parametrize("bits, group, sym", [(4, 32, True), (4, 16, False), (8, None, True)])
+def test_gptq_layer_error_is_below_rtn_on_the_same_calibration(bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    x = _correlated_inputs(512, 64)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    if bits == 4:
+        rtn = dequantize_int4(quantize_int4(w, group, sym))
+        gq = dequantize_int4(gptq_quantize(w, acc.value(), 4, group, sym))
+    else:
+        rtn = dequantize_int8(*quantize_int8(w))
+        gq = dequantize_int8(*gptq_quantize(w, acc.value(), 8))
+    err = lambda wq: float((x @ (wq - w).t()).pow(2).mean())  # noqa: E731
+    assert err(gq) < 0.8 * err(rtn), (err(gq), err(rtn))
+
+
+def test_gptq_act_order_keeps_the_contiguous_group_layout():
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 64), _correlated_inputs(256, 64)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    q = gptq_quantize(w, acc.value(), 4, 32, act_order=True)
+    assert q.scale.shape == (16, 2) and q.packed.shape == (16, 32)
+    rtn = dequantize_int4(quantize_int4(w, 32))
+    err = lambda wq: float((x @ (wq - w).t()).pow(2).mean())  # noqa: E731
+    assert err(dequantize_int4(q)) < err(rtn)
+
+
+def test_rules_pick_schemes_first_match_wins_and_tied_head_is_left_alone():
+    model = _model(tie_word_embeddings=True)
+    schemes = resolve_schemes(model, [{"pattern": r"mlp\.down_proj", "scheme": "int8"},
+                                      {"pattern": r"layers\.0\.", "scheme": "none"},
+                                      {"pattern": ".*", "scheme": "int4_g32"}])
+    assert schemes["model.layers.1.mlp.down_proj"] == "int8"
+    assert "model.layers.0.self_attn.q_proj" not in schemes
+    assert schemes["model.layers.2.self_attn.q_proj"] == "int4_g32"
+    assert "lm_head" not in schemes
+    with pytest.raises(ValueError, match="not one of int8"):
+        resolve_schemes(model, [{"pattern": ".*", "scheme": "int3"}])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_quantized_model_equals_its_dequantized_reference_and_reloads(method, calib, tmp_path):
+    model = _model()
+    ref_float = _model()
+    model, report = quantize_model(model, QuantizeConfig(method=method, default="int4_g32",
+                                                         rules=[{"pattern": "lm_head", "scheme": "int8"}]), calib)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme.name == "int8"
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert 4 < report["bits_per_weight"] < 32
+    # The dequantized reference: a float model holding dequantize(codes) gives the same logits.
+    deq = _model()
+    state = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            state[f"{name}.weight"] = mod.dequantized_weight()
+    float_state = {k: v for k, v in model.state_dict().items() if not k.endswith(("qweight", "scale", "zero"))}
+    deq.load_state_dict({**float_state, **state}, strict=True)
+    with torch.no_grad():
+        a, b = model(calib).logits, deq(calib).logits
+        f = ref_float(calib).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - f).abs().mean() < 0.5 * f.abs().mean()  # close to the float model, not equal to it
+    model.save_pretrained(tmp_path)
+    back = CodexMiniForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(back.model.layers[0].self_attn.q_proj, QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(back(calib).logits, a)
+
+
+def test_calibrated_methods_beat_rtn_on_output_error(calib):
+    torch.manual_seed(0)
+    ref = _model(hidden_size=128, intermediate_size=256)
+    with torch.no_grad():
+        want = torch.log_softmax(ref(calib).logits, -1)
+    errs = {}
+    for method in ("rtn", "gptq", "awq"):
+        m = _model(hidden_size=128, intermediate_size=256)
+        m, _ = quantize_model(m, QuantizeConfig(method=method, default="int4_g64_asym"), calib)
+        with torch.no_grad():
+            got = torch.log_softmax(m(calib).logits, -1)
+        errs[method] = float((want.exp() * (want - got)).sum(-1).mean())  # KL(float || quantized)
+    assert errs["gptq"] < errs["rtn"], errs
+    assert errs["awq"] <= errs["rtn"] * 1.0001, errs
+
+
+def test_group_size_that_does_not_divide_is_refused_or_falls_back(calib):
+    model = _model(intermediate_size=96)  # down_proj input 96: not a multiple of 64
+    with pytest.raises(ValueError, match="does not divide its input width 96"):
+        quantize_model(model, QuantizeConfig(method="rtn", default="int4_g64"))
+    model, report = quantize_model(_model(intermediate_size=96),
+                                   QuantizeConfig(method="rtn", default="int4_g64", on_bad_group="int8"))
+    assert report["schemes"]["model.layers.0.mlp.down_proj"] == "int8"
+    assert report["schemes"]["model.layers.0.mlp.up_proj"] == "int4_g64"
