@@ -21,6 +21,7 @@ from .data.corpus import DataConfig
 from .distill.attention_transfer import TransferConfig
 from .distill.loop import DistillConfig, TrainerConfig
 from .prune.width import PruneConfig
+from .quantize.apply import QuantizeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("CODEXMINI_CONFIG_DIR", REPO_ROOT / "configs"))
@@ -83,13 +84,14 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stages: list[StageSpec] = field(default_factory=list)
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "transfer": TransferConfig,
-          "prune": PruneConfig, "trainer": TrainerConfig, "generate": GenerateConfig}
+          "prune": PruneConfig, "quantize": QuantizeConfig, "trainer": TrainerConfig, "generate": GenerateConfig}
 
 
 def register_configs() -> None:

@@ -38,8 +38,12 @@ from .distill.attention_transfer import TransferConfig, attention_transfer
 from .files import sha256_file, write_atomic
 from .models import CodexMiniConfig, CodexMiniForCausalLM
 from .models.from_teacher import student_from_teacher
+from .models.quantized import weight_count
 from .prune.depth import select_layers
 from .prune.width import PruneConfig, check_config, prune
+from .quantize.apply import QuantizeConfig, plan, quantize_model
+from .quantize.apply import check_config as check_quantize_config
+from .quantize.qat import fake_quantized
 
 MANIFEST = "manifest.json"
 
@@ -171,9 +175,30 @@ class Context:
 def _stage_distill(model, cfg: DictConfig, ctx: Context, folder: Path):
     dcfg = DistillConfig(**OmegaConf.to_container(cfg.distill))
     tcfg = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
-    teacher = ctx.teacher if dcfg.kd_ratio > 0 else None
-    return distill(model, teacher, ctx.data.train, ctx.data.val, dcfg, tcfg, workdir=folder,
-                   tokenizer=ctx.tokenizer)
+    teacher = ctx.teacher if dcfg.kd_ratio > 0 or dcfg.hidden_weight > 0 else None
+    if not dcfg.fake_quant:
+        return distill(model, teacher, ctx.data.train, ctx.data.val, dcfg, tcfg, workdir=folder,
+                       tokenizer=ctx.tokenizer)
+    schemes = plan(model, QuantizeConfig(**OmegaConf.to_container(cfg.quantize)))
+    with fake_quantized(model, schemes):
+        model, metrics = distill(model, teacher, ctx.data.train, ctx.data.val, dcfg, tcfg, workdir=folder,
+                                 tokenizer=ctx.tokenizer)
+        # Perplexity as the quantize stage will see it (the fake-quantized weights), before they are removed.
+        metrics["val_ppl_fake_quant"] = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
+    return model, {**metrics, "fake_quant_schemes": len(schemes)}
+
+
+def _stage_quantize(model, cfg: DictConfig, ctx: Context, folder: Path):
+    qcfg = QuantizeConfig(**OmegaConf.to_container(cfg.quantize))
+    plan(model, qcfg)  # bad schemes or group sizes fail here, before the calibration passes
+    before = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
+    model, report = quantize_model(model, qcfg, ctx.data.calibration)
+    counts: dict[str, int] = {}
+    for scheme in report["schemes"].values():
+        counts[scheme] = counts.get(scheme, 0) + 1
+    print(f"[codexmini] quantized {len(report['schemes'])} linear layers ({qcfg.method}: {counts}); "
+          f"{report['bits_per_weight']:.2f} bits/weight", flush=True)
+    return model, {"val_ppl_before": before, "quantize": report, "scheme_counts": counts}
 
 
 def _stage_transfer(model, cfg: DictConfig, ctx: Context, folder: Path):
@@ -213,6 +238,7 @@ STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
     "transfer": (_stage_transfer, True, ("transfer", "data")),
     "distill": (_stage_distill, True, ("distill", "trainer", "data", "teacher")),
     "prune": (_stage_prune, True, ("prune", "data")),
+    "quantize": (_stage_quantize, True, ("quantize", "data")),
     "eval": (_stage_eval, False, ("data",)),
     "generate": (_stage_generate, False, ("generate",)),
 }
@@ -261,6 +287,11 @@ def validate(cfg: DictConfig) -> list[str]:
                 check_config(PruneConfig(**OmegaConf.to_container(_stage_config(cfg, spec).prune)))
             except (ValueError, KeyError) as err:
                 problems.append(f"stages[{i}] (prune): {err}")
+        if spec.stage == "quantize" or (spec.stage == "distill" and _stage_config(cfg, spec).distill.fake_quant):
+            try:
+                check_quantize_config(QuantizeConfig(**OmegaConf.to_container(_stage_config(cfg, spec).quantize)))
+            except (ValueError, KeyError) as err:
+                problems.append(f"stages[{i}] ({spec.stage}): {err}")
     return problems
 
 
@@ -287,7 +318,7 @@ def _key(payload: dict) -> str:
 
 def _model_metrics(model, folder: Path | None, ctx: Context) -> dict:
     ppl = perplexity(model, ctx.data.val, batch_size=8)
-    out = {"val_ppl": ppl["ppl"], "val_loss": ppl["loss"], "parameters": model.num_parameters()}
+    out = {"val_ppl": ppl["ppl"], "val_loss": ppl["loss"], "parameters": weight_count(model)}
     if folder is not None and (folder / "model.safetensors").is_file():
         size = (folder / "model.safetensors").stat().st_size
         out.update(file_bytes=size, bits_per_weight=8 * size / out["parameters"])
@@ -328,6 +359,8 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
     for i, spec in enumerate(cfg.stages, start=1):
         fn, produces_model, sections = STAGES[spec.stage]
         stage_cfg = _stage_config(cfg, spec)
+        if spec.stage == "distill" and stage_cfg.distill.fake_quant:
+            sections = (*sections, "quantize")
         folder = run_dir / f"{i:02d}-{spec.name or spec.stage}"
         input_hash = read_manifest(model_dir)["outputs"].get("model.safetensors")
         key = _stage_key(stage_cfg, sections, spec, input_hash)

@@ -47,6 +47,9 @@ class DistillConfig:
     # Offline teacher: top-k logits cached under this folder once, reused across epochs and runs (None = off).
     teacher_cache: str | None = None
     teacher_top_k: int = 64
+    # Quantization-aware distillation: train through the quantize group's schemes, fake-quantized with a
+    # straight-through estimator (applied around this loop by the pipeline; see codexmini.quantize.qat).
+    fake_quant: bool = False
 
 
 @dataclass

@@ -154,3 +154,9 @@ def install_quant_linears(model: nn.Module, schemes: dict[str, str]) -> None:
         if not isinstance(old, nn.Linear):
             raise ValueError(f"quantization_scheme names {name!r}, which is a {type(old).__name__}, not a Linear")
         setattr(parent, child, QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None))
+
+
+def weight_count(model: nn.Module) -> int:
+    """Parameters of the float model: float parameters plus the logical weights of every `QuantLinear`."""
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))

@@ -123,3 +123,60 @@ def test_group_size_that_does_not_divide_is_refused_or_falls_back(calib):
                                    QuantizeConfig(method="rtn", default="int4_g64", on_bad_group="int8"))
     assert report["schemes"]["model.layers.0.mlp.down_proj"] == "int8"
     assert report["schemes"]["model.layers.0.mlp.up_proj"] == "int4_g64"
+
+
+def test_fake_quant_training_uses_the_grid_and_leaves_float_weights(calib):
+    from codexmini.quantize.apply import plan
+    from codexmini.quantize.qat import fake_quantized
+
+    model = _model()
+    schemes = plan(model, QuantizeConfig(method="rtn", default="int4_g32"))
+    rtn, _ = quantize_model(_model(), QuantizeConfig(method="rtn", default="int4_g32"))
+    with fake_quantized(model, schemes):
+        with torch.no_grad():
+            torch.testing.assert_close(model(calib).logits, rtn(calib).logits, atol=1e-5, rtol=1e-5)
+        loss = model(calib, labels=calib).loss
+        loss.backward()  # straight through: the float weights get gradients
+        grad = model.model.layers[0].mlp.up_proj.parametrizations.weight.original.grad
+        assert grad is not None and grad.abs().sum() > 0
+    assert type(model.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+    assert "parametrizations" not in "".join(model.state_dict())
+
+
+@pytest.mark.parametrize("mode, module", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"), ("fp4", "Linear4bit")])
+def test_bitsandbytes_conversion_of_a_saved_student(mode, module, tmp_path, calib):
+    pytest.importorskip("bitsandbytes")
+    from codexmini.quantize.bnb import load_bnb
+
+    model = _model(hidden_size=128, intermediate_size=256)
+    model.save_pretrained(tmp_path)
+    q = load_bnb(tmp_path, mode)
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == module
+    assert q.get_memory_footprint() < 0.6 * model.get_memory_footprint()
+    with torch.no_grad():
+        a, b = model(calib).logits, q(calib).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
+    with pytest.raises(ValueError, match="not one of"):
+        load_bnb(tmp_path, "int3")
+
+
+def test_qlora_adapters_train_on_a_4bit_student(tmp_path, calib):
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from codexmini.quantize.bnb import load_bnb
+
+    _model(hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+    q = load_bnb(tmp_path, "nf4")
+    lora = peft.get_peft_model(q, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                  lora_dropout=0.0))
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in lora.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = lora(input_ids=calib, labels=calib).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]

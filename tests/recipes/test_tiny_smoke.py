@@ -31,7 +31,8 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     run_dir, seconds = smoke_run
     assert seconds < 120
     stages = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
-    assert stages == ["00-init", "01-transfer", "02-distill", "03-prune", "04-heal", "05-eval", "06-generate"]
+    assert stages == ["00-init", "01-transfer", "02-distill", "03-prune", "04-heal", "05-quantize", "06-eval",
+                      "07-generate"]
     init, transferred, distilled, pruned, healed = (_manifest(run_dir / s) for s in stages[:5])
     for m in (init, transferred, distilled, pruned, healed):
         assert set(m) >= {"stage", "key", "config", "metrics", "outputs", "versions", "wall_time_s"}
@@ -57,7 +58,18 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     # Distillation moved the student towards the teacher.
     assert healed["metrics"]["val_ppl"] < init["metrics"]["val_ppl"]
     assert healed["config"]["trainer"]["max_steps"] == 6  # the per-stage override
-    sample = _manifest(run_dir / "06-generate")["metrics"]["sample"]
+    # QAT heal: trained through the int4 grid; then GPTQ int4 on every linear layer (the tied head stays float).
+    assert healed["config"]["distill"]["fake_quant"] and "quantize" in healed["config"]
+    assert healed["metrics"]["val_ppl_fake_quant"] > 1
+    q = _manifest(run_dir / "05-quantize")
+    assert q["metrics"]["scheme_counts"] == {"int4_g32": 21} and q["metrics"]["quantize"]["method"] == "gptq"
+    assert q["metrics"]["val_ppl_before"] == pytest.approx(healed["metrics"]["val_ppl"], rel=1e-4)
+    assert q["metrics"]["val_ppl"] == pytest.approx(healed["metrics"]["val_ppl_fake_quant"], rel=0.05)
+    assert q["metrics"]["file_bytes"] < 0.6 * healed["metrics"]["file_bytes"]
+    assert q["metrics"]["parameters"] == healed["metrics"]["parameters"]
+    saved = json.loads((run_dir / "05-quantize" / "config.json").read_text())
+    assert saved["quantization_scheme"]["model.layers.0.mlp.down_proj"] == "int4_g32"
+    sample = _manifest(run_dir / "07-generate")["metrics"]["sample"]
     assert isinstance(sample, str)
 
 
@@ -75,7 +87,7 @@ def test_rerun_skips_complete_stages(smoke_run, capsys):
     before = _manifest(run_dir / "04-heal")["completed_at"]
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 6
+    assert out.count("complete, skipped") == 7
     assert _manifest(run_dir / "04-heal")["completed_at"] == before
 
 
@@ -83,7 +95,7 @@ def test_changed_config_reruns_only_what_depends_on_it(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}", "generate.max_new_tokens=4"]) == 0
     out = capsys.readouterr().out
-    assert "06-generate: running generate" in out and "04-heal: complete, skipped" in out
+    assert "07-generate: running generate" in out and "05-quantize: complete, skipped" in out
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
