@@ -1,0 +1,218 @@
+"""The `.cmx` on-device checkpoint: one self-describing file, a safetensors container.
+
+Tensors are the model's weights, named as in the PyTorch model: float weights as `<name>` (fp32 or fp16) and
+quantized linear layers as `<name>.qweight` / `.scale` / `.zero` in the portable layout of
+`codexmini.models.quantized` (int8 per output channel; int4 two codes per byte, low nibble first, per-group scale
+and zero point). The safetensors metadata (all strings) holds:
+
+    format        "codexmini-cmx"
+    version       format version (an integer); readers refuse versions newer than they know
+    config        the model config as JSON (per-layer sizes and layer types)
+    schemes       JSON {linear name: "int8" | "int4_g<group>[_asym]"} for the quantized layers
+    tokenizer     tokenizer.json text;  chat_template  the chat template (may be empty)
+    checksum      sha256 over every tensor's name, dtype, shape and bytes, in name order
+
+This module imports only torch, safetensors and the standard library: the runtime reads through it alone.
+Reading validates everything (container, format, version, checksum, config, scheme names, every tensor's shape
+against the config) and raises one `CmxError` with a clear message; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "codexmini-cmx"
+VERSION = 1
+SCHEME_RE = re.compile(r"^(?:int8|int4_g(\d+)(_asym)?)$")
+LAYER_TYPES = ("softmax", "linear", "hybrid")
+FEATURE_MAPS = ("elu", "relu", "hedgehog", "taylor")
+
+
+class CmxError(ValueError):
+    """A .cmx file that cannot be used, with the reason."""
+
+
+@dataclass
+class CmxFile:
+    path: Path
+    version: int
+    config: dict
+    schemes: dict[str, str]
+    tokenizer_json: str
+    chat_template: str
+    tensors: dict[str, torch.Tensor]
+    checksum: str
+
+
+def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_cmx(path: str | Path, tensors: dict[str, torch.Tensor], config: dict, schemes: dict[str, str],
+              tokenizer_json: str, chat_template: str = "") -> Path:
+    """Validate and write a .cmx file atomically (temporary file + rename). Returns the path."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_contents(config, schemes, tensors)
+    meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True),
+            "schemes": json.dumps(schemes, sort_keys=True), "tokenizer": tokenizer_json,
+            "chat_template": chat_template or "", "checksum": payload_checksum(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_cmx(path: str | Path, verify_checksum: bool = True) -> CmxFile:
+    """Read and validate a .cmx file; any problem raises `CmxError` naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CmxError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CmxError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad containers
+        raise CmxError(f"{path}: not a readable .cmx file (truncated or not a safetensors container): {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CmxError(f"{path}: not a codexmini .cmx file (format {meta.get('format')!r}); export one with "
+                       "`codexmini export`")
+    try:
+        version = int(meta.get("version", ""))
+    except ValueError:
+        raise CmxError(f"{path}: bad format version {meta.get('version')!r}") from None
+    if version > VERSION:
+        raise CmxError(f"{path}: written in .cmx format version {version}, but this codexmini reads up to version "
+                       f"{VERSION}; upgrade codexmini to load it")
+    if version < 1:
+        raise CmxError(f"{path}: bad format version {version}")
+    for key in ("config", "schemes", "tokenizer", "checksum"):
+        if key not in meta:
+            raise CmxError(f"{path}: metadata key {key!r} is missing")
+    try:
+        config, schemes = json.loads(meta["config"]), json.loads(meta["schemes"])
+    except json.JSONDecodeError as err:
+        raise CmxError(f"{path}: config or schemes metadata is not valid JSON: {err}") from err
+    if verify_checksum and payload_checksum(tensors) != meta["checksum"]:
+        raise CmxError(f"{path}: checksum mismatch: the weights were modified or corrupted after export")
+    try:
+        check_contents(config, schemes, tensors)
+    except CmxError as err:
+        raise CmxError(f"{path}: {err}") from None
+    return CmxFile(path, version, config, schemes, meta["tokenizer"], meta.get("chat_template", ""), tensors,
+                   meta["checksum"])
+
+
+def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    d, hd = config["hidden_size"], config["head_dim"]
+    shapes = {}
+    for i in range(config["num_hidden_layers"]):
+        h, kv = config["layer_num_attention_heads"][i], config["layer_num_key_value_heads"][i]
+        f = config["layer_intermediate_sizes"][i]
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj": (h * hd, d), p + "self_attn.k_proj": (kv * hd, d),
+                       p + "self_attn.v_proj": (kv * hd, d), p + "self_attn.o_proj": (d, h * hd),
+                       p + "mlp.gate_proj": (f, d), p + "mlp.up_proj": (f, d), p + "mlp.down_proj": (d, f)})
+    if not config.get("tie_word_embeddings"):  # a tied head is the embedding, stored once
+        shapes["lm_head"] = (config["vocab_size"], d)
+    return shapes
+
+
+def expected_shapes(config: dict, schemes: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor the file must hold, with its shape, from the config and the schemes."""
+    d, v, hd = config["hidden_size"], config["vocab_size"], config["head_dim"]
+    out: dict[str, tuple[int, ...]] = {}
+    rank = config.get("embedding_rank")
+    if rank:
+        out["model.embed_tokens.embed.weight"] = (v, rank)
+        out["model.embed_tokens.proj.weight"] = (d, rank)
+    else:
+        out["model.embed_tokens.weight"] = (v, d)
+    out["model.norm.weight"] = (d,)
+    fdim = config.get("feature_dim") or hd
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        if config["layer_types"][i] != "softmax":
+            h, kv = config["layer_num_attention_heads"][i], config["layer_num_key_value_heads"][i]
+            if config["feature_map"] == "hedgehog":
+                out[p + "self_attn.feature_map_q.weight"] = (h, hd, fdim)
+                out[p + "self_attn.feature_map_k.weight"] = (kv, hd, fdim)
+            if config.get("linear_decay"):
+                out[p + "self_attn.decay_logit"] = (h,)
+    for name, (o, i) in _linear_shapes(config).items():
+        scheme = schemes.get(name)
+        if scheme is None:
+            out[name + ".weight"] = (o, i)
+        elif scheme == "int8":
+            out.update({name + ".qweight": (o, i), name + ".scale": (o,)})
+        else:
+            g = int(SCHEME_RE.match(scheme).group(1))
+            out.update({name + ".qweight": (o, i // 2), name + ".scale": (o, i // g), name + ".zero": (o, i // g)})
+    return out
+
+
+def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Config fields, scheme names and every tensor's presence and shape; raises `CmxError`."""
+    need = ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "layer_types", "layer_num_attention_heads",
+            "layer_num_key_value_heads", "layer_intermediate_sizes", "rms_norm_eps", "rope_theta", "feature_map")
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise CmxError(f"config lacks {missing}")
+    n = config["num_hidden_layers"]
+    for key in ("layer_types", "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"):
+        if len(config[key]) != n:
+            raise CmxError(f"config {key} has {len(config[key])} entries for {n} layers")
+    bad = [t for t in config["layer_types"] if t not in LAYER_TYPES]
+    if bad or config["feature_map"] not in FEATURE_MAPS:
+        raise CmxError(f"config has unknown layer types {bad} or feature map {config['feature_map']!r}")
+    linears = _linear_shapes(config)
+    for name, scheme in schemes.items():
+        m = SCHEME_RE.match(str(scheme))
+        if not m:
+            raise CmxError(f"unknown quantization scheme {scheme!r} for {name} (known: int8, int4_g<group>[_asym])")
+        if name not in linears:
+            raise CmxError(f"scheme given for {name!r}, which is not a linear layer of this config")
+        if m.group(1) and linears[name][1] % int(m.group(1)):
+            raise CmxError(f"{name}: int4 group size {m.group(1)} does not divide its input width {linears[name][1]}")
+    want = expected_shapes(config, schemes)
+    absent = sorted(set(want) - set(tensors))
+    if absent:
+        raise CmxError(f"tensors missing: {absent[:5]}{' ...' if len(absent) > 5 else ''}")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise CmxError(f"unexpected tensors: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CmxError(f"tensor {name} has shape {tuple(tensors[name].shape)}, the config implies {tuple(shape)}")
+        t = tensors[name]
+        if name.endswith(".qweight") and t.dtype not in (torch.int8, torch.uint8):
+            raise CmxError(f"tensor {name} has dtype {t.dtype}, expected int8/uint8 codes")
+        if not name.endswith((".qweight", ".zero")) and not t.is_floating_point():
+            raise CmxError(f"tensor {name} has dtype {t.dtype}, expected a float")

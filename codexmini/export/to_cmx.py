@@ -1,0 +1,43 @@
+"""Export a CodexMini model (float or quantized) and its tokenizer to a single `.cmx` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models.quantized import QuantLinear
+from .cmx import write_cmx
+
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def model_tensors(model, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The tensors a .cmx file holds: float weights in `dtype`, quantized layers as their packed buffers."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"export.dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
+    quant = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out = {}
+    for name, t in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if owner in quant:
+            # Codes and zero points as they are; scales stay fp32 (they are few and set the grid).
+            out[name] = t if not t.is_floating_point() else t.float()
+        else:
+            out[name] = t.to(FLOAT_DTYPES[dtype]) if t.is_floating_point() else t
+    return out
+
+
+def export_cmx(model, tokenizer, path: str | Path, dtype: str = "float32") -> Path:
+    """Write `model` (a CodexMiniForCausalLM, float or quantized) and `tokenizer` (a fast HF tokenizer) to `path`."""
+    config = model.config.to_dict()
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "quantization_scheme"):
+        config.pop(k, None)
+    schemes = dict(model.config.quantization_scheme or {})
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("export needs a fast tokenizer (tokenizers-backed) so the file carries tokenizer.json")
+    return write_cmx(path, model_tensors(model, dtype), config, schemes, backend.to_str(),
+                     getattr(tokenizer, "chat_template", None) or "")

@@ -1,0 +1,93 @@
+"""Linear-layer kernels of the runtime: the portable .cmx layout is repacked once, at load, for the kernel used.
+
+- float: `F.linear` on fp32 weights (fp16 files are widened at load).
+- int8 ("native"): `torch._weight_int8pack_mm` on the int8 codes with per-channel scales.
+- int4 ("native"): `torch._weight_int4pack_mm_for_cpu` on torch's packed int4 layout, with per-group
+  (scale, zero) pairs; our `(code - zero_u8) * scale` becomes torch's `(code - 8) * scale + (8 - zero_u8) * scale`.
+- "dequant": int8 / int4 weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
+  without the memory saving).
+
+Which mode is the default comes from `scripts/bench_runtime.py` on this machine (see the README); every mode is
+tested against the dequantized reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_MODES = ("native", "dequant")
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`[out, in/2]` bytes (low nibble = even column) -> `[out, in]` codes 0..15."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(tensors: dict, name: str, scheme: str) -> torch.Tensor:
+    """The fp32 weight of quantized layer `name` from its .cmx tensors (the reference for every kernel)."""
+    q, scale = tensors[name + ".qweight"], tensors[name + ".scale"].float()
+    if scheme == "int8":
+        return q.float() * scale[:, None]
+    codes = unpack_int4(q).float()
+    out, cols = codes.shape
+    g = cols // scale.shape[1]
+    zero = tensors[name + ".zero"].float()
+    return ((codes.reshape(out, -1, g) - zero[..., None]) * scale[..., None]).reshape(out, cols)
+
+
+class FloatLinear:
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.float().contiguous()
+        self.nbytes = self.weight.numel() * 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Int8Linear:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype):
+        self.codes, self.act_dtype = codes.contiguous(), act_dtype
+        self.scale = scale.to(act_dtype).contiguous()
+        self.nbytes = self.codes.numel() + self.scale.numel() * self.scale.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(self.act_dtype), self.codes, self.scale).to(x.dtype)
+
+
+class Int4Linear:
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, act_dtype: torch.dtype):
+        codes = unpack_int4(packed).to(torch.int32)
+        out, cols = codes.shape
+        self.group = cols // scale.shape[1]
+        self.weight = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        zero_f = (8.0 - zero.float()) * scale.float()
+        # [in/g, out, 2]: (scale, zero) per group and output channel.
+        self.scales_zeros = torch.stack([scale.float().t(), zero_f.t()], dim=-1).to(act_dtype).contiguous()
+        self.act_dtype, self.out = act_dtype, out
+        self.nbytes = self.weight.numel() * self.weight.element_size() + self.scales_zeros.numel() * \
+            self.scales_zeros.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x.to(self.act_dtype), self.weight, self.group,
+                                                 self.scales_zeros).to(x.dtype)
+
+
+def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native",
+                act_dtype: torch.dtype = torch.float32):
+    """The kernel object for linear layer `name` (float when `scheme` is None)."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"runtime kernel mode {mode!r} is not one of {KERNEL_MODES}")
+    if scheme is None:
+        return FloatLinear(tensors[name + ".weight"])
+    if mode == "dequant":
+        return FloatLinear(dequantize(tensors, name, scheme))
+    if scheme != "int8":
+        cols = tensors[name + ".qweight"].shape[1] * 2
+        group = cols // tensors[name + ".scale"].shape[1]
+        if group not in INT4_KERNEL_GROUPS:  # torch's CPU int4 kernel takes these group sizes only
+            return FloatLinear(dequantize(tensors, name, scheme))
+    if scheme == "int8":
+        return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), act_dtype)
+    return Int4Linear(tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"], act_dtype)

@@ -1,0 +1,355 @@
+"""The on-device runtime: loads a .cmx file and runs prefill and token-by-token decode, one sequence at a time.
+
+It is a second implementation of the CodexMini forward pass on purpose: it depends only on torch, safetensors,
+tokenizers and the .cmx format module (so the artifact stands on its own), and it is tested against the PyTorch
+model (logits, greedy generation) for every layer type.
+
+Per layer type, the decoding state:
+- softmax: a KV cache, grown in place (capacity doubles), so each token appends instead of copying;
+- linear: a fixed-size state `[H, F, D+1]` (the last column accumulates the normaliser);
+- hybrid: a window of the last `sliding_window` keys/values plus the linear state of every older key.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..export.cmx import CmxFile, read_cmx
+from .kernels import make_linear
+
+NORMALISER_EPS = 1e-6  # as in the PyTorch model
+
+
+# --------------------------------------------------------------------------- feature maps
+def _feature_map(name: str, weight: torch.Tensor | None, head_dim: int):
+    if name == "elu":
+        return lambda x: F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu
+    if name == "hedgehog":
+        w = weight.float()
+
+        def hedgehog(x):  # x [H, T, D], w [H, D, F]
+            proj = torch.bmm(x, w)
+            return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+        return hedgehog
+    rows, cols = torch.triu_indices(head_dim, head_dim)
+    pair_w = torch.where(rows == cols, 1.0, 2.0 ** 0.5) / (2.0 ** 0.5 * head_dim ** 0.5)
+
+    def taylor(x):
+        return torch.cat([torch.ones_like(x[..., :1]), x / head_dim ** 0.25, x[..., rows] * x[..., cols] * pair_w],
+                         dim=-1)
+    return taylor
+
+
+def _chunk_linear(fq, fk, v1, state, log_decay, chunk: int = 64):
+    """Causal linear attention over T tokens from `state` (chunked form). fq/fk `[H,T,F]`, v1 `[H,T,V]`,
+    state `[H,F,V]`, log_decay `[H]` or None. Returns (out `[H,T,V]`, new state)."""
+    H, T, _ = fq.shape
+    outs = []
+    for s in range(0, T, chunk):
+        q, k, v = fq[:, s:s + chunk], fk[:, s:s + chunk], v1[:, s:s + chunk]
+        C = q.shape[1]
+        scores = q @ k.transpose(1, 2)  # [H, C, C]
+        if log_decay is None:
+            scores = scores.tril()
+            outs.append(q @ state + scores @ v)
+            state = state + k.transpose(1, 2) @ v
+        else:
+            t = torch.arange(C, dtype=torch.float32)
+            diff = (t[:, None] - t[None, :])
+            decay = torch.exp(log_decay[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
+            q_decay = torch.exp(log_decay[:, None] * (t[None] + 1))[..., None]  # [H, C, 1]
+            k_decay = torch.exp(log_decay[:, None] * (C - 1 - t[None]))[..., None]
+            outs.append((q * q_decay) @ state + (scores * decay) @ v)
+            state = torch.exp(log_decay * C)[:, None, None] * state + (k * k_decay).transpose(1, 2) @ v
+    return torch.cat(outs, dim=1), state
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class Session:
+    """Everything a sequence has built up: position, token ids and per-layer caches / states."""
+
+    pos: int = 0
+    tokens: list[int] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values()
+                   if torch.is_tensor(t))
+
+
+class Layer:
+    def __init__(self, rt: Runtime, f: CmxFile, i: int, mode: str, act_dtype):
+        c, t = f.config, f.tensors
+        p = f"model.layers.{i}."
+        self.type = c["layer_types"][i]
+        self.h, self.kv = c["layer_num_attention_heads"][i], c["layer_num_key_value_heads"][i]
+        self.hd, self.eps, self.window = c["head_dim"], c["rms_norm_eps"], c.get("sliding_window", 64)
+        self.groups = self.h // self.kv
+        self.in_norm = t[p + "input_layernorm.weight"].float()
+        self.post_norm = t[p + "post_attention_layernorm.weight"].float()
+        lin = {n: make_linear(t, p + n, f.schemes.get(p + n), mode, act_dtype)
+               for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        self.q, self.k, self.v, self.o = (lin[f"self_attn.{n}_proj"] for n in "qkvo")
+        self.gate, self.up, self.down = lin["mlp.gate_proj"], lin["mlp.up_proj"], lin["mlp.down_proj"]
+        self.linears = list(lin.values())
+        if self.type != "softmax":
+            fm = c["feature_map"]
+            self.fq = _feature_map(fm, t.get(p + "self_attn.feature_map_q.weight"), self.hd)
+            self.fk = _feature_map(fm, t.get(p + "self_attn.feature_map_k.weight"), self.hd)
+            d = t.get(p + "self_attn.decay_logit")
+            self.log_decay = F.logsigmoid(d.float()) if d is not None else None
+
+    def _rep(self, x):  # [KV, T, D] -> [H, T, D]
+        return x if self.groups == 1 else x.repeat_interleave(self.groups, dim=0)
+
+    def forward(self, x: torch.Tensor, cos, sin, st: dict) -> torch.Tensor:
+        T = x.shape[0]
+        a = _rms(x, self.in_norm, self.eps)
+        q = _rope(self.q(a).view(T, self.h, self.hd).transpose(0, 1), cos, sin)
+        k = _rope(self.k(a).view(T, self.kv, self.hd).transpose(0, 1), cos, sin)
+        v = self.v(a).view(T, self.kv, self.hd).transpose(0, 1)
+        if self.type == "softmax":
+            o = self._softmax(q, k, v, st)
+        elif self.type == "linear":
+            o = self._linear(q, k, v, st)
+        else:
+            o = self._hybrid(q, k, v, st)
+        h = x + self.o(o.transpose(0, 1).reshape(T, self.h * self.hd))
+        m = _rms(h, self.post_norm, self.eps)
+        return h + self.down(F.silu(self.gate(m)) * self.up(m))
+
+    def _softmax(self, q, k, v, st):
+        T = q.shape[1]
+        n = st.get("n", 0)
+        if "k" not in st or st["k"].shape[1] < n + T:
+            cap = max(256, 2 ** math.ceil(math.log2(n + T)))
+            for name, new in (("k", k), ("v", v)):
+                buf = torch.empty(self.kv, cap, self.hd)
+                if n:
+                    buf[:, :n] = st[name][:, :n]
+                st[name] = buf
+        st["k"][:, n:n + T], st["v"][:, n:n + T] = k, v
+        st["n"] = S = n + T
+        K, V = st["k"][:, :S], st["v"][:, :S]
+        mask = None
+        if T > 1 and S > T:
+            mask = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+        return F.scaled_dot_product_attention(q[None], K[None], V[None], attn_mask=mask,
+                                              is_causal=mask is None and T > 1, scale=self.hd ** -0.5,
+                                              enable_gqa=self.groups > 1)[0]
+
+    def _features(self, q, k, v):
+        fq, fk = self.fq(q), self._rep(self.fk(k))
+        v = self._rep(v)
+        return fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+    def _state(self, st, fq, v1):
+        if "state" not in st:
+            st["state"] = torch.zeros(self.h, fq.shape[-1], v1.shape[-1])
+        return st["state"]
+
+    def _linear(self, q, k, v, st):
+        fq, fk, v1 = self._features(q, k, v)
+        state = self._state(st, fq, v1)
+        if q.shape[1] == 1:
+            kv = fk.transpose(1, 2) @ v1  # [H, F, V]
+            state = state * torch.exp(self.log_decay)[:, None, None] + kv if self.log_decay is not None else \
+                state + kv
+            o = fq @ state
+        else:
+            o, state = _chunk_linear(fq, fk, v1, state, self.log_decay)
+        st["state"] = state
+        return o[..., :-1] / (o[..., -1:] + NORMALISER_EPS)
+
+    def _hybrid(self, q, k, v, st):
+        fq, fk, v1 = self._features(q, k, v)
+        k = self._rep(k)
+        H, T, D = q.shape
+        w = self.window
+        state = self._state(st, fq, v1)
+        if "wk" in st:
+            k_all, fk_all, v1_all = (torch.cat([st[n], x], dim=1) for n, x in
+                                     (("wk", k), ("wfk", fk), ("wv1", v1)))
+        else:
+            k_all, fk_all, v1_all = k, fk, v1
+        wc = k_all.shape[1] - T
+        # Linear part: query i sees the keys at combined index <= wc + i - w (those that left its window).
+        fk_al = F.pad(fk_all, (0, 0, w, 0))[:, wc:wc + T]
+        v1_al = F.pad(v1_all, (0, 0, w, 0))[:, wc:wc + T]
+        if T == 1:
+            decay = torch.exp(self.log_decay)[:, None, None] if self.log_decay is not None else 1.0
+            state = state * decay + fk_al.transpose(1, 2) @ v1_al
+            o_lin = fq @ state
+            kw, vw = k_all[:, -w:], v1_all[:, -w:, :-1]
+            scores = (q @ kw.transpose(1, 2)) * self.hd ** -0.5
+            m = scores.amax(-1, keepdim=True)
+            a = torch.exp(scores - m)
+            num, den = a @ vw, a.sum(-1, keepdim=True)
+        else:
+            o_lin, state = _chunk_linear(fq, fk_al, v1_al, state, self.log_decay)
+            num, den = self._window_prefill(q, k_all, v1_all[..., :-1], wc, w)
+        st.update(state=state, wk=k_all[:, -w:].clone(), wfk=fk_all[:, -w:].clone(), wv1=v1_all[:, -w:].clone())
+        return (num + o_lin[..., :-1]) / (den + o_lin[..., -1:] + NORMALISER_EPS)
+
+    def _window_prefill(self, q, k_all, v_all, wc, w, block: int = 64):
+        """Sliding-window softmax numerator / denominator for T queries, a block of queries at a time."""
+        H, T, D = q.shape
+        nums, dens = [], []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            lo = max(wc + s - w + 1, 0)
+            kb, vb = k_all[:, lo:wc + e], v_all[:, lo:wc + e]
+            scores = (q[:, s:e] @ kb.transpose(1, 2)) * self.hd ** -0.5  # [H, e-s, keys]
+            qi = torch.arange(s, e)[:, None] + wc
+            kj = torch.arange(lo, wc + e)[None, :]
+            scores = scores.masked_fill(~((kj <= qi) & (kj > qi - w)), float("-inf"))
+            m = scores.amax(-1, keepdim=True)
+            a = torch.exp(scores - m)
+            nums.append(a @ vb)
+            dens.append(a.sum(-1, keepdim=True))
+        return torch.cat(nums, dim=1), torch.cat(dens, dim=1)
+
+
+class Runtime:
+    """A loaded .cmx model. `forward` runs tokens through it; `generate` / `stream` sample text."""
+
+    def __init__(self, path: str | Path, kernels: str = "native", act_dtype: str = "float32",
+                 threads: int | None = None):
+        from tokenizers import Tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        f = read_cmx(path)
+        self.file, self.config, self.checksum = Path(path), f.config, f.checksum
+        c = f.config
+        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act_dtype]
+        self.tokenizer = Tokenizer.from_str(f.tokenizer_json)
+        self.chat_template = f.chat_template
+        t = f.tensors
+        if c.get("embedding_rank"):
+            self.embed = (t["model.embed_tokens.embed.weight"].float() @ t["model.embed_tokens.proj.weight"].float()
+                          .t()).contiguous()
+        else:
+            self.embed = t["model.embed_tokens.weight"].float()
+        self.norm = t["model.norm.weight"].float()
+        self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
+            if not c.get("tie_word_embeddings") else None
+        self.layers = [Layer(self, f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
+        hd = c["head_dim"]
+        self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
+        self.eps = c["rms_norm_eps"]
+        eos = c.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.load_seconds = time.perf_counter() - t0
+
+    # ----------------------------------------------------------------------- forward
+    def new_session(self) -> Session:
+        return Session(layers=[{} for _ in self.layers])
+
+    def weight_bytes(self) -> int:
+        n = self.embed.numel() * 4 + sum(k.nbytes for layer in self.layers for k in layer.linears)
+        return n + (self.head.nbytes if self.head is not None else 0)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int] | torch.Tensor, session: Session, all_logits: bool = False) -> torch.Tensor:
+        """Run `ids` after what `session` holds; returns logits `[T, V]` (or of the last token, `[V]`)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        T = ids.numel()
+        pos = torch.arange(session.pos, session.pos + T, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        x = self.embed[ids]
+        for layer, st in zip(self.layers, session.layers):
+            x = layer.forward(x, cos, sin, st)
+        session.pos += T
+        session.tokens.extend(ids.tolist())
+        x = x if all_logits else x[-1:]
+        x = _rms(x, self.norm, self.eps)
+        logits = self.head(x) if self.head is not None else x @ self.embed.t()
+        return logits if all_logits else logits[0]
+
+    # ----------------------------------------------------------------------- text
+    def stream(self, prompt: str, cfg=None, session: Session | None = None):
+        """Yield text pieces of the continuation of `prompt` (see `SamplingConfig`)."""
+        from .sampling import SamplingConfig, stream_text
+
+        return stream_text(self, prompt, cfg or SamplingConfig(), session)
+
+    def generate(self, prompt: str, cfg=None, session: Session | None = None) -> str:
+        return "".join(self.stream(prompt, cfg, session))
+
+    def generate_batch(self, prompts: list[str], cfg=None) -> list[str]:
+        """One continuation per prompt (each in its own session; a seed, if set, applies to each)."""
+        return [self.generate(p, cfg) for p in prompts]
+
+    # ----------------------------------------------------------------------- sessions
+    def save_session(self, session: Session, path: str | Path) -> None:
+        """Save a session (e.g. after prefilling a long system prompt) to a safetensors file, atomically."""
+        import json
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, st in enumerate(session.layers):
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    n = st.get("n")
+                    tensors[f"{i}.{k}"] = (v[:, :n] if k in ("k", "v") else v).contiguous()
+        meta = {"model_checksum": self.checksum, "pos": str(session.pos), "tokens": json.dumps(session.tokens)}
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_session(self, path: str | Path) -> Session:
+        import json
+
+        from safetensors import safe_open
+
+        from ..export.cmx import CmxError
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001
+            raise CmxError(f"{path}: not a readable session file: {err}") from err
+        if meta.get("model_checksum") != self.checksum:
+            raise CmxError(f"{path}: this session was saved with a different model; prefill it again")
+        session = self.new_session()
+        session.pos, session.tokens = int(meta["pos"]), json.loads(meta["tokens"])
+        for name, t in tensors.items():
+            i, key = name.split(".", 1)
+            session.layers[int(i)][key] = t.clone()
+        for st in session.layers:
+            if "k" in st:
+                st["n"] = st["k"].shape[1]
+        return session

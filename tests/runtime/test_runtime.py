@@ -1,0 +1,185 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codexmini import CodexMiniForCausalLM
+from codexmini.export.cmx import CmxError, read_cmx
+from codexmini.export.to_cmx import export_cmx
+from codexmini.quantize import QuantizeConfig, quantize_model
+from codexmini.runtime import Runtime, SamplingConfig
+from tests.conftest import tiny_config
+
+VARIANTS = {
+    "softmax": dict(layer_types=["softmax", "softmax"]),
+    "linear_elu_decay": dict(layer_types=["linear", "linear"], linear_decay=True),
+    "hybrid_hedgehog": dict(layer_types=["hybrid", "softmax"], feature_map="hedgehog"),
+    "mixed_taylor": dict(layer_types=["linear", "hybrid"], feature_map="taylor", linear_decay=True),
+    "relu_untied_factored": dict(layer_types=["softmax", "linear"], feature_map="relu", tie_word_embeddings=False,
+                                 embedding_rank=16),
+}
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    fields = dict(vocab_size=300, sliding_window=8, linear_chunk_size=8)
+    fields.update(kw)
+    model = CodexMiniForCausalLM(tiny_config(**fields)).eval()
+    with torch.no_grad():  # non-trivial feature maps and decays
+        for name, p in model.named_parameters():
+            if "feature_map" in name or "decay" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(3)
+    return torch.randint(4, 300, (1, 40))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_runtime_logits_equal_pytorch_prefill_and_decode(variant, ids, tiny_tokenizer, tmp_path):
+    model = _model(**VARIANTS[variant])
+    path = export_cmx(model, tiny_tokenizer, tmp_path / "m.cmx")
+    rt = Runtime(path)
+    with torch.no_grad():
+        want = model(ids).logits[0]
+    s = rt.new_session()
+    got = rt.forward(ids[0], s, all_logits=True)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # Prefill a prefix, then token by token (crossing the hybrid window and the linear chunks).
+    s = rt.new_session()
+    steps = [rt.forward(ids[0, :13], s, all_logits=True)]
+    for t in range(13, 40):
+        steps.append(rt.forward(ids[0, t:t + 1], s, all_logits=True))
+    torch.testing.assert_close(torch.cat(steps), want, atol=2e-4, rtol=1e-4)
+
+
+def test_greedy_generation_equals_transformers_generate(tiny_tokenizer, tmp_path):
+    model = _model(layer_types=["hybrid", "linear"], feature_map="hedgehog", linear_decay=True)
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "m.cmx"))
+    prompt = "def add(a, b):"
+    pids = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    hf = model.generate(pids, max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=3)
+    ref = hf[0, pids.shape[1]:].tolist()
+    from codexmini.runtime.sampling import stream_tokens
+
+    got = list(stream_tokens(rt, pids[0].tolist(), SamplingConfig(max_tokens=30, stop_at_eos=False)))
+    assert got == ref
+
+
+@pytest.mark.parametrize("scheme, mode", [("int8", "native"), ("int4_g32", "native"), ("int4_g32_asym", "native"),
+                                          ("int4_g16", "native"),
+                                          ("int4_g32", "dequant"), ("int8", "dequant")])
+def test_quantized_runtime_equals_the_dequantized_reference(scheme, mode, ids, tiny_tokenizer, tmp_path):
+    model = _model(layer_types=["softmax", "hybrid"], hidden_size=64, intermediate_size=128,
+                   tie_word_embeddings=False)
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default=scheme,
+                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"), kernels=mode)
+    with torch.no_grad():
+        want = model(ids).logits[0]  # QuantLinear computes with the dequantized weights
+    got = rt.forward(ids[0], rt.new_session(), all_logits=True)
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-3)
+    assert (tmp_path / "q.cmx").stat().st_size < 0.6 * sum(p.numel() * 4 for p in _model().parameters())
+
+
+def test_fp16_export_is_smaller_and_close(ids, tiny_tokenizer, tmp_path):
+    model = _model(layer_types=["softmax", "linear"])
+    a = export_cmx(model, tiny_tokenizer, tmp_path / "a.cmx")
+    b = export_cmx(model, tiny_tokenizer, tmp_path / "b.cmx", dtype="float16")
+    assert b.stat().st_size < 0.6 * a.stat().st_size
+    la = Runtime(a).forward(ids[0], Runtime(a).new_session(), all_logits=True)
+    rb = Runtime(b)
+    lb = rb.forward(ids[0], rb.new_session(), all_logits=True)
+    torch.testing.assert_close(la, lb, atol=2e-2, rtol=2e-2)
+
+
+def test_saved_session_gives_the_same_continuation(tiny_tokenizer, tmp_path):
+    model = _model(layer_types=["hybrid", "softmax"], feature_map="hedgehog")
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "m.cmx"))
+    system = "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    s = rt.new_session()
+    rt.forward(tiny_tokenizer(system, add_special_tokens=False).input_ids, s)
+    rt.save_session(s, tmp_path / "sys.session")
+    cfg = SamplingConfig(max_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=7, stop_at_eos=False)
+    direct = rt.generate("    def pop", cfg, session=s)
+    restored = rt.load_session(tmp_path / "sys.session")
+    assert restored.pos == len(restored.tokens) > 10
+    assert rt.generate("    def pop", cfg, session=restored) == direct
+    other = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "other.cmx"))
+    with pytest.raises(CmxError, match="different model"):
+        other.load_session(tmp_path / "sys.session")
+
+
+def test_sampling_options_and_stop_strings(tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx"))
+    cfg = SamplingConfig(max_tokens=25, temperature=1.0, seed=1, stop_at_eos=False)
+    assert rt.generate("def", cfg) == rt.generate("def", cfg)  # seeded
+    pieces = list(rt.stream("def", cfg))
+    assert "".join(pieces) == rt.generate("def", cfg) and len(pieces) > 1
+    full = rt.generate("def", SamplingConfig(max_tokens=25, stop_at_eos=False))
+    stop = full[5:8]
+    cut = rt.generate("def", SamplingConfig(max_tokens=25, stop=[stop], stop_at_eos=False))
+    assert cut == full[:full.find(stop)]
+    assert len(rt.generate_batch(["def", "class"], SamplingConfig(max_tokens=5, stop_at_eos=False))) == 2
+    with pytest.raises(ValueError, match="top_p"):
+        rt.generate("def", SamplingConfig(top_p=0))
+    # Repetition penalty changes greedy output away from repeats; top_k=1 is greedy.
+    greedy = rt.generate("def", SamplingConfig(max_tokens=10, stop_at_eos=False))
+    assert rt.generate("def", SamplingConfig(max_tokens=10, temperature=1.0, top_k=1, seed=3,
+                                             stop_at_eos=False)) == greedy
+
+
+def test_bad_files_are_refused_with_their_own_message(tiny_tokenizer, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx")
+    data = good.read_bytes()
+    (tmp_path / "trunc.cmx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CmxError, match="truncated"):
+        read_cmx(tmp_path / "trunc.cmx")
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    (tmp_path / "flip.cmx").write_bytes(bytes(flipped))
+    with pytest.raises(CmxError, match="checksum mismatch"):
+        read_cmx(tmp_path / "flip.cmx")
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "newer.cmx"), metadata={**meta, "version": "99"})
+    with pytest.raises(CmxError, match="version 99.*upgrade"):
+        read_cmx(tmp_path / "newer.cmx")
+    cfg = json.loads(meta["config"])
+    cfg["hidden_size"] = 80
+    save_file(tensors, str(tmp_path / "edited.cmx"), metadata={**meta, "config": json.dumps(cfg)})
+    with pytest.raises(CmxError, match="shape"):
+        read_cmx(tmp_path / "edited.cmx")
+    save_file(tensors, str(tmp_path / "scheme.cmx"),
+              metadata={**meta, "schemes": json.dumps({"model.layers.0.mlp.up_proj": "int3"})})
+    with pytest.raises(CmxError, match="unknown quantization scheme 'int3'"):
+        read_cmx(tmp_path / "scheme.cmx")
+    save_file(tensors, str(tmp_path / "other.cmx"), metadata={"format": "something"})
+    with pytest.raises(CmxError, match="not a codexmini .cmx file"):
+        Runtime(tmp_path / "other.cmx")
+
+
+def test_runtime_imports_without_transformers_hydra_datasets_accelerate(tiny_tokenizer, tmp_path):
+    path = export_cmx(_model(layer_types=["hybrid", "linear"]), tiny_tokenizer, tmp_path / "m.cmx")
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('transformers', 'hydra', 'datasets', 'accelerate', 'omegaconf'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from codexmini.runtime import Runtime, SamplingConfig
+rt = Runtime({str(path)!r})
+print(len(rt.generate('def', SamplingConfig(max_tokens=5, stop_at_eos=False))) >= 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
