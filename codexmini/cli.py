@@ -3,7 +3,10 @@
     codexmini run RECIPE [key=value ...]        run / resume a recipe (Hydra overrides)
     codexmini ls                                recipes and config groups
     codexmini validate RECIPE [key=value ...]   compose and check, run nothing
-    codexmini distill|prune|eval|generate MODEL_DIR [key=value ...]   one stage on an existing model folder
+    codexmini distill|prune|quantize|export|eval|generate MODEL_DIR [key=value ...]
+                                                one stage on an existing model folder
+    codexmini generate MODEL.cmx --prompt TEXT  stream text from an exported model (the on-device runtime)
+    codexmini bench MODEL.cmx                   runtime prefill/decode tokens/s, time to first token, memory
     codexmini report RUN_DIR                    table over a run's stages + size/perplexity plot
 """
 
@@ -13,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SINGLE_STAGES = ("distill", "prune", "eval", "generate")
+SINGLE_STAGES = ("distill", "prune", "quantize", "export", "eval", "generate")
 
 
 def _compose(recipe, overrides):
@@ -82,6 +85,8 @@ def cmd_stage(args) -> int:
     from .report import report
 
     model_dir = Path(args.model_dir)
+    if args.command == "generate" and model_dir.suffix == ".cmx":
+        return cmd_generate_cmx(args)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir} is not a model folder (no config.json)")
     cfg = _compose(args.recipe, ["model.init=folder", f"model.path={model_dir}", f"recipe={args.command}",
@@ -89,6 +94,42 @@ def cmd_stage(args) -> int:
     cfg.stages = OmegaConf.merge(cfg.stages, [{"stage": args.command}])[-1:]
     run_dir = run(cfg)
     print(report(run_dir))
+    return 0
+
+
+def _runtime(args):
+    from .runtime import Runtime
+
+    return Runtime(args.model_dir if hasattr(args, "model_dir") else args.model_file, kernels=args.kernels,
+                   threads=args.threads)
+
+
+def cmd_generate_cmx(args) -> int:
+    """Stream a continuation from a .cmx file with the on-device runtime (imports no training stack)."""
+    from .runtime import SamplingConfig
+
+    if args.prompt is None:
+        raise ValueError("generate on a .cmx file needs --prompt TEXT")
+    rt = _runtime(args)
+    cfg = SamplingConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
+                         seed=args.seed)
+    print(args.prompt, end="", flush=True)
+    for piece in rt.stream(args.prompt, cfg):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .runtime.bench import bench, format_table
+
+    rt = _runtime(args)
+    rows = bench(rt, [int(c) for c in args.contexts.split(",")], args.decode_tokens)
+    print(f"{args.model_file}: {rt.config['num_hidden_layers']} layers "
+          f"({', '.join(sorted(set(rt.config['layer_types'])))}), kernels={args.kernels}, "
+          f"threads={__import__('torch').get_num_threads()}")
+    print(format_table(rows, Path(args.model_file).stat().st_size))
     return 0
 
 
@@ -115,15 +156,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list recipes and config groups")
     p.set_defaults(func=cmd_ls)
     for name in SINGLE_STAGES:
-        p = sub.add_parser(name, help=f"run the {name} stage on an existing model folder")
-        p.add_argument("model_dir")
+        p = sub.add_parser(name, help=f"run the {name} stage on an existing model folder"
+                           + (" (or stream text from a .cmx file)" if name == "generate" else ""))
+        p.add_argument("model_dir", help="a model folder" + (", or a .cmx file" if name == "generate" else ""))
         p.add_argument("overrides", nargs="*", help="config keys, as in a recipe (e.g. trainer.max_steps=20)")
         p.add_argument("--recipe", default="quickstart", help="recipe whose teacher/data/config to use")
         p.set_defaults(func=cmd_stage)
+        if name == "generate":
+            p.add_argument("--prompt", help=".cmx: the prompt text")
+            p.add_argument("--max-tokens", type=int, default=128)
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--repetition-penalty", type=float, default=1.0)
+            p.add_argument("--stop", action="append", help="stop string (repeatable)")
+            p.add_argument("--seed", type=int)
+            _runtime_options(p)
+    p = sub.add_parser("bench", help="runtime speed and memory of a .cmx file")
+    p.add_argument("model_file")
+    p.add_argument("--contexts", default="16,1024,4096", help="comma-separated prompt lengths")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    _runtime_options(p)
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="table and plot over a run's stages")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _runtime_options(p) -> None:
+    p.add_argument("--kernels", default="native", choices=("native", "dequant"),
+                   help="int8/int4 matmuls: torch's packed kernels, or weights widened to fp32 at load")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from .data.corpus import DataConfig
 from .distill.attention_transfer import TransferConfig
 from .distill.loop import DistillConfig, TrainerConfig
 from .prune.width import PruneConfig
+from .export.to_cmx import ExportConfig
 from .quantize.apply import QuantizeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,13 +86,15 @@ class RunConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stages: list[StageSpec] = field(default_factory=list)
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "transfer": TransferConfig,
-          "prune": PruneConfig, "quantize": QuantizeConfig, "trainer": TrainerConfig, "generate": GenerateConfig}
+          "prune": PruneConfig, "quantize": QuantizeConfig, "export": ExportConfig,
+          "trainer": TrainerConfig, "generate": GenerateConfig}
 
 
 def register_configs() -> None:

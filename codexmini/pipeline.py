@@ -216,6 +216,43 @@ def _stage_prune(model, cfg: DictConfig, ctx: Context, folder: Path):
     return new, {"val_ppl_before": before, "prune": report}
 
 
+def _stage_export(model, cfg: DictConfig, ctx: Context, folder: Path):
+    from .export.gguf import write_llama_gguf
+    from .export.to_cmx import ExportConfig, export_cmx
+    from .runtime import Runtime, SamplingConfig
+    from .runtime.bench import bench_context
+
+    ecfg = ExportConfig(**OmegaConf.to_container(cfg.export))
+    path = export_cmx(model, ctx.tokenizer, folder / "model.cmx", ecfg.dtype)
+    rt = Runtime(path, kernels=ecfg.kernels)
+    # The shipped file must compute what the PyTorch model computes: compare logits on a validation block.
+    ids = ctx.data.val[0, : ecfg.check_tokens]
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids[None]).logits[0].float()
+    got = rt.forward(ids, rt.new_session(), all_logits=True)
+    max_diff = float((got - want).abs().max())
+    speed = bench_context(rt, ecfg.bench_context, ecfg.bench_decode_tokens)
+    text = rt.generate(cfg.generate.prompt, SamplingConfig(max_tokens=cfg.generate.max_new_tokens))
+    print(f"\n[codexmini] runtime sample ({path.name}, {speed['decode_tokens_per_s']:.1f} tok/s decode):\n"
+          f"{cfg.generate.prompt}{text}\n", flush=True)
+    metrics = {"file_bytes": path.stat().st_size, "cmx_sha256": sha256_file(path),
+               "bits_per_weight": 8 * path.stat().st_size / weight_count(model),
+               "runtime_max_abs_logit_diff": max_diff, "runtime_tokens_per_s": speed["decode_tokens_per_s"],
+               "runtime_prefill_tokens_per_s": speed["prefill_tokens_per_s"], "runtime_ttft_s": speed["ttft_s"],
+               "runtime_kernels": ecfg.kernels, "runtime_load_s": rt.load_seconds,
+               "prompt": cfg.generate.prompt, "sample": text}
+    if ecfg.gguf:
+        c = model.config
+        llama_shaped = (set(c.layer_types) == {"softmax"} and not c.quantization_scheme and not c.embedding_rank
+                        and len(set(c.layer_num_attention_heads)) == 1 and len(set(c.layer_intermediate_sizes)) == 1)
+        if llama_shaped:
+            gguf_path = write_llama_gguf(model, ctx.tokenizer, folder / "model.gguf")
+            metrics["gguf_bytes"] = Path(gguf_path).stat().st_size
+        else:
+            metrics["gguf_skipped"] = "not llama-shaped (needs all-softmax, float, uniform layer sizes)"
+    return model, metrics
+
+
 def _stage_eval(model, cfg: DictConfig, ctx: Context, folder: Path):
     return model, {}
 
@@ -239,6 +276,7 @@ STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
     "distill": (_stage_distill, True, ("distill", "trainer", "data", "teacher")),
     "prune": (_stage_prune, True, ("prune", "data")),
     "quantize": (_stage_quantize, True, ("quantize", "data")),
+    "export": (_stage_export, False, ("export", "generate", "data")),
     "eval": (_stage_eval, False, ("data",)),
     "generate": (_stage_generate, False, ("generate",)),
 }
@@ -384,7 +422,9 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
         if produces_model:
             hashes = save_model_folder(model, ctx.tokenizer, folder)
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
-        metrics.update(_model_metrics(model, folder if produces_model else model_dir, ctx))
+        # The model's own numbers (perplexity of the saved weights, size of the saved file) override what the stage
+        # reported under the same names; a stage that saves no model keeps its own file numbers (the .cmx export).
+        metrics.update(_model_metrics(model, folder if produces_model else None, ctx))
         config_used = {s: OmegaConf.to_container(stage_cfg[s], resolve=True) for s in sections}
         _write_manifest(folder, spec.stage, spec.name or spec.stage, key, config_used,
                         {"model_dir": str(model_dir), "sha256": input_hash}, metrics, hashes, t0)

@@ -22,7 +22,7 @@ def collect(run_dir: Path) -> list[dict]:
             "stage": folder.name, "parameters": met.get("parameters"),
             "file MB": met["file_bytes"] / 2 ** 20 if met.get("file_bytes") else None,
             "bits/weight": met.get("bits_per_weight"), "val ppl": met.get("val_ppl"),
-            "tokens/s": met.get("runtime_decode_tokens_per_s") or met.get("generate_tokens_per_s"),
+            "tokens/s": met.get("runtime_tokens_per_s") or met.get("generate_tokens_per_s"),
             "wall s": m.get("wall_time_s"), "teacher_val_ppl": met.get("teacher_val_ppl"),
             "sample": met.get("sample"), "new_model": bool(m.get("outputs")),
         })

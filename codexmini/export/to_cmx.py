@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,3 +42,15 @@ def export_cmx(model, tokenizer, path: str | Path, dtype: str = "float32") -> Pa
         raise ValueError("export needs a fast tokenizer (tokenizers-backed) so the file carries tokenizer.json")
     return write_cmx(path, model_tensors(model, dtype), config, schemes, backend.to_str(),
                      getattr(tokenizer, "chat_template", None) or "")
+
+
+@dataclass
+class ExportConfig:
+    """What the export stage writes and how it checks the result with the runtime."""
+
+    dtype: str = "float32"  # float weights in the file: float32 | float16 (quantized layers keep their codes)
+    kernels: str = "native"  # runtime kernels used for the check and the speed numbers: native | dequant
+    gguf: bool = False  # also write model.gguf when the model is llama-shaped (all softmax, float, uniform)
+    check_tokens: int = 64  # tokens of a validation block compared between runtime and PyTorch
+    bench_context: int = 256  # prompt length for the runtime's prefill / decode speed
+    bench_decode_tokens: int = 32

@@ -29,6 +29,9 @@ class QuantizeConfig:
     default: str = "int4_g32"  # scheme of every linear layer no rule matches: int8 | int4_g<group>[_asym] | none
     rules: list[dict[str, str]] = field(default_factory=list)  # [{pattern: regex on the name, scheme: ...}]
     on_bad_group: str = "error"  # a group size that does not divide a layer's width: error | int8 (fall back)
+    # A tied output head is the embedding matrix; decoding reads all of it every token. untie_head quantizes the
+    # head as its own layer (rules / default apply to "lm_head") while lookups keep the float embedding.
+    untie_head: bool = False
     calibration_blocks: int = 16
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to it
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
@@ -53,7 +56,7 @@ def check_config(cfg: QuantizeConfig) -> None:
 def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:
     """{linear name: scheme}, with group sizes checked against each layer's width before any work."""
     check_config(cfg)
-    schemes = resolve_schemes(model, list(cfg.rules), cfg.default)
+    schemes = resolve_schemes(model, list(cfg.rules), cfg.default, cfg.untie_head)
     for name, scheme in list(schemes.items()):
         s = Scheme(scheme)
         if s.bits == 4:
@@ -152,6 +155,8 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
             if not name.startswith("model.layers."):
                 lin = model.get_submodule(name)
                 replace_linear(model, name, _quant_module(lin, scheme, rtn_codes(lin.weight, scheme)))
+    if "lm_head" in schemes and model.config.tie_word_embeddings:
+        model.config.tie_word_embeddings = False  # the head is now its own (quantized) layer
     model.config.quantization_scheme = dict(schemes)
     report["bits_per_weight"] = model_bits_per_weight(model)
     return model, report

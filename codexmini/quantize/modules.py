@@ -9,7 +9,8 @@ from torch import nn
 from ..models.quantized import QuantLinear, Scheme
 
 
-def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none") -> dict[str, str]:
+def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
+                    untie_head: bool = False) -> dict[str, str]:
     """{module name: scheme} for every `nn.Linear`, first matching rule wins (`re.search` on the name).
 
     `rules`: [{"pattern": "lm_head", "scheme": "int8"}, {"pattern": ".*", "scheme": "int4_g32"}].
@@ -30,8 +31,8 @@ def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none") 
         if not isinstance(mod, nn.Linear):
             continue
         scheme = next((s for rx, s in compiled if rx.search(name)), default)
-        if name == "lm_head" and tied:
-            scheme = "none"  # the tied head is the embedding: quantizing it would untie it
+        if name == "lm_head" and tied and not untie_head:
+            scheme = "none"  # the tied head is the embedding: quantizing it unties it, only when asked
         if scheme != "none":
             out[name] = scheme
     return out

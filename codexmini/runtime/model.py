@@ -250,10 +250,11 @@ class Runtime:
             self.embed = (t["model.embed_tokens.embed.weight"].float() @ t["model.embed_tokens.proj.weight"].float()
                           .t()).contiguous()
         else:
-            self.embed = t["model.embed_tokens.weight"].float()
+            self.embed = t["model.embed_tokens.weight"]  # kept as stored: decoding only looks rows up
         self.norm = t["model.norm.weight"].float()
+        # A tied head is the embedding matrix (widened to fp32 for the matmul); an untied one has its own kernel.
         self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
-            if not c.get("tie_word_embeddings") else None
+            if not c.get("tie_word_embeddings") else make_linear({"lm_head.weight": self.embed}, "lm_head", None)
         self.layers = [Layer(self, f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
         hd = c["head_dim"]
         self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
@@ -267,8 +268,8 @@ class Runtime:
         return Session(layers=[{} for _ in self.layers])
 
     def weight_bytes(self) -> int:
-        n = self.embed.numel() * 4 + sum(k.nbytes for layer in self.layers for k in layer.linears)
-        return n + (self.head.nbytes if self.head is not None else 0)
+        """Bytes of weights read per decoded token: every linear layer and the head (not the embedding table)."""
+        return self.head.nbytes + sum(k.nbytes for layer in self.layers for k in layer.linears)
 
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, session: Session, all_logits: bool = False) -> torch.Tensor:
@@ -279,14 +280,14 @@ class Runtime:
         freqs = pos[:, None] * self.inv_freq[None]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        x = self.embed[ids]
+        x = self.embed[ids].float()
         for layer, st in zip(self.layers, session.layers):
             x = layer.forward(x, cos, sin, st)
         session.pos += T
         session.tokens.extend(ids.tolist())
         x = x if all_logits else x[-1:]
         x = _rms(x, self.norm, self.eps)
-        logits = self.head(x) if self.head is not None else x @ self.embed.t()
+        logits = self.head(x)
         return logits if all_logits else logits[0]
 
     # ----------------------------------------------------------------------- text

@@ -180,3 +180,19 @@ def test_qlora_adapters_train_on_a_4bit_student(tmp_path, calib):
         opt.zero_grad()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+
+
+def test_untie_head_quantizes_the_tied_head_and_keeps_float_lookups(calib, tmp_path):
+    model = _model(tie_word_embeddings=True)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    cfg = QuantizeConfig(method="rtn", default="int4_g32", rules=[{"pattern": "^lm_head$", "scheme": "int8"}],
+                         untie_head=True)
+    model, report = quantize_model(model, cfg)
+    assert report["schemes"]["lm_head"] == "int8" and not model.config.tie_word_embeddings
+    assert isinstance(model.lm_head, QuantLinear)
+    torch.testing.assert_close(model.lm_head.dequantized_weight(), emb, atol=emb.abs().max() / 100, rtol=0)
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    model.save_pretrained(tmp_path)
+    back = CodexMiniForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(calib).logits, model(calib).logits)

@@ -31,8 +31,8 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     run_dir, seconds = smoke_run
     assert seconds < 120
     stages = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
-    assert stages == ["00-init", "01-transfer", "02-distill", "03-prune", "04-heal", "05-quantize", "06-eval",
-                      "07-generate"]
+    assert stages == ["00-init", "01-transfer", "02-distill", "03-prune", "04-heal", "05-quantize", "06-export",
+                      "07-eval", "08-generate"]
     init, transferred, distilled, pruned, healed = (_manifest(run_dir / s) for s in stages[:5])
     for m in (init, transferred, distilled, pruned, healed):
         assert set(m) >= {"stage", "key", "config", "metrics", "outputs", "versions", "wall_time_s"}
@@ -69,7 +69,12 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     assert q["metrics"]["parameters"] == healed["metrics"]["parameters"]
     saved = json.loads((run_dir / "05-quantize" / "config.json").read_text())
     assert saved["quantization_scheme"]["model.layers.0.mlp.down_proj"] == "int4_g32"
-    sample = _manifest(run_dir / "07-generate")["metrics"]["sample"]
+    # Export: one .cmx file the runtime loads, computing what PyTorch computes, with a sample and its speed.
+    e = _manifest(run_dir / "06-export")["metrics"]
+    assert (run_dir / "06-export" / "model.cmx").stat().st_size == e["file_bytes"] < q["metrics"]["file_bytes"]
+    assert e["runtime_max_abs_logit_diff"] < 1e-3 and e["runtime_tokens_per_s"] > 1
+    assert isinstance(e["sample"], str) and e["val_ppl"] == pytest.approx(q["metrics"]["val_ppl"])
+    sample = _manifest(run_dir / "08-generate")["metrics"]["sample"]
     assert isinstance(sample, str)
 
 
@@ -77,7 +82,7 @@ def test_report_table_and_plot(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert main(["report", str(run_dir)]) == 0
     text = capsys.readouterr().out
-    assert "04-heal" in text and "03-prune" in text and "val ppl" in text and "teacher val ppl" in text
+    assert "04-heal" in text and "03-prune" in text and "06-export" in text and "val ppl" in text and "teacher val ppl" in text
     png = run_dir / "report.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -87,7 +92,7 @@ def test_rerun_skips_complete_stages(smoke_run, capsys):
     before = _manifest(run_dir / "04-heal")["completed_at"]
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 7
+    assert out.count("complete, skipped") == 8
     assert _manifest(run_dir / "04-heal")["completed_at"] == before
 
 
@@ -95,7 +100,7 @@ def test_changed_config_reruns_only_what_depends_on_it(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}", "generate.max_new_tokens=4"]) == 0
     out = capsys.readouterr().out
-    assert "07-generate: running generate" in out and "05-quantize: complete, skipped" in out
+    assert "08-generate: running generate" in out and "06-export: complete, skipped" in out
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
@@ -145,3 +150,15 @@ def test_single_prune_stage_on_a_model_folder(smoke_run, tmp_path):
     assert m["metrics"]["prune"]["sizes"]["layer_intermediate_sizes"] == [48, 48, 48]
     assert main(["prune", str(run_dir / "04-heal"), "--recipe", "tiny_smoke", f"output_dir={tmp_path}",
                  "prune.mlp=1.5"]) == 2
+
+
+def test_cli_generate_and_bench_on_the_exported_file(smoke_run, capsys):
+    run_dir, _ = smoke_run
+    cmx = str(run_dir / "06-export" / "model.cmx")
+    assert main(["generate", cmx, "--prompt", "def add(", "--max-tokens", "8", "--temperature", "0.7",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def add(")
+    assert main(["bench", cmx, "--contexts", "8,64", "--decode-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 |" in out and "| 64 |" in out and "decode tok/s" in out
+    assert main(["generate", cmx]) == 2  # no --prompt: a clear error

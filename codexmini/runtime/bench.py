@@ -1,0 +1,56 @@
+"""Runtime measurements: prefill tokens/s, decode tokens/s at several context lengths, time to first token and
+peak memory (the process's resident-set high-water mark)."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> dict:
+    """Prefill `context` tokens, then decode `decode_tokens` greedily; per-token decode times (median)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = rt.embed.shape[0]
+    ids = torch.randint(0, vocab, (context,), generator=g)
+    session = rt.new_session()
+    t0 = time.perf_counter()
+    logits = rt.forward(ids, session)
+    tok = int(logits.argmax())
+    ttft = time.perf_counter() - t0
+    times = []
+    for _ in range(decode_tokens):
+        t = time.perf_counter()
+        tok = int(rt.forward([tok], session).argmax())
+        times.append(time.perf_counter() - t)
+    per_token = statistics.median(times)
+    return {"context": context, "prefill_tokens_per_s": context / ttft, "ttft_s": ttft,
+            "decode_ms_per_token": per_token * 1e3, "decode_tokens_per_s": 1 / per_token,
+            "state_bytes": session.nbytes()}
+
+
+def bench(rt, contexts=(16, 1024, 4096), decode_tokens: int = 32) -> list[dict]:
+    rows = [bench_context(rt, c, decode_tokens) for c in contexts]
+    for r in rows:
+        r["peak_rss_bytes"] = peak_rss_bytes()
+    return rows
+
+
+def format_table(rows: list[dict], file_bytes: int | None = None) -> str:
+    out = ["| context | prefill tok/s | TTFT s | decode tok/s | decode ms/token | state MB | peak RSS MB |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['context']} | {r['prefill_tokens_per_s']:.0f} | {r['ttft_s']:.3f} | "
+                   f"{r['decode_tokens_per_s']:.1f} | {r['decode_ms_per_token']:.2f} | {r['state_bytes'] / 1e6:.2f} | "
+                   f"{r['peak_rss_bytes'] / 1e6:.0f} |")
+    if file_bytes is not None:
+        out.append(f"\nfile: {file_bytes / 1e6:.1f} MB")
+    return "\n".join(out)
