@@ -191,6 +191,12 @@ def _reset_accelerate_precision(precision: str) -> None:
             AcceleratorState._reset_state()
 
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
     """Global batch of block indices for `step`: epochs are seeded permutations, so any step is reproducible."""
     per_epoch = max(n_blocks // batch_size, 1)
@@ -260,8 +266,13 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
         raise ValueError("distill.on_policy_fraction > 0 needs a teacher and kd_ratio > 0")
     precision = resolve_precision(trainer.mixed_precision)
     _reset_accelerate_precision(precision)
+    # TensorBoard event files through accelerate's tracker, when tensorboard is installed (extra: report).
+    tracker = "tensorboard" if workdir is not None and _has_tensorboard() else None
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), log_with=tracker,
+                              project_dir=str(workdir) if tracker else None)
+    if tracker:
+        accelerator.init_trackers("tensorboard")
     torch.manual_seed(trainer.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     if trainer.batch_size % world:
@@ -359,6 +370,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
         history.append(record)
         if log is not None and (done % trainer.log_every == 0 or "val_ppl" in record):
             log.write(json.dumps(record) + "\n")
+            if tracker:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
             log.flush()
         bar.set_postfix(loss=f"{stats['loss']:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"}
                                                        if "val_ppl" in record else {}))
@@ -373,6 +386,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
     elapsed = time.perf_counter() - t0
     if log is not None:
         log.close()
+    if tracker:
+        accelerator.end_training()
     final = evaluate()
     if trainer.gradient_checkpointing:
         unwrapped.gradient_checkpointing_disable()

@@ -46,6 +46,12 @@ def test_kd_lowers_validation_loss_and_kd_term(blocks, trained_teacher, tmp_path
     assert sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 30 and "val_ppl" in logged[-1]
+    # The same metrics as TensorBoard events (accelerate's tracker), readable with tensorboard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert len(events.Scalars("loss")) == len(logged) and events.Scalars("loss")[-1].step == 30
 
 
 def test_interrupted_run_resumes_to_the_same_result(blocks, trained_teacher, tmp_path):

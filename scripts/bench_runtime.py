@@ -1,0 +1,180 @@
+"""The on-device runtime against transformers (and llama.cpp when installed), on models of SmolLM2-135M's shape.
+
+Models (exported to .cmx once, each measured in its own subprocess so peak memory is its own):
+- softmax: SmolLM2-135M converted to CodexMini (all softmax layers, llama-shaped) at fp32, int8 and int4 (g32);
+- linear / hybrid: the same weights with every layer linear (hedgehog feature maps) or hybrid (window 64), int4.
+  Untrained conversions: the speed and memory of the layer type is what is measured here, not quality.
+For each: prefill tokens/s, decode tokens/s (median over decoded tokens) at several context lengths, time to first
+token, peak RSS; transformers' `generate()` fp32 on the same softmax model; llama.cpp on a GGUF of it if
+`llama-cpp-python` is installed. Also the bound: weight bytes read per token over the measured copy bandwidth.
+
+    .venv/bin/python scripts/bench_runtime.py                 # about 10 minutes on 2 cores
+    .venv/bin/python scripts/bench_runtime.py --contexts 16,1024,4096,8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Measured memory copy bandwidth: bytes read + written per second for a large tensor copy."""
+    src = torch.empty(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def worker(args) -> None:
+    sys.path.insert(0, str(ROOT))
+    from codexmini.runtime import Runtime
+    from codexmini.runtime.bench import bench
+
+    rt = Runtime(args.worker, kernels=args.kernels)
+    rows = bench(rt, [int(c) for c in args.contexts.split(",")], args.decode_tokens)
+    print(json.dumps({"rows": rows, "weight_bytes": rt.weight_bytes(), "file_bytes": Path(args.worker).stat().st_size}))
+
+
+def hf_worker(args) -> None:
+    """transformers generate() fp32 decode speed on the teacher itself (same weights as the softmax export)."""
+    sys.path.insert(0, str(ROOT))
+    from codexmini.models.teacher import load_teacher
+    from codexmini.runtime.bench import peak_rss_bytes
+
+    model, _ = load_teacher("smollm2-135m-instruct")
+    model.eval()
+    out = []
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+        times = {}
+        for n in (1, args.decode_tokens + 1):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            times[n] = time.perf_counter() - t0
+        decode = args.decode_tokens / (times[args.decode_tokens + 1] - times[1])
+        out.append({"context": ctx, "decode_tokens_per_s": decode, "ttft_s": times[1],
+                    "prefill_tokens_per_s": ctx / times[1], "peak_rss_bytes": peak_rss_bytes()})
+    print(json.dumps({"rows": out}))
+
+
+def run_worker(flag: str, path: str, args, kernels: str = "native") -> dict:
+    cmd = [sys.executable, __file__, flag, path, "--contexts", args.contexts, "--decode-tokens",
+           str(args.decode_tokens), "--kernels", kernels]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export_models(folder: Path, types: list[str]) -> dict[str, Path]:
+    from codexmini.export.to_cmx import export_cmx
+    from codexmini.models.from_teacher import student_from_teacher
+    from codexmini.models.teacher import load_teacher
+    from codexmini.quantize import QuantizeConfig, quantize_model
+
+    teacher, tok = load_teacher("smollm2-135m-instruct")
+    n = teacher.config.num_hidden_layers
+    head = [{"pattern": "^lm_head$", "scheme": "int8"}]
+    paths = {}
+    for layer_type in types:
+        for weights in (("fp32", "int8", "int4") if layer_type == "softmax" else ("int4",)):
+            model = student_from_teacher(teacher, layer_types=[layer_type] * n, feature_map="hedgehog",
+                                         sliding_window=64).float().eval()
+            if weights != "fp32":
+                scheme = "int8" if weights == "int8" else "int4_g32"
+                model, _ = quantize_model(model, QuantizeConfig(method="rtn", default=scheme, rules=head,
+                                                                untie_head=True))
+            paths[f"{layer_type} {weights}"] = export_cmx(model, tok, folder / f"{layer_type}_{weights}.cmx",
+                                                          dtype="float16" if weights != "fp32" else "float32")
+            print(f"exported {layer_type} {weights}: {paths[f'{layer_type} {weights}'].stat().st_size / 1e6:.1f} MB",
+                  flush=True)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="16,1024,4096")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--types", default="softmax,linear,hybrid")
+    p.add_argument("--kernels", default="native")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.hf_worker:
+        return hf_worker(args)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_gbs()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = export_models(Path(tmp), args.types.split(","))
+        results = {}
+        for name, path in paths.items():
+            kernels = ("native", "dequant") if name.endswith(("int8", "int4")) and name.startswith("softmax") \
+                else ("native",)
+            for k in kernels:
+                label = f"runtime {name}" + (f" ({k})" if len(kernels) > 1 else "")
+                results[label] = run_worker("--worker", str(path), args, k)
+                print(label, [round(r["decode_tokens_per_s"], 1) for r in results[label]["rows"]], flush=True)
+        results["transformers generate() fp32"] = run_worker("--hf-worker", "-", args)
+        print("transformers", [round(r["decode_tokens_per_s"], 1) for r in results["transformers generate() fp32"]
+                                ["rows"]], flush=True)
+    try:
+        import llama_cpp  # noqa: F401
+        llama_note = "llama-cpp-python is installed but this script does not drive it yet"
+    except ImportError:
+        llama_note = "llama.cpp: not measured (llama-cpp-python is not installed; optional extra `llamacpp`)"
+
+    print(f"\n# decode tokens/s (median of {args.decode_tokens} tokens) by context; threads={torch.get_num_threads()}")
+    print("\n| model | " + " | ".join(f"ctx {c}" for c in contexts) + " | prefill tok/s @" + str(contexts[-1])
+          + f" | TTFT s @{contexts[-1]} | file MB | peak RSS MB |")
+    print("|---|" + "---|" * (len(contexts) + 4))
+    for label, r in results.items():
+        rows = r["rows"]
+        cells = " | ".join(f"{x['decode_tokens_per_s']:.1f}" for x in rows)
+        file_mb = f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "-"
+        print(f"| {label} | {cells} | {rows[-1]['prefill_tokens_per_s']:.0f} | {rows[-1]['ttft_s']:.2f} | {file_mb} | "
+              f"{max(x['peak_rss_bytes'] for x in rows) / 1e6:.0f} |")
+    print(f"\n{llama_note}")
+    hf = results["transformers generate() fp32"]["rows"]
+    print(f"\nmeasured copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
+    print("\n| model | weight MB read per token | bound tok/s (read at bandwidth/2) | runtime @ctx "
+          f"{contexts[0]} | fraction of bound | vs transformers @ctx {contexts[0]} |")
+    print("|---|---|---|---|---|---|")
+    for label, r in results.items():
+        if "weight_bytes" not in r:
+            continue
+        bound = bandwidth / 2 * 1e9 / r["weight_bytes"]
+        tps = r["rows"][0]["decode_tokens_per_s"]
+        print(f"| {label} | {r['weight_bytes'] / 1e6:.1f} | {bound:.0f} | {tps:.1f} | {tps / bound:.0%} | "
+              f"{tps / hf[0]['decode_tokens_per_s']:.2f}x |")
+    print("\n| model | decode ms/token @ctx " + " | @ctx ".join(str(c) for c in contexts)
+          + f" | @{contexts[-1]} vs @{contexts[0]} |")
+    print("|---|" + "---|" * (len(contexts) + 1))
+    for label, r in results.items():
+        rows = r["rows"]
+        ms = [1e3 / x["decode_tokens_per_s"] for x in rows]
+        print(f"| {label} | " + " | ".join(f"{m:.2f}" for m in ms) + f" | {ms[-1] / ms[0]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
