@@ -64,19 +64,24 @@ def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
 def write_cmx(path: str | Path, tensors: dict[str, torch.Tensor], config: dict, schemes: dict[str, str],
               tokenizer_json: str, chat_template: str = "") -> Path:
     """Validate and write a .cmx file atomically (temporary file + rename). Returns the path."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     check_contents(config, schemes, tensors)
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True),
             "schemes": json.dumps(schemes, sort_keys=True), "tokenizer": tokenizer_json,
             "chat_template": chat_template or "", "checksum": payload_checksum(tensors)}
+    return save_safetensors_atomic(tensors, path, meta)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """`safetensors.torch.save_file` to a temporary file beside `path`, then rename: never half-written."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

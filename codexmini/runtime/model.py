@@ -308,10 +308,8 @@ class Runtime:
     def save_session(self, session: Session, path: str | Path) -> None:
         """Save a session (e.g. after prefilling a long system prompt) to a safetensors file, atomically."""
         import json
-        import os
-        import tempfile
 
-        from safetensors.torch import save_file
+        from ..export.cmx import save_safetensors_atomic
 
         tensors = {}
         for i, st in enumerate(session.layers):
@@ -320,15 +318,7 @@ class Runtime:
                     n = st.get("n")
                     tensors[f"{i}.{k}"] = (v[:, :n] if k in ("k", "v") else v).contiguous()
         meta = {"model_checksum": self.checksum, "pos": str(session.pos), "tokens": json.dumps(session.tokens)}
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_safetensors_atomic(tensors, path, meta)
 
     def load_session(self, path: str | Path) -> Session:
         import json
