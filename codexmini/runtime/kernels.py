@@ -91,3 +91,16 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
     if scheme == "int8":
         return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), act_dtype)
     return Int4Linear(tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"], act_dtype)
+
+
+def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str = "native",
+                      act_dtype: torch.dtype = torch.float32):
+    """One kernel for several linear layers that read the same input (q/k/v, gate/up): their rows concatenated,
+    so decoding makes one matmul call instead of several. None when their schemes differ."""
+    kinds = {schemes.get(n) for n in names}
+    if len(kinds) != 1:
+        return None
+    scheme = kinds.pop()
+    parts = (".weight",) if scheme is None else (".qweight", ".scale") + (() if scheme == "int8" else (".zero",))
+    fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in parts}
+    return make_linear(fused, "fused", scheme, mode, act_dtype)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..export.cmx import CmxFile, read_cmx
-from .kernels import make_linear
+from .kernels import make_fused_linear, make_linear
 
 NORMALISER_EPS = 1e-6  # as in the PyTorch model
 
@@ -105,12 +105,20 @@ class Layer:
         self.groups = self.h // self.kv
         self.in_norm = t[p + "input_layernorm.weight"].float()
         self.post_norm = t[p + "post_attention_layernorm.weight"].float()
-        lin = {n: make_linear(t, p + n, f.schemes.get(p + n), mode, act_dtype)
-               for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-        self.q, self.k, self.v, self.o = (lin[f"self_attn.{n}_proj"] for n in "qkvo")
-        self.gate, self.up, self.down = lin["mlp.gate_proj"], lin["mlp.up_proj"], lin["mlp.down_proj"]
-        self.linears = list(lin.values())
+        names = {n: p + n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        # q/k/v and gate/up read the same input: one fused kernel each when their schemes agree.
+        self.qkv = make_fused_linear(t, [names[f"self_attn.{n}_proj"] for n in "qkv"], f.schemes, mode, act_dtype)
+        self.gate_up = make_fused_linear(t, [names["mlp.gate_proj"], names["mlp.up_proj"]], f.schemes, mode,
+                                         act_dtype)
+        lin = {n: make_linear(t, full, f.schemes.get(full), mode, act_dtype) for n, full in names.items()
+               if not (self.qkv and n.startswith("self_attn.") and n != "self_attn.o_proj")
+               and not (self.gate_up and n in ("mlp.gate_proj", "mlp.up_proj"))}
+        self.o, self.down = lin["self_attn.o_proj"], lin["mlp.down_proj"]
+        self.q, self.k, self.v = (lin.get(f"self_attn.{n}_proj") for n in "qkv")
+        self.gate, self.up = lin.get("mlp.gate_proj"), lin.get("mlp.up_proj")
+        self.linears = list(lin.values()) + [k for k in (self.qkv, self.gate_up) if k is not None]
+        self.split_qkv = (self.h * self.hd, self.kv * self.hd, self.kv * self.hd)
         if self.type != "softmax":
             fm = c["feature_map"]
             self.fq = _feature_map(fm, t.get(p + "self_attn.feature_map_q.weight"), self.hd)
@@ -124,9 +132,10 @@ class Layer:
     def forward(self, x: torch.Tensor, cos, sin, st: dict) -> torch.Tensor:
         T = x.shape[0]
         a = _rms(x, self.in_norm, self.eps)
-        q = _rope(self.q(a).view(T, self.h, self.hd).transpose(0, 1), cos, sin)
-        k = _rope(self.k(a).view(T, self.kv, self.hd).transpose(0, 1), cos, sin)
-        v = self.v(a).view(T, self.kv, self.hd).transpose(0, 1)
+        q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
+        q = _rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
+        k = _rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
+        v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
         if self.type == "softmax":
             o = self._softmax(q, k, v, st)
         elif self.type == "linear":
@@ -135,7 +144,11 @@ class Layer:
             o = self._hybrid(q, k, v, st)
         h = x + self.o(o.transpose(0, 1).reshape(T, self.h * self.hd))
         m = _rms(h, self.post_norm, self.eps)
-        return h + self.down(F.silu(self.gate(m)) * self.up(m))
+        if self.gate_up:
+            g, u = self.gate_up(m).chunk(2, dim=-1)
+        else:
+            g, u = self.gate(m), self.up(m)
+        return h + self.down(F.silu(g) * u)
 
     def _softmax(self, q, k, v, st):
         T = q.shape[1]

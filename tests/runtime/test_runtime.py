@@ -183,3 +183,14 @@ print(len(rt.generate('def', SamplingConfig(max_tokens=5, stop_at_eos=False))) >
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_mixed_schemes_in_one_layer_use_separate_kernels(ids, tiny_tokenizer, tmp_path):
+    model = _model(layer_types=["linear", "softmax"], tie_word_embeddings=False)
+    rules = [{"pattern": r"k_proj|up_proj", "scheme": "int8"}]
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32", rules=rules))
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "mixed.cmx"))
+    assert rt.layers[0].qkv is None and rt.layers[0].gate_up is None and rt.layers[0].k is not None
+    with torch.no_grad():
+        want = model(ids).logits[0]
+    torch.testing.assert_close(rt.forward(ids[0], rt.new_session(), all_logits=True), want, atol=5e-4, rtol=1e-3)
