@@ -86,7 +86,8 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
     if scheme != "int8":
         cols = tensors[name + ".qweight"].shape[1] * 2
         group = cols // tensors[name + ".scale"].shape[1]
-        if group not in INT4_KERNEL_GROUPS:  # torch's CPU int4 kernel takes these group sizes only
+        rows = tensors[name + ".qweight"].shape[0]
+        if group not in INT4_KERNEL_GROUPS or rows % 16:  # what torch's CPU int4 kernel accepts
             return FloatLinear(dequantize(tensors, name, scheme))
     if scheme == "int8":
         return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), act_dtype)
