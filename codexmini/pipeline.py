@@ -224,20 +224,24 @@ def _stage_export(model, cfg: DictConfig, ctx: Context, folder: Path):
 
     ecfg = ExportConfig(**OmegaConf.to_container(cfg.export))
     path = export_cmx(model, ctx.tokenizer, folder / "model.cmx", ecfg.dtype)
-    rt = Runtime(path, kernels=ecfg.kernels)
-    # The shipped file must compute what the PyTorch model computes: compare logits on a validation block.
+    # The shipped file must compute what the PyTorch model computes: compare logits on a validation block, with
+    # fp32 activations (exact), then with the default bf16 inputs to the int kernels (what users run).
     ids = ctx.data.val[0, : ecfg.check_tokens]
     with torch.no_grad():
         want = model.eval()(input_ids=ids[None]).logits[0].float()
-    got = rt.forward(ids, rt.new_session(), all_logits=True)
-    max_diff = float((got - want).abs().max())
+    diffs = {}
+    for act in ("float32", "bfloat16"):
+        rt = Runtime(path, kernels=ecfg.kernels, act_dtype=act)
+        diffs[act] = float((rt.forward(ids, rt.new_session(), all_logits=True) - want).abs().max())
+    max_diff = diffs["float32"]
     speed = bench_context(rt, ecfg.bench_context, ecfg.bench_decode_tokens)
     text = rt.generate(cfg.generate.prompt, SamplingConfig(max_tokens=cfg.generate.max_new_tokens))
     print(f"\n[codexmini] runtime sample ({path.name}, {speed['decode_tokens_per_s']:.1f} tok/s decode):\n"
           f"{cfg.generate.prompt}{text}\n", flush=True)
     metrics = {"file_bytes": path.stat().st_size, "cmx_sha256": sha256_file(path),
                "bits_per_weight": 8 * path.stat().st_size / weight_count(model),
-               "runtime_max_abs_logit_diff": max_diff, "runtime_tokens_per_s": speed["decode_tokens_per_s"],
+               "runtime_max_abs_logit_diff": max_diff, "runtime_max_abs_logit_diff_bf16_act": diffs["bfloat16"],
+               "runtime_tokens_per_s": speed["decode_tokens_per_s"],
                "runtime_prefill_tokens_per_s": speed["prefill_tokens_per_s"], "runtime_ttft_s": speed["ttft_s"],
                "runtime_kernels": ecfg.kernels, "runtime_load_s": rt.load_seconds,
                "prompt": cfg.generate.prompt, "sample": text}
