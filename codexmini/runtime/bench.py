@@ -12,8 +12,16 @@ import torch
 
 
 def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. On Linux from /proc (VmHWM belongs to the process's own
+    address space; getrusage's ru_maxrss survives exec and would report a parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> dict:
