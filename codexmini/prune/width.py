@@ -338,7 +338,7 @@ def prune_width(model: CodexMiniForCausalLM, cfg: PruneConfig, calibration: torc
 
     config = model.config
     sizes = sizes or target_sizes(config, cfg)
-    work = copy.deepcopy(model).float().eval()
+    work = copy.deepcopy(model).float().eval().requires_grad_(True)  # taylor needs gradients on every weight
     scores = weight_scores(work, cfg, calibration)
     report = {"layers": []}
     for i, layer in enumerate(work.model.layers):
