@@ -34,6 +34,7 @@ VERSION = 1
 SCHEME_RE = re.compile(r"^(?:int8|int4_g(\d+)(_asym)?)$")
 LAYER_TYPES = ("softmax", "linear", "hybrid")
 FEATURE_MAPS = ("elu", "relu", "hedgehog", "taylor")
+EMBED = "model.embed_tokens"  # the one non-linear tensor that may be quantized (int8 rows)
 
 
 class CmxError(ValueError):
@@ -156,8 +157,10 @@ def expected_shapes(config: dict, schemes: dict[str, str]) -> dict[str, tuple[in
     if rank:
         out["model.embed_tokens.embed.weight"] = (v, rank)
         out["model.embed_tokens.proj.weight"] = (d, rank)
+    elif schemes.get(EMBED) == "int8":
+        out[EMBED + ".qweight"], out[EMBED + ".scale"] = (v, d), (v,)
     else:
-        out["model.embed_tokens.weight"] = (v, d)
+        out[EMBED + ".weight"] = (v, d)
     out["model.norm.weight"] = (d,)
     fdim = config.get("feature_dim") or hd
     for i in range(config["num_hidden_layers"]):
@@ -202,8 +205,13 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
         m = SCHEME_RE.match(str(scheme))
         if not m:
             raise CmxError(f"unknown quantization scheme {scheme!r} for {name} (known: int8, int4_g<group>[_asym])")
+        if name == EMBED and scheme == "int8" and not config.get("embedding_rank"):
+            if config.get("tie_word_embeddings"):
+                raise CmxError("an int8 embedding table cannot also be the tied output head; untie it")
+            continue
         if name not in linears:
-            raise CmxError(f"scheme given for {name!r}, which is not a linear layer of this config")
+            raise CmxError(f"scheme given for {name!r}, which is not a linear layer (or an int8 embedding table) "
+                           "of this config")
         if m.group(1) and linears[name][1] % int(m.group(1)):
             raise CmxError(f"{name}: int4 group size {m.group(1)} does not divide its input width {linears[name][1]}")
     want = expected_shapes(config, schemes)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.quantized import QuantLinear
+from ..models.quantized import QuantEmbedding, QuantLinear
 from .cmx import write_cmx
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -17,7 +17,7 @@ def model_tensors(model, dtype: str = "float32") -> dict[str, torch.Tensor]:
     """The tensors a .cmx file holds: float weights in `dtype`, quantized layers as their packed buffers."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"export.dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
-    quant = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quant = {name for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     out = {}
     for name, t in model.state_dict().items():
         owner = name.rsplit(".", 1)[0]

@@ -143,20 +143,49 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
 
+class QuantEmbedding(nn.Module):
+    """An embedding table in int8, one scale per row (the int8 layout of `QuantLinear`, rows = tokens).
+
+    Lookups dequantize only the rows they read."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str = "int8"):
+        super().__init__()
+        if scheme != "int8":
+            raise ValueError(f"embedding tables support the int8 scheme only, got {scheme!r}")
+        self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, Scheme(scheme)
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).float() * self.scale[ids][..., None]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)
+
+    def storage_bits(self) -> int:
+        return sum(b.numel() * b.element_size() * 8 for b in self.buffers())
+
+
 def install_quant_linears(model: nn.Module, schemes: dict[str, str]) -> None:
-    """Replace the named `nn.Linear` modules by empty `QuantLinear` modules of the same shape (for loading)."""
+    """Replace the named `nn.Linear` (and `nn.Embedding`) modules by empty quantized modules of the same shape,
+    ready for loading."""
     for name, scheme in schemes.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        if isinstance(old, QuantLinear):
+        if isinstance(old, (QuantLinear, QuantEmbedding)):
+            continue
+        if isinstance(old, nn.Embedding):
+            setattr(parent, child, QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme))
             continue
         if not isinstance(old, nn.Linear):
-            raise ValueError(f"quantization_scheme names {name!r}, which is a {type(old).__name__}, not a Linear")
+            raise ValueError(f"quantization_scheme names {name!r}, which is a {type(old).__name__}, not a Linear "
+                             "or an Embedding")
         setattr(parent, child, QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None))
 
 
 def weight_count(model: nn.Module) -> int:
     """Parameters of the float model: float parameters plus the logical weights of every `QuantLinear`."""
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n += sum(m.num_embeddings * m.embedding_dim for m in model.modules() if isinstance(m, QuantEmbedding))
     return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))

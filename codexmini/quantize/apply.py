@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.quantized import QuantEmbedding, QuantLinear, Scheme
 from .awq import awq_search_and_fold
 from .gptq import HessianAccumulator, gptq_quantize
-from ..models.quantized import QuantLinear, Scheme
 from .modules import model_bits_per_weight, replace_linear, resolve_schemes
 from .numerics import check_group_size, quantize_int4, quantize_int8
 
@@ -59,6 +59,8 @@ def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:
     schemes = resolve_schemes(model, list(cfg.rules), cfg.default, cfg.untie_head)
     for name, scheme in list(schemes.items()):
         s = Scheme(scheme)
+        if isinstance(model.get_submodule(name), nn.Embedding):
+            continue
         if s.bits == 4:
             width = model.get_submodule(name).in_features
             try:
@@ -115,8 +117,9 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
     if not schemes:
         raise ValueError("quantize: no linear layer matches a scheme (default and rules are all 'none')")
     model.eval()
+    linear_schemes = {n: s for n, s in schemes.items() if not isinstance(model.get_submodule(n), nn.Embedding)}
     if cfg.method == "rtn":
-        for name, scheme in schemes.items():
+        for name, scheme in linear_schemes.items():
             lin = model.get_submodule(name)
             replace_linear(model, name, _quant_module(lin, scheme, rtn_codes(lin.weight, scheme)))
     else:
@@ -127,7 +130,7 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
         awq_alphas = {}
         for i, layer in enumerate(model.model.layers):
             prefix = f"model.layers.{i}."
-            mine = {n[len(prefix):]: s for n, s in schemes.items() if n.startswith(prefix)}
+            mine = {n[len(prefix):]: s for n, s in linear_schemes.items() if n.startswith(prefix)}
             if cfg.method == "awq":
                 awq_alphas.update({f"{prefix}{k}": v for k, v in
                                    awq_search_and_fold(layer, inputs, mine, cfg.awq_grid).items()})
@@ -151,12 +154,23 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
             inputs = [((_first(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
         if awq_alphas:
             report["awq_alpha"] = awq_alphas
-        for name, scheme in schemes.items():  # layers outside the decoder (lm_head): round to nearest
+        for name, scheme in linear_schemes.items():  # layers outside the decoder (lm_head): round to nearest
             if not name.startswith("model.layers."):
                 lin = model.get_submodule(name)
                 replace_linear(model, name, _quant_module(lin, scheme, rtn_codes(lin.weight, scheme)))
-    if "lm_head" in schemes and model.config.tie_word_embeddings:
-        model.config.tie_word_embeddings = False  # the head is now its own (quantized) layer
+    tied = model.config.tie_word_embeddings
+    for name, scheme in schemes.items():  # embedding tables (int8, round to nearest)
+        emb = model.get_submodule(name)
+        if isinstance(emb, nn.Embedding):
+            if tied and "lm_head" not in schemes and getattr(model, "lm_head", None) is not None:
+                # The head stays float: give it its own copy before the table is replaced.
+                model.lm_head.weight = nn.Parameter(emb.weight.detach().clone())
+            q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, scheme)
+            q.qweight.copy_(quantize_int8(emb.weight)[0])
+            q.scale.copy_(quantize_int8(emb.weight)[1])
+            replace_linear(model, name, q)
+    if tied and ("lm_head" in schemes or any(isinstance(model.get_submodule(n), QuantEmbedding) for n in schemes)):
+        model.config.tie_word_embeddings = False  # head and table are now separate
     model.config.quantization_scheme = dict(schemes)
     report["bits_per_weight"] = model_bits_per_weight(model)
     return model, report

@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from ..models.quantized import QuantLinear, Scheme
+from ..models.quantized import QuantEmbedding, QuantLinear, Scheme
 
 
 def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
@@ -28,6 +28,18 @@ def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     out = {}
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            # Embedding tables only by an explicit rule (the default is for linear layers), int8 only.
+            scheme = next((s for rx, s in compiled if rx.search(name) and rx.pattern not in (".*", ".+", "")),
+                          "none")
+            if scheme not in ("none", "int8"):
+                raise ValueError(f"{name}: embedding tables support int8 only, a rule gives {scheme!r}")
+            if scheme != "none" and tied and not untie_head:
+                raise ValueError(f"{name} is tied to the output head: quantizing it needs untie_head: true (the "
+                                 "head then gets its own scheme, or stays a float copy)")
+            if scheme != "none":
+                out[name] = scheme
+            continue
         if not isinstance(mod, nn.Linear):
             continue
         scheme = next((s for rx, s in compiled if rx.search(name)), default)
@@ -52,6 +64,10 @@ def model_bits_per_weight(model: nn.Module) -> float:
         if isinstance(mod, QuantLinear):
             bits += mod.storage_bits()
             weights += mod.in_features * mod.out_features
+            continue
+        if isinstance(mod, QuantEmbedding):
+            bits += mod.storage_bits()
+            weights += mod.num_embeddings * mod.embedding_dim
             continue
         for p in mod.parameters(recurse=False):
             if id(p) in seen:

@@ -263,9 +263,13 @@ class Runtime:
         self.tokenizer = Tokenizer.from_str(f.tokenizer_json)
         self.chat_template = f.chat_template
         t = f.tensors
+        self.embed_scale = None
         if c.get("embedding_rank"):
             self.embed = (t["model.embed_tokens.embed.weight"].float() @ t["model.embed_tokens.proj.weight"].float()
                           .t()).contiguous()
+        elif f.schemes.get("model.embed_tokens") == "int8":
+            self.embed = t["model.embed_tokens.qweight"]  # int8 rows, dequantized as they are looked up
+            self.embed_scale = t["model.embed_tokens.scale"].float()
         else:
             self.embed = t["model.embed_tokens.weight"]  # kept as stored: decoding only looks rows up
         self.norm = t["model.norm.weight"].float()
@@ -298,6 +302,8 @@ class Runtime:
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
         x = self.embed[ids].float()
+        if self.embed_scale is not None:
+            x = x * self.embed_scale[ids][:, None]
         for layer, st in zip(self.layers, session.layers):
             x = layer.forward(x, cos, sin, st)
         session.pos += T

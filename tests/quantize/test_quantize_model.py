@@ -196,3 +196,32 @@ def test_untie_head_quantizes_the_tied_head_and_keeps_float_lookups(calib, tmp_p
     back = CodexMiniForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(calib).logits, model(calib).logits)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_embedding_table_by_rule(tied, calib, tmp_path):
+    from codexmini.models.quantized import QuantEmbedding
+
+    model = _model(tie_word_embeddings=tied)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    head = model.lm_head.weight.detach().clone()  # the embedding itself when tied
+    with torch.no_grad():
+        float_logits = model(calib).logits
+    rules = [{"pattern": "embed_tokens", "scheme": "int8"}]
+    if tied:
+        with pytest.raises(ValueError, match="needs untie_head"):
+            quantize_model(_model(tie_word_embeddings=True), QuantizeConfig(method="rtn", rules=rules))
+    cfg = QuantizeConfig(method="rtn", default="none", rules=rules, untie_head=tied)
+    model, report = quantize_model(model, cfg)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and report["schemes"]["model.embed_tokens"] == "int8"
+    assert not model.config.tie_word_embeddings
+    torch.testing.assert_close(model.lm_head.weight, head)  # the head stays float (a copy of the table if tied)
+    torch.testing.assert_close(model.model.embed_tokens.dequantized_weight(), emb, atol=emb.abs().max() / 200,
+                               rtol=0)
+    with torch.no_grad():
+        logits = model(calib).logits
+    assert (logits - float_logits).abs().max() < 0.05 * float_logits.abs().max()
+    model.save_pretrained(tmp_path)
+    back = CodexMiniForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(calib).logits, logits)
