@@ -324,16 +324,17 @@ def validate(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         problems.append(str(err))
     for i, spec in enumerate(cfg.stages):
-        if spec.stage == "prune":
-            try:
-                check_config(PruneConfig(**OmegaConf.to_container(_stage_config(cfg, spec).prune)))
-            except (ValueError, KeyError) as err:
-                problems.append(f"stages[{i}] (prune): {err}")
-        if spec.stage == "quantize" or (spec.stage == "distill" and _stage_config(cfg, spec).distill.fake_quant):
-            try:
-                check_quantize_config(QuantizeConfig(**OmegaConf.to_container(_stage_config(cfg, spec).quantize)))
-            except (ValueError, KeyError) as err:
-                problems.append(f"stages[{i}] ({spec.stage}): {err}")
+        try:
+            stage_cfg = _stage_config(cfg, spec)
+        except Exception:  # noqa: BLE001 - a bad override is already reported above
+            continue
+        try:
+            if spec.stage == "prune":
+                check_config(PruneConfig(**OmegaConf.to_container(stage_cfg.prune)))
+            if spec.stage == "quantize" or (spec.stage == "distill" and stage_cfg.distill.fake_quant):
+                check_quantize_config(QuantizeConfig(**OmegaConf.to_container(stage_cfg.quantize)))
+        except (ValueError, KeyError) as err:
+            problems.append(f"stages[{i}] ({spec.stage}): {err}")
     return problems
 
 

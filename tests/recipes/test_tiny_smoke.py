@@ -58,20 +58,24 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     # Distillation moved the student towards the teacher.
     assert healed["metrics"]["val_ppl"] < init["metrics"]["val_ppl"]
     assert healed["config"]["trainer"]["max_steps"] == 6  # the per-stage override
-    # QAT heal: trained through the int4 grid; then GPTQ int4 on every linear layer (the tied head stays float).
+    # QAT heal: trained through the int4 grid; then GPTQ int4 on every linear layer, the head untied at int8.
     assert healed["config"]["distill"]["fake_quant"] and "quantize" in healed["config"]
     assert healed["metrics"]["val_ppl_fake_quant"] > 1
     q = _manifest(run_dir / "05-quantize")
-    assert q["metrics"]["scheme_counts"] == {"int4_g32": 21} and q["metrics"]["quantize"]["method"] == "gptq"
+    assert q["metrics"]["scheme_counts"] == {"int4_g32": 21, "int8": 1} and q["metrics"]["quantize"]["method"] == "gptq"
+    assert q["metrics"]["quantize"]["schemes"]["lm_head"] == "int8"
     assert q["metrics"]["val_ppl_before"] == pytest.approx(healed["metrics"]["val_ppl"], rel=1e-4)
     assert q["metrics"]["val_ppl"] == pytest.approx(healed["metrics"]["val_ppl_fake_quant"], rel=0.05)
     assert q["metrics"]["file_bytes"] < 0.6 * healed["metrics"]["file_bytes"]
-    assert q["metrics"]["parameters"] == healed["metrics"]["parameters"]
     saved = json.loads((run_dir / "05-quantize" / "config.json").read_text())
+    # The untied head is its own matrix now: vocab x hidden more weights than the tied model, in int8.
+    assert not saved["tie_word_embeddings"]
+    assert q["metrics"]["parameters"] == healed["metrics"]["parameters"] + saved["vocab_size"] * saved["hidden_size"]
     assert saved["quantization_scheme"]["model.layers.0.mlp.down_proj"] == "int4_g32"
     # Export: one .cmx file the runtime loads, computing what PyTorch computes, with a sample and its speed.
     e = _manifest(run_dir / "06-export")["metrics"]
-    assert (run_dir / "06-export" / "model.cmx").stat().st_size == e["file_bytes"] < q["metrics"]["file_bytes"]
+    # The same tensors as the quantized folder, plus the tokenizer and config in the metadata.
+    assert (run_dir / "06-export" / "model.cmx").stat().st_size == e["file_bytes"] < 1.1 * q["metrics"]["file_bytes"]
     assert e["runtime_max_abs_logit_diff"] < 1e-3 and e["runtime_tokens_per_s"] > 1
     assert isinstance(e["sample"], str) and e["val_ppl"] == pytest.approx(q["metrics"]["val_ppl"])
     sample = _manifest(run_dir / "08-generate")["metrics"]["sample"]
@@ -100,7 +104,9 @@ def test_changed_config_reruns_only_what_depends_on_it(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert main(["run", "tiny_smoke", f"output_dir={run_dir.parents[1]}", "generate.max_new_tokens=4"]) == 0
     out = capsys.readouterr().out
-    assert "08-generate: running generate" in out and "06-export: complete, skipped" in out
+    # The prompt length feeds the export stage's runtime sample and the generate stage; nothing before them reruns.
+    assert "08-generate: running generate" in out and "06-export: running export" in out
+    assert "05-quantize: complete, skipped" in out
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
