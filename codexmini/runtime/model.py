@@ -246,7 +246,7 @@ class Runtime:
     """A loaded .cmx model. `forward` runs tokens through it; `generate` / `stream` sample text."""
 
     def __init__(self, path: str | Path, kernels: str = "native", act_dtype: str = "bfloat16",
-                 threads: int | None = None):
+                 threads: int | None = None, prefill_chunk: int = 512):
         """`kernels`: "native" (torch's packed int8 / int4 CPU kernels) or "dequant" (int weights widened to fp32
         at load). `act_dtype`: the activations fed to the native int kernels; torch's CPU int8/int4 kernels are
         fast only with bf16 inputs (measured in the README), so bf16 is the default; "float32" gives results
@@ -255,6 +255,9 @@ class Runtime:
 
         if threads:
             torch.set_num_threads(threads)
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         t0 = time.perf_counter()
         f = read_cmx(path)
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
@@ -294,8 +297,17 @@ class Runtime:
 
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, session: Session, all_logits: bool = False) -> torch.Tensor:
-        """Run `ids` after what `session` holds; returns logits `[T, V]` (or of the last token, `[V]`)."""
+        """Run `ids` after what `session` holds; returns logits `[T, V]` (or of the last token, `[V]`).
+
+        A long prompt runs `prefill_chunk` tokens at a time (each chunk continues the caches / states the previous
+        one left), so prefill activations stay bounded whatever the prompt length."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() > self.prefill_chunk:
+            parts = [self._forward(chunk, session, all_logits) for chunk in ids.split(self.prefill_chunk)]
+            return torch.cat(parts) if all_logits else parts[-1]
+        return self._forward(ids, session, all_logits)
+
+    def _forward(self, ids: torch.Tensor, session: Session, all_logits: bool) -> torch.Tensor:
         T = ids.numel()
         pos = torch.arange(session.pos, session.pos + T, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None]

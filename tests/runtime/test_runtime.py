@@ -50,6 +50,10 @@ def test_runtime_logits_equal_pytorch_prefill_and_decode(variant, ids, tiny_toke
     s = rt.new_session()
     got = rt.forward(ids[0], s, all_logits=True)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # A prompt longer than the prefill chunk runs in pieces that continue each other's caches / states.
+    rt_small = Runtime(path, prefill_chunk=7)
+    torch.testing.assert_close(rt_small.forward(ids[0], rt_small.new_session(), all_logits=True), want,
+                               atol=2e-4, rtol=1e-4)
     # Prefill a prefix, then token by token (crossing the hybrid window and the linear chunks).
     s = rt.new_session()
     steps = [rt.forward(ids[0, :13], s, all_logits=True)]
