@@ -333,6 +333,10 @@ def validate(cfg: DictConfig) -> list[str]:
                 check_config(PruneConfig(**OmegaConf.to_container(stage_cfg.prune)))
             if spec.stage == "quantize" or (spec.stage == "distill" and stage_cfg.distill.fake_quant):
                 check_quantize_config(QuantizeConfig(**OmegaConf.to_container(stage_cfg.quantize)))
+            if spec.stage == "export":
+                from .export.to_cmx import ExportConfig, check_export_config
+
+                check_export_config(ExportConfig(**OmegaConf.to_container(stage_cfg.export)))
         except (ValueError, KeyError) as err:
             problems.append(f"stages[{i}] ({spec.stage}): {err}")
     return problems

@@ -91,3 +91,14 @@ def test_bad_recipe_name_lists_close_matches():
 def test_missing_data_path_is_reported_before_running(tmp_path):
     cfg = compose("tiny_smoke", [f"data.source={tmp_path / 'nope'}"])
     assert any(p.startswith("data.source") for p in validate(cfg))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("export.dtype=bfloat8", "export.dtype 'bfloat8'"),
+    ("export.kernels=fast", "export.kernels 'fast'"),
+    ("quantize.default=int3", "int3"),
+    ("prune.mlp=1.5", "prune.mlp = 1.5"),
+])
+def test_bad_stage_settings_are_reported_before_running(override, message):
+    problems = validate(compose("tiny_smoke", [override]))
+    assert any(message in p for p in problems), problems

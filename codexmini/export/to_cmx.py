@@ -54,3 +54,14 @@ class ExportConfig:
     check_tokens: int = 64  # tokens of a validation block compared between runtime and PyTorch
     bench_context: int = 256  # prompt length for the runtime's prefill / decode speed
     bench_decode_tokens: int = 32
+
+
+def check_export_config(cfg: ExportConfig) -> None:
+    """Refuse bad export settings before a recipe's long stages run."""
+    if cfg.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"export.dtype {cfg.dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
+    if cfg.kernels not in ("native", "dequant"):
+        raise ValueError(f"export.kernels {cfg.kernels!r} is not one of native, dequant")
+    for name in ("check_tokens", "bench_context", "bench_decode_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"export.{name} must be >= 1, got {getattr(cfg, name)}")
