@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -193,9 +194,7 @@ def _stage_quantize(model, cfg: DictConfig, ctx: Context, folder: Path):
     plan(model, qcfg)  # bad schemes or group sizes fail here, before the calibration passes
     before = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
     model, report = quantize_model(model, qcfg, ctx.data.calibration)
-    counts: dict[str, int] = {}
-    for scheme in report["schemes"].values():
-        counts[scheme] = counts.get(scheme, 0) + 1
+    counts = dict(Counter(report["schemes"].values()))
     print(f"[codexmini] quantized {len(report['schemes'])} linear layers ({qcfg.method}: {counts}); "
           f"{report['bits_per_weight']:.2f} bits/weight", flush=True)
     return model, {"val_ppl_before": before, "quantize": report, "scheme_counts": counts}

@@ -22,9 +22,9 @@ import torch
 from codexmini.data import DataConfig, build_data, perplexity
 from codexmini.distill import DistillConfig, TrainerConfig, distill
 from codexmini.models.from_teacher import student_from_teacher
+from codexmini.models.quantized import weight_count
 from codexmini.models.teacher import load_teacher
 from codexmini.prune import PruneConfig, prune
-from codexmini.prune.width import params_of
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     teacher, tok = load_teacher("smollm2-135m-instruct")
     data = build_data(DataConfig(max_files=400, block_size=256, max_val_blocks=16), tok)
     base = student_from_teacher(teacher).float().eval()
-    n0 = params_of(base)
+    n0 = weight_count(base)
     teacher_ppl = perplexity(teacher, data.val)["ppl"]
     per_layer = (n0 - base.config.vocab_size * base.config.hidden_size - base.config.hidden_size) \
         / base.config.num_hidden_layers

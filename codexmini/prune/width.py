@@ -27,6 +27,7 @@ import torch
 from ..models import CodexMiniConfig, CodexMiniForCausalLM
 from ..models import attention as attention_module
 from ..models.modeling import CodexMiniRMSNorm
+from ..models.quantized import weight_count
 
 CRITERIA = ("magnitude", "taylor", "wanda", "random")
 HEAD_MODES = ("kv_groups", "query_heads")
@@ -397,10 +398,6 @@ def _sync_head_counts(model) -> None:
         attn.num_key_value_heads = attn.k_proj.out_features // attn.head_dim
 
 
-def params_of(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def drop_layers(model: CodexMiniForCausalLM, cfg: PruneConfig, calibration: torch.Tensor) -> tuple[object, list]:
     """Depth pruning: remove `cfg.drop_layers` layers (lowest block influence, or the most redundant block)."""
     from ..models.from_teacher import student_from_teacher
@@ -427,7 +424,7 @@ def prune(model: CodexMiniForCausalLM, cfg: PruneConfig, calibration: torch.Tens
             raise ValueError(f"prune.criterion={cfg.criterion} / drop_layers need calibration blocks")
     if calibration is not None:
         calibration = calibration[: cfg.calibration_blocks]
-    before = params_of(model)
+    before = weight_count(model)
     report = {"params_before": before, "criterion": cfg.criterion}
     if cfg.drop_layers:
         model, removed = drop_layers(model, cfg, calibration)
@@ -436,15 +433,13 @@ def prune(model: CodexMiniForCausalLM, cfg: PruneConfig, calibration: torch.Tens
         # The budget is a fraction of the model as given, depth pruning included.
         r = budget_ratio(model, cfg, cfg.param_budget * before)
         ratios = {d: (r if d in cfg.budget_dims else 0.0) for d in DIMS}
-        sizes = target_sizes(model.config, cfg, ratios)
         report["budget_ratio"] = r
     else:
         ratios = {d: getattr(cfg, d) for d in DIMS}
-        sizes = target_sizes(model.config, cfg, ratios)
     if any(ratios.values()):
-        model, width = prune_width(model, cfg, calibration, sizes)
+        model, width = prune_width(model, cfg, calibration, target_sizes(model.config, cfg, ratios))
         report.update(width)
-    report["params_after"] = params_of(model)
+    report["params_after"] = weight_count(model)
     report["sizes"] = {"hidden_size": model.config.hidden_size, "num_hidden_layers": model.config.num_hidden_layers,
                        "layer_num_attention_heads": model.config.layer_num_attention_heads,
                        "layer_num_key_value_heads": model.config.layer_num_key_value_heads,
@@ -454,4 +449,4 @@ def prune(model: CodexMiniForCausalLM, cfg: PruneConfig, calibration: torch.Tens
 
 def _extra_params(model) -> int:
     """Parameters the config arithmetic leaves out (feature maps, decays): counted as they are now."""
-    return params_of(model) - model.config.num_params_estimate()
+    return weight_count(model) - model.config.num_params_estimate()

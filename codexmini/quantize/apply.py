@@ -16,7 +16,7 @@ from ..models.quantized import QuantEmbedding, QuantLinear, Scheme
 from .awq import awq_search_and_fold
 from .gptq import HessianAccumulator, gptq_quantize
 from .modules import model_bits_per_weight, replace_linear, resolve_schemes
-from .numerics import check_group_size, quantize_int4, quantize_int8
+from .numerics import check_group_size, quantize_int8, quantize_rtn
 
 METHODS = ("rtn", "gptq", "awq")
 
@@ -73,13 +73,6 @@ def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:
     return schemes
 
 
-def rtn_codes(weight: torch.Tensor, scheme: str):
-    s = Scheme(scheme)
-    if s.bits == 8:
-        return quantize_int8(weight)
-    return quantize_int4(weight, s.group_size, s.symmetric)
-
-
 def _quant_module(linear: nn.Linear, scheme: str, codes) -> QuantLinear:
     return QuantLinear.from_codes(scheme, codes, linear.bias.detach() if linear.bias is not None else None)
 
@@ -121,7 +114,7 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
     if cfg.method == "rtn":
         for name, scheme in linear_schemes.items():
             lin = model.get_submodule(name)
-            replace_linear(model, name, _quant_module(lin, scheme, rtn_codes(lin.weight, scheme)))
+            replace_linear(model, name, _quant_module(lin, scheme, quantize_rtn(lin.weight, scheme)))
     else:
         if calibration is None or not len(calibration):
             raise ValueError(f"quantize.method={cfg.method} needs calibration blocks")
@@ -136,7 +129,7 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
                                    awq_search_and_fold(layer, inputs, mine, cfg.awq_grid).items()})
                 for name, scheme in mine.items():
                     lin = layer.get_submodule(name)
-                    replace_linear(layer, name, _quant_module(lin, scheme, rtn_codes(lin.weight, scheme)))
+                    replace_linear(layer, name, _quant_module(lin, scheme, quantize_rtn(lin.weight, scheme)))
             else:
                 hessians = {n: HessianAccumulator(layer.get_submodule(n).in_features) for n in mine}
                 hooks = [layer.get_submodule(n).register_forward_hook(
@@ -157,7 +150,7 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
         for name, scheme in linear_schemes.items():  # layers outside the decoder (lm_head): round to nearest
             if not name.startswith("model.layers."):
                 lin = model.get_submodule(name)
-                replace_linear(model, name, _quant_module(lin, scheme, rtn_codes(lin.weight, scheme)))
+                replace_linear(model, name, _quant_module(lin, scheme, quantize_rtn(lin.weight, scheme)))
     tied = model.config.tie_word_embeddings
     for name, scheme in schemes.items():  # embedding tables (int8, round to nearest)
         emb = model.get_submodule(name)
@@ -166,8 +159,9 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
                 # The head stays float: give it its own copy before the table is replaced.
                 model.lm_head.weight = nn.Parameter(emb.weight.detach().clone())
             q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, scheme)
-            q.qweight.copy_(quantize_int8(emb.weight)[0])
-            q.scale.copy_(quantize_int8(emb.weight)[1])
+            codes, scale = quantize_int8(emb.weight)
+            q.qweight.copy_(codes)
+            q.scale.copy_(scale)
             replace_linear(model, name, q)
     if tied and ("lm_head" in schemes or any(isinstance(model.get_submodule(n), QuantEmbedding) for n in schemes)):
         model.config.tie_word_embeddings = False  # head and table are now separate

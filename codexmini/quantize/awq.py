@@ -14,19 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.quantized import Scheme
-from .numerics import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from .numerics import fake_quant
 
 GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
           ("mlp.up_proj", ("mlp.down_proj",)))
-
-
-def fake_quant(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    s = Scheme(scheme)
-    if s.bits == 8:
-        return dequantize_int8(*quantize_int8(w))
-    return dequantize_int4(quantize_int4(w, s.group_size, s.symmetric))
 
 
 @torch.no_grad()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..models.quantized import Int4Weight, dequantize_int4, dequantize_int8, pack_int4, unpack_int4
+from ..models.quantized import Int4Weight, Scheme, dequantize_int4, dequantize_int8, pack_int4, unpack_int4
 
-__all__ = ["Int4Weight", "bits_per_weight", "check_group_size", "dequantize_int4", "dequantize_int8", "pack_int4",
-           "quantize_int4", "quantize_int8", "unpack_int4"]
+__all__ = ["Int4Weight", "bits_per_weight", "check_group_size", "dequantize_int4", "dequantize_int8", "fake_quant",
+           "pack_int4", "quantize_int4", "quantize_int8", "quantize_rtn", "unpack_int4"]
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,3 +53,17 @@ def bits_per_weight(q: Int4Weight) -> float:
     n = q.packed.shape[0] * q.in_features
     total_bits = q.packed.numel() * 8 + q.scale.numel() * 32 + q.zero.numel() * 8
     return total_bits / n
+
+
+def quantize_rtn(w: torch.Tensor, scheme: str):
+    """Round to nearest in a scheme by name: int8 `(codes, scale)` or an `Int4Weight`."""
+    s = Scheme(scheme)
+    if s.bits == 8:
+        return quantize_int8(w)
+    return quantize_int4(w, s.group_size, s.symmetric)
+
+
+def fake_quant(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """`dequantize(quantize(w))` on the scheme's round-to-nearest grid."""
+    codes = quantize_rtn(w, scheme)
+    return dequantize_int4(codes) if isinstance(codes, Int4Weight) else dequantize_int8(*codes)

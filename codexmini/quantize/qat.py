@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .awq import fake_quant
+from .numerics import fake_quant
 
 
 class FakeQuant(nn.Module):

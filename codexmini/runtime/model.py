@@ -96,7 +96,7 @@ class Session:
 
 
 class Layer:
-    def __init__(self, rt: Runtime, f: CmxFile, i: int, mode: str, act_dtype):
+    def __init__(self, f: CmxFile, i: int, mode: str, act_dtype):
         c, t = f.config, f.tensors
         p = f"model.layers.{i}."
         self.type = c["layer_types"][i]
@@ -279,7 +279,7 @@ class Runtime:
         # A tied head is the embedding matrix (widened to fp32 for the matmul); an untied one has its own kernel.
         self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
             if not c.get("tie_word_embeddings") else make_linear({"lm_head.weight": self.embed}, "lm_head", None)
-        self.layers = [Layer(self, f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
+        self.layers = [Layer(f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
         hd = c["head_dim"]
         self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
         self.eps = c["rms_norm_eps"]
