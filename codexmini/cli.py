@@ -127,7 +127,7 @@ def cmd_bench(args) -> int:
     rt = _runtime(args)
     rows = bench(rt, [int(c) for c in args.contexts.split(",")], args.decode_tokens)
     print(f"{args.model_file}: {rt.config['num_hidden_layers']} layers "
-          f"({', '.join(sorted(set(rt.config['layer_types'])))}), kernels={args.kernels}, "
+          f"({', '.join(sorted(set(rt.config['layer_types'])))}), kernels={rt.kernels}, "
           f"threads={__import__('torch').get_num_threads()}")
     print(format_table(rows, Path(args.model_file).stat().st_size))
     return 0
@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _runtime_options(p) -> None:
-    p.add_argument("--kernels", default="native", choices=("native", "dequant"),
-                   help="int8/int4 matmuls: torch's packed kernels, or weights widened to fp32 at load")
+    p.add_argument("--kernels", default="auto", choices=("auto", "cmx", "native", "dequant"),
+                   help="int8/int4 matmuls: auto (cmx where it builds, else native), codexmini's own CPU kernels "
+                        "(cmx), torch's packed kernels (native), or weights widened to fp32 at load (dequant)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 

@@ -242,7 +242,7 @@ def _stage_export(model, cfg: DictConfig, ctx: Context, folder: Path):
                "runtime_max_abs_logit_diff": max_diff, "runtime_max_abs_logit_diff_bf16_act": diffs["bfloat16"],
                "runtime_tokens_per_s": speed["decode_tokens_per_s"],
                "runtime_prefill_tokens_per_s": speed["prefill_tokens_per_s"], "runtime_ttft_s": speed["ttft_s"],
-               "runtime_kernels": ecfg.kernels, "runtime_load_s": rt.load_seconds,
+               "runtime_kernels": rt.kernels, "runtime_load_s": rt.load_seconds,
                "prompt": cfg.generate.prompt, "sample": text}
     if ecfg.gguf:
         c = model.config

@@ -49,7 +49,7 @@ class ExportConfig:
     """What the export stage writes and how it checks the result with the runtime."""
 
     dtype: str = "float32"  # float weights in the file: float32 | float16 (quantized layers keep their codes)
-    kernels: str = "native"  # runtime kernels used for the check and the speed numbers: native | dequant
+    kernels: str = "auto"  # runtime kernels for the check and the speed numbers: auto | cmx | native | dequant
     gguf: bool = False  # also write model.gguf when the model is llama-shaped (all softmax, float, uniform)
     check_tokens: int = 64  # tokens of a validation block compared between runtime and PyTorch
     bench_context: int = 256  # prompt length for the runtime's prefill / decode speed
@@ -60,8 +60,10 @@ def check_export_config(cfg: ExportConfig) -> None:
     """Refuse bad export settings before a recipe's long stages run."""
     if cfg.dtype not in FLOAT_DTYPES:
         raise ValueError(f"export.dtype {cfg.dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
-    if cfg.kernels not in ("native", "dequant"):
-        raise ValueError(f"export.kernels {cfg.kernels!r} is not one of native, dequant")
+    from ..runtime.kernels import KERNEL_MODES
+
+    if cfg.kernels not in KERNEL_MODES:
+        raise ValueError(f"export.kernels {cfg.kernels!r} is not one of {', '.join(KERNEL_MODES)}")
     for name in ("check_tokens", "bench_context", "bench_decode_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"export.{name} must be >= 1, got {getattr(cfg, name)}")

@@ -4,6 +4,11 @@
 - int8 ("native"): `torch._weight_int8pack_mm` on the int8 codes with per-channel scales.
 - int4 ("native"): `torch._weight_int4pack_mm_for_cpu` on torch's packed int4 layout, with per-group
   (scale, zero) pairs; our `(code - zero_u8) * scale` becomes torch's `(code - 8) * scale + (8 - zero_u8) * scale`.
+- "cmx": codexmini's own kernels (`csrc/cmx_kernels.cpp`, built on first use by `native.load()`): they read the
+  portable layout as stored (no repacking: the weights in memory are the file's) and take fp32 activations, so
+  they equal the dequantized reference up to the order of fp32 additions. One-row inputs (decoding) run a SIMD
+  GEMV; longer ones dequantize a tile of rows at a time and multiply with MKL.
+- "auto" (the runtime's default): "cmx" where the kernels build, else "native".
 - "dequant": int8 / int4 weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
   without the memory saving).
 
@@ -17,8 +22,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KERNEL_MODES = ("native", "dequant")
+KERNEL_MODES = ("auto", "cmx", "native", "dequant")
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous at a 64-byte aligned address (a fresh copy only when it is not). Tensors read from a
+    safetensors file sit at arbitrary offsets, and torch's CPU int8 kernel segfaults on an unaligned weight
+    (it issues aligned vector loads: seen on an AVX-512 CPU with torch 2.13)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -43,18 +56,20 @@ class FloatLinear:
         self.weight = weight.float().contiguous()
         self.nbytes = self.weight.numel() * 4
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return y if residual is None else residual + y
 
 
 class Int8Linear:
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype):
-        self.codes, self.act_dtype = codes.contiguous(), act_dtype
-        self.scale = scale.to(act_dtype).contiguous()
+        self.codes, self.act_dtype = aligned(codes), act_dtype
+        self.scale = aligned(scale.to(act_dtype))
         self.nbytes = self.codes.numel() + self.scale.numel() * self.scale.element_size()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.to(self.act_dtype), self.codes, self.scale).to(x.dtype)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(self.act_dtype), self.codes, self.scale).to(x.dtype)
+        return y if residual is None else residual + y
 
 
 class Int4Linear:
@@ -62,27 +77,78 @@ class Int4Linear:
         codes = unpack_int4(packed).to(torch.int32)
         out, cols = codes.shape
         self.group = cols // scale.shape[1]
-        self.weight = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        self.weight = aligned(torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1))
         zero_f = (8.0 - zero.float()) * scale.float()
         # [in/g, out, 2]: (scale, zero) per group and output channel.
-        self.scales_zeros = torch.stack([scale.float().t(), zero_f.t()], dim=-1).to(act_dtype).contiguous()
+        self.scales_zeros = aligned(torch.stack([scale.float().t(), zero_f.t()], dim=-1).to(act_dtype))
         self.act_dtype, self.out = act_dtype, out
         self.nbytes = self.weight.numel() * self.weight.element_size() + self.scales_zeros.numel() * \
             self.scales_zeros.element_size()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x.to(self.act_dtype), self.weight, self.group,
-                                                 self.scales_zeros).to(x.dtype)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.to(self.act_dtype), self.weight, self.group,
+                                              self.scales_zeros).to(x.dtype)
+        return y if residual is None else residual + y
+
+
+class CmxInt8Linear:
+    """int8 through codexmini's kernel: the file's codes and scales as they are."""
+
+    def __init__(self, ext, codes: torch.Tensor, scale: torch.Tensor):
+        self.ext, self.codes, self.scale = ext, aligned(codes), aligned(scale.float())
+        self.nbytes = self.codes.numel() + self.scale.numel() * 4
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ext.q8_linear(x.float().contiguous(), self.codes, self.scale, residual)
+
+
+class CmxInt4Linear:
+    """int4 through codexmini's kernel: the file's packed codes, scales and zero points as they are."""
+
+    def __init__(self, ext, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.ext = ext
+        self.packed, self.scale, self.zero = aligned(packed), aligned(scale.float()), aligned(zero)
+        self.nbytes = self.packed.numel() + self.scale.numel() * 4 + self.zero.numel()
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ext.q4_linear(x.float().contiguous(), self.packed, self.scale, self.zero, residual)
+
+
+def resolve_mode(mode: str) -> str:
+    """"auto" -> "cmx" where codexmini's kernels build here, else "native"; other modes are checked and kept."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"runtime kernel mode {mode!r} is not one of {KERNEL_MODES}")
+    if mode == "auto":
+        from . import native
+
+        return "cmx" if native.load() is not None else "native"
+    if mode == "cmx":
+        from . import native
+
+        if native.load() is None:
+            raise RuntimeError(f"kernels='cmx': codexmini's CPU kernels could not be built ({native.load_error()}); "
+                               "use kernels='native' or install a C++ compiler and ninja")
+    return mode
 
 
 def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native",
                 act_dtype: torch.dtype = torch.float32):
     """The kernel object for linear layer `name` (float when `scheme` is None)."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"runtime kernel mode {mode!r} is not one of {KERNEL_MODES}")
+    mode = resolve_mode(mode)
     if scheme is None:
         return FloatLinear(tensors[name + ".weight"])
     if mode == "dequant":
+        return FloatLinear(dequantize(tensors, name, scheme))
+    if mode == "cmx":
+        from . import native
+
+        ext = native.load()
+        if scheme == "int8":
+            return CmxInt8Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"])
+        cols = tensors[name + ".qweight"].shape[1] * 2
+        group = cols // tensors[name + ".scale"].shape[1]
+        if group % ext.block() == 0:
+            return CmxInt4Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"])
         return FloatLinear(dequantize(tensors, name, scheme))
     if scheme != "int8":
         cols = tensors[name + ".qweight"].shape[1] * 2

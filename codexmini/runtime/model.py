@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..export.cmx import CmxFile, read_cmx
-from .kernels import make_fused_linear, make_linear
+from .kernels import make_fused_linear, make_linear, resolve_mode
 
 NORMALISER_EPS = 1e-6  # as in the PyTorch model
 
@@ -142,13 +142,13 @@ class Layer:
             o = self._linear(q, k, v, st)
         else:
             o = self._hybrid(q, k, v, st)
-        h = x + self.o(o.transpose(0, 1).reshape(T, self.h * self.hd))
+        h = self.o(o.transpose(0, 1).reshape(T, self.h * self.hd), x)
         m = _rms(h, self.post_norm, self.eps)
         if self.gate_up:
             g, u = self.gate_up(m).chunk(2, dim=-1)
         else:
             g, u = self.gate(m), self.up(m)
-        return h + self.down(F.silu(g) * u)
+        return self.down(F.silu(g) * u, h)
 
     def _softmax(self, q, k, v, st):
         T = q.shape[1]
@@ -245,12 +245,14 @@ class Layer:
 class Runtime:
     """A loaded .cmx model. `forward` runs tokens through it; `generate` / `stream` sample text."""
 
-    def __init__(self, path: str | Path, kernels: str = "native", act_dtype: str = "bfloat16",
+    def __init__(self, path: str | Path, kernels: str = "auto", act_dtype: str = "bfloat16",
                  threads: int | None = None, prefill_chunk: int = 512):
-        """`kernels`: "native" (torch's packed int8 / int4 CPU kernels) or "dequant" (int weights widened to fp32
-        at load). `act_dtype`: the activations fed to the native int kernels; torch's CPU int8/int4 kernels are
-        fast only with bf16 inputs (measured in the README), so bf16 is the default; "float32" gives results
-        equal to the dequantized reference. Everything else runs in fp32."""
+        """`kernels`: "auto" (the default: "cmx" where codexmini's own CPU kernels build, else "native"), "cmx"
+        (those kernels: fp32 activations on the file's packed weights), "native" (torch's packed int8 / int4 CPU
+        kernels) or "dequant" (int weights widened to fp32 at load); see `kernels.py`. `act_dtype`: the
+        activations fed to the "native" kernels; torch's CPU int8/int4 kernels are fast only with bf16 inputs
+        (measured in the README), so bf16 is the default there; "float32" gives results equal to the dequantized
+        reference. Everything else runs in fp32."""
         from tokenizers import Tokenizer
 
         if threads:
@@ -259,6 +261,7 @@ class Runtime:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         t0 = time.perf_counter()
+        kernels = self.kernels = resolve_mode(kernels)
         f = read_cmx(path)
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
         c = f.config

@@ -1,0 +1,62 @@
+"""Builds and loads codexmini's own CPU kernels (`csrc/cmx_kernels.cpp`) with torch.utils.cpp_extension.
+
+The first load compiles them for this machine's CPU (`-march=native`: AVX-512, AVX2 or plain C++), which takes
+about a minute and needs a C++ compiler and ninja; the build is cached under `~/.cache/codexmini/kernels/`
+(`CODEXMINI_KERNEL_CACHE` moves it), keyed by the source, the flags and the torch version, so later loads take
+milliseconds. Where no compiler is available, `load()` returns None and says why in `load_error()`, and the
+runtime falls back to torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cmx_kernels.cpp"
+_state: dict = {}
+
+
+def _flags() -> list[str]:
+    arch = "-mcpu=native" if platform.machine().lower() in ("aarch64", "arm64") else "-march=native"
+    # -fopenmp: at::parallel_for splits rows over torch's threads only when compiled with OpenMP (the libgomp.so.1
+    # torch ships is already loaded, so the extension shares torch's thread pool).
+    return ["-O3", arch, "-fno-math-errno", "-fopenmp"]
+
+
+def build_dir() -> Path:
+    """Where the compiled kernels for this source, these flags and this torch live."""
+    root = Path(os.environ.get("CODEXMINI_KERNEL_CACHE", Path.home() / ".cache" / "codexmini" / "kernels"))
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode() + torch.__version__.encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    return root / key
+
+
+def load(verbose: bool = False):
+    """The compiled kernel module, building it on first use; None (with a warning) where it cannot be built."""
+    if "module" in _state:
+        return _state["module"]
+    module = None
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        module = load_extension(name="codexmini_cmx_kernels", sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+                                build_directory=str(folder), verbose=verbose)
+        _state["error"] = None
+    except Exception as err:  # noqa: BLE001 - any build failure means: use torch's kernels instead
+        _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        warnings.warn(f"codexmini's CPU kernels could not be built ({_state['error']}); using torch's kernels. "
+                      "Install a C++ compiler and `pip install ninja` to get the faster ones.", stacklevel=2)
+    _state["module"] = module
+    return module
+
+
+def load_error() -> str | None:
+    """Why `load()` returned None (None when it loaded or was not tried)."""
+    return _state.get("error")
