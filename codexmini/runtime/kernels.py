@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 KERNEL_MODES = ("auto", "cmx", "native", "dequant")
+# What the int kernels are fed: "auto" is each mode's fast choice (cmx: int8, native: bfloat16); "float32" is exact.
+ACT_DTYPES = ("auto", "float32", "bfloat16", "int8")
+FAST_ACT = {"cmx": "int8", "native": "bfloat16", "dequant": "float32"}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
@@ -92,26 +95,28 @@ class Int4Linear:
 
 
 class CmxInt8Linear:
-    """int8 through codexmini's kernel: the file's codes and scales as they are."""
+    """int8 through codexmini's kernel: the file's codes and scales as they are. `int8_act`: one-row inputs are
+    quantized to int8 per 32 columns and multiplied in integers (else fp32, equal to the dequantized reference)."""
 
-    def __init__(self, ext, codes: torch.Tensor, scale: torch.Tensor):
-        self.ext, self.codes, self.scale = ext, aligned(codes), aligned(scale.float())
+    def __init__(self, ext, codes: torch.Tensor, scale: torch.Tensor, int8_act: bool = False):
+        # unaligned loads only: the file's tensors are used in place (no copy)
+        self.ext, self.codes, self.scale, self.int8_act = ext, codes.contiguous(), scale.float().contiguous(), int8_act
         self.nbytes = self.codes.numel() + self.scale.numel() * 4
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ext.q8_linear(x.float().contiguous(), self.codes, self.scale, residual)
+        return self.ext.q8_linear(x.float().contiguous(), self.codes, self.scale, residual, self.int8_act)
 
 
 class CmxInt4Linear:
     """int4 through codexmini's kernel: the file's packed codes, scales and zero points as they are."""
 
-    def __init__(self, ext, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-        self.ext = ext
-        self.packed, self.scale, self.zero = aligned(packed), aligned(scale.float()), aligned(zero)
+    def __init__(self, ext, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, int8_act: bool = False):
+        self.ext, self.int8_act = ext, int8_act
+        self.packed, self.scale, self.zero = packed.contiguous(), scale.float().contiguous(), zero.contiguous()
         self.nbytes = self.packed.numel() + self.scale.numel() * 4 + self.zero.numel()
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ext.q4_linear(x.float().contiguous(), self.packed, self.scale, self.zero, residual)
+        return self.ext.q4_linear(x.float().contiguous(), self.packed, self.scale, self.zero, residual, self.int8_act)
 
 
 def resolve_mode(mode: str) -> str:
@@ -131,10 +136,21 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native",
-                act_dtype: torch.dtype = torch.float32):
-    """The kernel object for linear layer `name` (float when `scheme` is None)."""
+def resolve_act(mode: str, act: str) -> str:
+    """The activations a (resolved) kernel mode is fed: "auto" -> its fast choice; a choice it cannot take is refused."""
+    if act not in ACT_DTYPES:
+        raise ValueError(f"runtime act_dtype {act!r} is not one of {ACT_DTYPES}")
+    act = FAST_ACT[mode] if act == "auto" else act
+    allowed = {"cmx": ("float32", "int8"), "native": ("float32", "bfloat16"), "dequant": ("float32",)}[mode]
+    if act not in allowed:
+        raise ValueError(f"runtime act_dtype {act!r} does not apply to kernels={mode!r} (it takes {allowed})")
+    return act
+
+
+def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native", act: str = "float32"):
+    """The kernel object for linear layer `name` (float when `scheme` is None); `act`: see `resolve_act`."""
     mode = resolve_mode(mode)
+    act = resolve_act(mode, act)
     if scheme is None:
         return FloatLinear(tensors[name + ".weight"])
     if mode == "dequant":
@@ -144,11 +160,12 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
 
         ext = native.load()
         if scheme == "int8":
-            return CmxInt8Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"])
+            return CmxInt8Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"], act == "int8")
         cols = tensors[name + ".qweight"].shape[1] * 2
         group = cols // tensors[name + ".scale"].shape[1]
         if group % ext.block() == 0:
-            return CmxInt4Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"])
+            return CmxInt4Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"],
+                                 act == "int8")
         return FloatLinear(dequantize(tensors, name, scheme))
     if scheme != "int8":
         cols = tensors[name + ".qweight"].shape[1] * 2
@@ -156,13 +173,13 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
         rows = tensors[name + ".qweight"].shape[0]
         if group not in INT4_KERNEL_GROUPS or rows % 16:  # what torch's CPU int4 kernel accepts
             return FloatLinear(dequantize(tensors, name, scheme))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act]
     if scheme == "int8":
-        return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), act_dtype)
-    return Int4Linear(tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"], act_dtype)
+        return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), dtype)
+    return Int4Linear(tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"], dtype)
 
 
-def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str = "native",
-                      act_dtype: torch.dtype = torch.float32):
+def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str = "native", act: str = "float32"):
     """One kernel for several linear layers that read the same input (q/k/v, gate/up): their rows concatenated,
     so decoding makes one matmul call instead of several. None when their schemes differ."""
     kinds = {schemes.get(n) for n in names}
@@ -171,4 +188,4 @@ def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str 
     scheme = kinds.pop()
     parts = (".weight",) if scheme is None else (".qweight", ".scale") + (() if scheme == "int8" else (".zero",))
     fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in parts}
-    return make_linear(fused, "fused", scheme, mode, act_dtype)
+    return make_linear(fused, "fused", scheme, mode, act)

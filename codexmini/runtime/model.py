@@ -12,7 +12,6 @@ Per layer type, the decoding state:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..export.cmx import CmxFile, read_cmx
-from .kernels import make_fused_linear, make_linear, resolve_mode
+from .kernels import make_fused_linear, make_linear, resolve_act, resolve_mode
 
 NORMALISER_EPS = 1e-6  # as in the PyTorch model
 
@@ -118,6 +117,11 @@ class Layer:
         self.q, self.k, self.v = (lin.get(f"self_attn.{n}_proj") for n in "qkv")
         self.gate, self.up = lin.get("mlp.gate_proj"), lin.get("mlp.up_proj")
         self.linears = list(lin.values()) + [k for k in (self.qkv, self.gate_up) if k is not None]
+        # codexmini's kernels also fuse the small steps (norms, rotary, silu * up, one-token attention); the
+        # tensor-op path below stays as their reference (and serves the other kernel modes).
+        from . import native
+
+        self.ext = native.load() if mode == "cmx" else None
         self.split_qkv = (self.h * self.hd, self.kv * self.hd, self.kv * self.hd)
         if self.type != "softmax":
             fm = c["feature_map"]
@@ -130,36 +134,67 @@ class Layer:
         return x if self.groups == 1 else x.repeat_interleave(self.groups, dim=0)
 
     def forward(self, x: torch.Tensor, cos, sin, st: dict) -> torch.Tensor:
-        T = x.shape[0]
-        a = _rms(x, self.in_norm, self.eps)
-        q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
-        q = _rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
-        k = _rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
-        v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
-        if self.type == "softmax":
-            o = self._softmax(q, k, v, st)
-        elif self.type == "linear":
-            o = self._linear(q, k, v, st)
+        T, ext = x.shape[0], self.ext
+        a = ext.rms_norm(x, self.in_norm, self.eps) if ext else _rms(x, self.in_norm, self.eps)
+        if ext and self.qkv:
+            qkv = self.qkv(a)
+            ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)  # query and key heads, in place
+            if self.type == "softmax" and T == 1:
+                o = self._softmax_decode(qkv, st)
+            else:
+                q, k, v = (t.reshape(T, -1, self.hd).transpose(0, 1) for t in qkv.split(self.split_qkv, dim=-1))
+                o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
         else:
-            o = self._hybrid(q, k, v, st)
-        h = self.o(o.transpose(0, 1).reshape(T, self.h * self.hd), x)
-        m = _rms(h, self.post_norm, self.eps)
-        if self.gate_up:
+            q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
+            q = _rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
+            k = _rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
+            v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
+            o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
+        h = self.o(o, x)
+        m = ext.rms_norm(h, self.post_norm, self.eps) if ext else _rms(h, self.post_norm, self.eps)
+        if self.gate_up and ext:
+            act = ext.silu_mul(self.gate_up(m))
+        elif self.gate_up:
             g, u = self.gate_up(m).chunk(2, dim=-1)
+            act = F.silu(g) * u
         else:
-            g, u = self.gate(m), self.up(m)
-        return self.down(F.silu(g) * u, h)
+            act = F.silu(self.gate(m)) * self.up(m)
+        return self.down(act, h)
+
+    def _attend(self, q, k, v, st):
+        if self.type == "softmax":
+            return self._softmax(q, k, v, st)
+        if self.type == "linear":
+            return self._linear(q, k, v, st)
+        return self._hybrid(q, k, v, st)
+
+    def _grow_cache(self, st: dict, need: int) -> None:
+        """Make the KV cache hold `need` tokens. It grows by at least a quarter (appending stays amortised O(1))
+        to a multiple of 256 tokens, so it holds at most ~25% more than it has seen (doubling would waste up to
+        half of the largest buffer of a decoder)."""
+        n = st.get("n", 0)
+        have = st["k"].shape[1] if "k" in st else 0
+        if have >= need:
+            return
+        cap = -(-max(need, have + have // 4) // 256) * 256
+        for name in ("k", "v"):
+            buf = torch.empty(self.kv, cap, self.hd)
+            if n:
+                buf[:, :n] = st[name][:, :n]
+            st[name] = buf
+
+    def _softmax_decode(self, qkv: torch.Tensor, st: dict) -> torch.Tensor:
+        """One token through codexmini's fused attention kernel (the reference is `_softmax`)."""
+        n = st.get("n", 0)
+        self._grow_cache(st, n + 1)
+        o = self.ext.attend_decode(qkv, st["k"], st["v"], n, self.h, self.kv, self.hd, self.hd ** -0.5, 0)
+        st["n"] = n + 1
+        return o
 
     def _softmax(self, q, k, v, st):
         T = q.shape[1]
         n = st.get("n", 0)
-        if "k" not in st or st["k"].shape[1] < n + T:
-            cap = max(256, 2 ** math.ceil(math.log2(n + T)))
-            for name, new in (("k", k), ("v", v)):
-                buf = torch.empty(self.kv, cap, self.hd)
-                if n:
-                    buf[:, :n] = st[name][:, :n]
-                st[name] = buf
+        self._grow_cache(st, n + T)
         st["k"][:, n:n + T], st["v"][:, n:n + T] = k, v
         st["n"] = S = n + T
         K, V = st["k"][:, :S], st["v"][:, :S]
@@ -245,14 +280,16 @@ class Layer:
 class Runtime:
     """A loaded .cmx model. `forward` runs tokens through it; `generate` / `stream` sample text."""
 
-    def __init__(self, path: str | Path, kernels: str = "auto", act_dtype: str = "bfloat16",
+    def __init__(self, path: str | Path, kernels: str = "auto", act_dtype: str = "auto",
                  threads: int | None = None, prefill_chunk: int = 512):
         """`kernels`: "auto" (the default: "cmx" where codexmini's own CPU kernels build, else "native"), "cmx"
-        (those kernels: fp32 activations on the file's packed weights), "native" (torch's packed int8 / int4 CPU
-        kernels) or "dequant" (int weights widened to fp32 at load); see `kernels.py`. `act_dtype`: the
-        activations fed to the "native" kernels; torch's CPU int8/int4 kernels are fast only with bf16 inputs
-        (measured in the README), so bf16 is the default there; "float32" gives results equal to the dequantized
-        reference. Everything else runs in fp32."""
+        (those kernels, on the file's packed weights), "native" (torch's packed int8 / int4 CPU kernels) or
+        "dequant" (int weights widened to fp32 at load); see `kernels.py`.
+
+        `act_dtype`: what the int kernels are fed when decoding. "auto" (the default) is each mode's fast choice:
+        for "cmx", activations quantized to int8 per 32 columns with integer dot products (llama.cpp's approach);
+        for "native", bf16 (torch's CPU int kernels are fast only with bf16 inputs). "float32" gives results equal
+        to the dequantized reference. Prompts (more than 4 rows) and everything else run in fp32."""
         from tokenizers import Tokenizer
 
         if threads:
@@ -265,7 +302,7 @@ class Runtime:
         f = read_cmx(path)
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
         c = f.config
-        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act_dtype]
+        dt = self.act_dtype = resolve_act(kernels, act_dtype)
         self.tokenizer = Tokenizer.from_str(f.tokenizer_json)
         self.chat_template = f.chat_template
         t = f.tensors
@@ -282,7 +319,13 @@ class Runtime:
         # A tied head is the embedding matrix (widened to fp32 for the matmul); an untied one has its own kernel.
         self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
             if not c.get("tie_word_embeddings") else make_linear({"lm_head.weight": self.embed}, "lm_head", None)
-        self.layers = [Layer(f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
+        self.layers = []
+        for i in range(c["num_hidden_layers"]):
+            self.layers.append(Layer(f, i, kernels, dt))
+            # drop the file's copies of what this layer repacked or fused, so loading peaks at the file plus one
+            # layer instead of twice the weights
+            for name in [n for n in t if n.startswith(f"model.layers.{i}.")]:
+                del t[name]
         hd = c["head_dim"]
         self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
         self.eps = c["rms_norm_eps"]

@@ -6,11 +6,20 @@ import torch
 from codexmini.export.to_cmx import export_cmx
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime, native
-from codexmini.runtime.kernels import dequantize, make_linear, resolve_mode
+from codexmini.runtime.kernels import dequantize, make_linear, resolve_act, resolve_mode
 from tests.runtime.test_runtime import _model
 
 ext = native.load()
 needs_ext = pytest.mark.skipif(ext is None, reason=f"codexmini kernels not built: {native.load_error()}")
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """The reference for the kernels' int8 activations: each 32 columns scaled to [-127, 127] by their absolute max,
+    rounded to nearest even, scaled back."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xb / d.clamp_min(1e-30)), torch.zeros_like(xb))
+    return (xq * d).reshape(x.shape)
 
 
 def _int4(N, K, G, seed=0):
@@ -33,10 +42,17 @@ def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
     r = torch.randn(M, N)
     torch.testing.assert_close(ext.q4_linear(x, t["w.qweight"], t["w.scale"], t["w.zero"], r), want + r,
                                atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    # int8 activations: one to four rows take the integer path, equal to int8-rounded activations times the
+    # dequantized weight; more rows stay exact fp32
+    got = ext.q4_linear(x, t["w.qweight"], t["w.scale"], t["w.zero"], r, True)
+    want_q = (int8_activations(x) if M <= 4 else x) @ W.t() + r
+    torch.testing.assert_close(got, want_q, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    if M <= 4:  # and the rounding is visible: the integer path is not silently the fp32 one
+        assert (got - want - r).abs().max() > 1e-4 * want.abs().max()
 
 
 @needs_ext
-@pytest.mark.parametrize("N, K", [(33, 40), (300, 64), (1000, 576)])
+@pytest.mark.parametrize("N, K", [(33, 40), (300, 64), (1000, 576), (70, 96)])
 @pytest.mark.parametrize("M", [1, 9])
 def test_int8_kernel_equals_dequantized_reference(N, K, M):
     g = torch.Generator().manual_seed(2)
@@ -47,6 +63,10 @@ def test_int8_kernel_equals_dequantized_reference(N, K, M):
     torch.testing.assert_close(ext.q8_linear(x, q, s), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     r = torch.randn(M, N)
     torch.testing.assert_close(ext.q8_linear(x, q, s, r), want + r, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    if K % 32 == 0:
+        want_q = (int8_activations(x) if M <= 4 else x) @ (q.float() * s[:, None]).t()
+        torch.testing.assert_close(ext.q8_linear(x, q, s, None, True), want_q,
+                                   atol=1e-5 * want.abs().max().item(), rtol=1e-5)
 
 
 @needs_ext
@@ -80,16 +100,28 @@ def test_runtime_decode_with_cmx_kernels_equals_the_dequantized_model(scheme, ti
     ids = torch.randint(4, 300, (1, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = model(ids).logits[0]
-    rt = Runtime(path, kernels="cmx")
-    assert rt.kernels == "cmx"
-    s = rt.new_session()
-    # 20-token prefill (tiled GEMM), a 3-token step (few-row GEMV), then token by token (one-row GEMV)
-    got = [rt.forward(ids[0, :20], s, all_logits=True), rt.forward(ids[0, 20:23], s, all_logits=True)]
-    got += [rt.forward(ids[0, t:t + 1], s, all_logits=True) for t in range(23, 30)]
-    torch.testing.assert_close(torch.cat(got), want, atol=5e-4, rtol=1e-3)
+    for act in ("float32", "auto"):
+        rt = Runtime(path, kernels="cmx", act_dtype=act)
+        assert rt.kernels == "cmx" and rt.act_dtype == {"float32": "float32", "auto": "int8"}[act]
+        s = rt.new_session()
+        # 20-token prefill (tiled GEMM), a 3-token step (few-row GEMV), then token by token (one-row GEMV)
+        got = [rt.forward(ids[0, :20], s, all_logits=True), rt.forward(ids[0, 20:23], s, all_logits=True)]
+        got += [rt.forward(ids[0, t:t + 1], s, all_logits=True) for t in range(23, 30)]
+        got = torch.cat(got)
+        if act == "float32":  # exact: the dequantized reference
+            torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-3)
+        else:  # int8 activations while decoding: the prompt stays exact, decoded tokens move a little
+            torch.testing.assert_close(got[:20], want[:20], atol=5e-4, rtol=1e-3)
+            assert (got - want).abs().max() < 0.02 * want.abs().max()
+            assert torch.nn.functional.cosine_similarity(got[20:].flatten(), want[20:].flatten(), dim=0) > 0.999
 
 
-def test_kernel_mode_names_are_checked():
+def test_kernel_mode_and_activation_names_are_checked():
     with pytest.raises(ValueError, match="runtime kernel mode 'fast'"):
         resolve_mode("fast")
+    with pytest.raises(ValueError, match="act_dtype 'fp8'"):
+        resolve_act("native", "fp8")
+    with pytest.raises(ValueError, match="act_dtype 'int8' does not apply to kernels='native'"):
+        resolve_act("native", "int8")
+    assert resolve_act("cmx", "auto") == "int8" and resolve_act("native", "auto") == "bfloat16"
     assert resolve_mode("auto") == ("cmx" if ext is not None else "native")

@@ -129,6 +129,127 @@ inline float q4_row(const float* xr, const float* gsum, const uint8_t* w, const 
 #endif
 }
 
+// The fast decoding path (llama.cpp's approach): the activation row is quantized to int8 per block of 32
+// columns (x ~= xq * dx, round to nearest even, |xq| <= 127), and each block's dot product with the 4-bit codes is
+// exact integer arithmetic (VNNI `vpdpbusd`, or AVX2 `maddubs` + `madd`). xq holds each block's even columns,
+// then its odd ones (the order in which the nibbles unpack). The reference is `q4_linear_reference` in
+// tests/runtime/test_cmx_kernels.py: the same int8 activations times the dequantized weight.
+struct QuantRow {
+  std::vector<int8_t> xq;   // [K], per 32-block: 16 even columns, then 16 odd ones
+  std::vector<float> dx;    // [K / 32] block scales
+  std::vector<float> gsum;  // [K / G] sum of the dequantized activations per weight group (the zero-point term)
+};
+
+QuantRow quantize_row(const float* x, int64_t K, int64_t G, bool interleave = true) {
+  QuantRow q{std::vector<int8_t>(K), std::vector<float>(K / 32), std::vector<float>(K / G, 0.f)};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    q.dx[b] = d;
+    int32_t total = 0;
+    for (int j = 0; j < 16; ++j) {
+      const int32_t e = static_cast<int32_t>(std::nearbyint(xb[2 * j] * inv));
+      const int32_t o = static_cast<int32_t>(std::nearbyint(xb[2 * j + 1] * inv));
+      q.xq[b * 32 + (interleave ? j : 2 * j)] = static_cast<int8_t>(e);
+      q.xq[b * 32 + (interleave ? 16 + j : 2 * j + 1)] = static_cast<int8_t>(o);
+      total += e + o;
+    }
+    q.gsum[b * 32 / G] += d * static_cast<float>(total);
+  }
+  return q;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The integer dot products of one 32-column block: 8 int32 lanes that sum to sum_j code_j * xq_j.
+inline __m256i block_dot(const uint8_t* w16, const int8_t* xq32) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w16));
+  const __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq32));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xv);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum(__m256 acc) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#endif
+
+// sum_g scale_g * zero_g * gsum_g: the zero points' share of one row.
+inline float zero_term(const float* scale, const uint8_t* zero, const float* gsum, int64_t ngroups) {
+  int64_t g = 0;
+  float total = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= ngroups; g += 8) {
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g))));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + g), z), _mm256_loadu_ps(gsum + g), acc);
+  }
+  total = hsum(acc);
+#endif
+  for (; g < ngroups; ++g) total += scale[g] * static_cast<float>(zero[g]) * gsum[g];
+  return total;
+}
+
+inline float q4_row_q8(const QuantRow& q, const uint8_t* w, const float* scale, const uint8_t* zero, int64_t K,
+                       int64_t G) {
+  const int64_t ngroups = K / G;
+  const float zterm = zero_term(scale, zero, q.gsum.data(), ngroups);
+  const int8_t* xq = q.xq.data();
+  const float* dx = q.dx.data();
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  if (G == 32) {  // one block per group: scale * dx folded into one multiply and one FMA, two blocks per step
+    const int64_t nb = K / 32;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      const __m256 d0 = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, xq + b * 32)), _mm256_set1_ps(dx[b]));
+      const __m256 d1 = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16 + 16, xq + b * 32 + 32)),
+                                      _mm256_set1_ps(dx[b + 1]));
+      acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(scale[b]), acc0);
+      acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(scale[b + 1]), acc1);
+    }
+    for (; b < nb; ++b) {
+      const __m256 d0 = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, xq + b * 32)), _mm256_set1_ps(dx[b]));
+      acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(scale[b]), acc0);
+    }
+  } else {
+    const int64_t per = G / 32;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      __m256 accg = _mm256_setzero_ps();
+      for (int64_t b = g * per; b < (g + 1) * per; ++b)
+        accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, xq + b * 32)), _mm256_set1_ps(dx[b]), accg);
+      if (g & 1) acc1 = _mm256_fmadd_ps(accg, _mm256_set1_ps(scale[g]), acc1);
+      else acc0 = _mm256_fmadd_ps(accg, _mm256_set1_ps(scale[g]), acc0);
+    }
+  }
+  return hsum(_mm256_add_ps(acc0, acc1)) - zterm;
+#else
+  float total = 0.f;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    float accg = 0.f;
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      int32_t d = 0;
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t b = w[k / 2 + j];
+        d += static_cast<int32_t>(b & 0x0F) * xq[k + j] + static_cast<int32_t>(b >> 4) * xq[k + 16 + j];
+      }
+      accg += static_cast<float>(d) * dx[k / 32];
+    }
+    total += accg * scale[g];
+  }
+  return total - zterm;
+#endif
+}
+
 void q4_dequant_rows(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t n0, int64_t n1, int64_t K,
                      int64_t G, float* out) {
   const int64_t ngroups = K / G;
@@ -148,7 +269,7 @@ void q4_dequant_rows(const uint8_t* w, const float* scale, const uint8_t* zero, 
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                     const at::Tensor& zero, const c10::optional<at::Tensor>& residual) {
+                     const at::Tensor& zero, const c10::optional<at::Tensor>& residual, bool int8_act) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
               "int4 qweight must be a contiguous uint8 [N, K/2]");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
@@ -185,6 +306,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x.data_ptr<float>() + m * K;
+    if (int8_act && G % 32 == 0) {
+      const QuantRow q = quantize_row(xm, K, G);
+      at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
+        for (int64_t n = a; n < b; ++n)
+          yp[m * N + n] += q4_row_q8(q, w + n * (K / 2), sc + n * ngroups, zp + n * ngroups, K, G);
+      });
+      continue;
+    }
     std::vector<float> xr = reorder_even_odd(xm, K);
     std::vector<float> gsum(ngroups, 0.f);
     for (int64_t g = 0; g < ngroups; ++g)
@@ -230,8 +359,43 @@ inline float q8_row(const float* x, const int8_t* w, int64_t K) {
   return total;
 }
 
+// int8 weights times int8 activations (quantized per 32 columns, natural order): sum_b dx_b * sum_j w_j xq_j.
+// The signed x signed products use the sign trick (|w| as the unsigned operand, xq with w's sign).
+inline float q8_row_q8(const QuantRow& q, const int8_t* w, int64_t K) {
+  const int8_t* xq = q.xq.data();
+  const float* dx = q.dx.data();
+  const int64_t nb = K / 32;
+  float total = 0.f;
+  int64_t b = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  auto dot32 = [&](int64_t blk) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + blk * 32));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + blk * 32));
+    const __m256i ua = _mm256_sign_epi8(wv, wv), sx = _mm256_sign_epi8(xv, wv);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, sx));
+#else
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ua, sx), _mm256_set1_epi16(1)));
+#endif
+  };
+  for (; b + 2 <= nb; b += 2) {
+    acc0 = _mm256_fmadd_ps(dot32(b), _mm256_set1_ps(dx[b]), acc0);
+    acc1 = _mm256_fmadd_ps(dot32(b + 1), _mm256_set1_ps(dx[b + 1]), acc1);
+  }
+  for (; b < nb; ++b) acc0 = _mm256_fmadd_ps(dot32(b), _mm256_set1_ps(dx[b]), acc0);
+  total = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; b < nb; ++b) {
+    int32_t d = 0;
+    for (int j = 0; j < 32; ++j) d += static_cast<int32_t>(w[b * 32 + j]) * xq[b * 32 + j];
+    total += static_cast<float>(d) * dx[b];
+  }
+  return total;
+}
+
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& residual) {
+                     const c10::optional<at::Tensor>& residual, bool int8_act) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
               "int8 qweight must be a contiguous int8 [N, K]");
   const int64_t N = qweight.size(0), K = qweight.size(1);
@@ -262,11 +426,153 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x.data_ptr<float>() + m * K;
+    if (int8_act && K % 32 == 0) {
+      const QuantRow q = quantize_row(xm, K, K, false);
+      at::parallel_for(0, N, grain(K), [&](int64_t a, int64_t b) {
+        for (int64_t n = a; n < b; ++n) yp[m * N + n] += q8_row_q8(q, w + n * K, K) * sc[n];
+      });
+      continue;
+    }
     at::parallel_for(0, N, grain(K), [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n) yp[m * N + n] += q8_row(xm, w + n * K, K) * sc[n];
     });
   }
   return y;
+}
+
+// ------------------------------------------------------------------------------------------------ layer helpers
+// Fused versions of the small per-layer steps of decoding, each one call instead of several tensor ops (their
+// references are the Python expressions in runtime/model.py; tests/runtime/test_cmx_kernels.py compares them).
+
+// w * x / sqrt(mean(x^2) + eps), row by row: x [T, D], w [D].
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "rms_norm: x must be float32 [T, D]");
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "rms_norm: w must be float32 [D]");
+  at::Tensor y = at::empty({T, D}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* r = xp + t * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += r[d] * r[d];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) yp[t * D + d] = wp[d] * (r[d] * inv);
+  }
+  return y;
+}
+
+// Rotary embedding in place on the first `heads` heads of each row of qkv [T, C] (the query heads, then the key
+// heads): x * cos + rotate_half(x) * sin with cos, sin [T, hd] (both halves equal, as the model builds them).
+void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t hd) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "rope_: qkv must be float32 [T, C]");
+  const int64_t T = qkv.size(0), C = qkv.size(1), half = hd / 2;
+  TORCH_CHECK(heads * hd <= C && hd % 2 == 0, "rope_: ", heads, " heads of ", hd, " do not fit a row of ", C);
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd && sin.numel() == T * hd,
+              "rope_: cos and sin must be contiguous [T, head_dim]");
+  float* p = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = p + t * C + h * hd;
+      const float* ct = c + t * hd;
+      const float* st = s + t * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * ct[i] - b * st[i];
+        x[i + half] = b * ct[i + half] + a * st[i + half];
+      }
+    }
+}
+
+// silu(gate) * up for gu = [gate | up] of shape [T, 2I] -> [T, I].
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.size(1) % 2 == 0,
+              "silu_mul: input must be float32 [T, 2I]");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor y = at::empty({T, I}, at::kFloat);
+  const float* p = gu.data_ptr<float>();
+  float* o = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = p[t * 2 * I + i];
+      o[t * I + i] = g / (1.f + std::exp(-g)) * p[t * 2 * I + I + i];
+    }
+  return y;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  total = _mm_cvtss_f32(r);
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// One decoding step of softmax attention with a KV cache: writes this token's key and value (rows of qkv [1, C]
+// after the query heads) into slot n of kcache / vcache [KV, capacity, hd], then attends each query head over
+// slots [n + 1 - window, n] (all of 0..n when window <= 0) of its KV group. Returns [1, heads * hd].
+at::Tensor attend_decode(const at::Tensor& qkv, at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t heads,
+                         int64_t kv_heads, int64_t hd, double scale, int64_t window) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == 1 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
+              qkv.size(1) >= (heads + 2 * kv_heads) * hd, "attend_decode: qkv must be float32 [1, (H + 2 KV) hd]");
+  TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() && kcache.sizes() == vcache.sizes() &&
+              kcache.size(0) == kv_heads && kcache.size(2) == hd && kcache.scalar_type() == at::kFloat &&
+              vcache.scalar_type() == at::kFloat, "attend_decode: caches must be float32 [KV, capacity, hd]");
+  const int64_t cap = kcache.size(1);
+  TORCH_CHECK(n >= 0 && n < cap, "attend_decode: slot ", n, " is outside the cache capacity ", cap);
+  TORCH_CHECK(heads % kv_heads == 0, "attend_decode: ", heads, " heads do not split into ", kv_heads, " groups");
+  const float* q = qkv.data_ptr<float>();
+  float* kc = kcache.data_ptr<float>();
+  float* vc = vcache.data_ptr<float>();
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    std::copy(q + (heads + g) * hd, q + (heads + g + 1) * hd, kc + (g * cap + n) * hd);
+    std::copy(q + (heads + kv_heads + g) * hd, q + (heads + kv_heads + g + 1) * hd, vc + (g * cap + n) * hd);
+  }
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, n + 1 - window) : 0, S = n + 1 - lo;
+  const int64_t groups = heads / kv_heads;
+  at::Tensor out = at::empty({1, heads * hd}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const int64_t grain = S * hd >= 16384 ? 1 : heads;  // short caches: one thread, no fork/join
+  at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(S);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = q + h * hd;
+      const float* K = kc + ((h / groups) * cap + lo) * hd;
+      const float* V = vc + ((h / groups) * cap + lo) * hd;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < S; ++j) {
+        p[j] = dot(qh, K + j * hd, hd) * static_cast<float>(scale);
+        m = std::max(m, p[j]);
+      }
+      float denom = 0.f;
+      for (int64_t j = 0; j < S; ++j) {
+        p[j] = std::exp(p[j] - m);
+        denom += p[j];
+      }
+      float* oh = o + h * hd;
+      std::fill(oh, oh + hd, 0.f);
+      for (int64_t j = 0; j < S; ++j) {
+        const float pj = p[j] / denom;
+        const float* vj = V + j * hd;
+        for (int64_t d = 0; d < hd; ++d) oh[d] += pj * vj[d];
+      }
+    }
+  });
+  return out;
 }
 
 std::string isa() { return kIsa; }
@@ -275,10 +581,17 @@ int64_t block() { return BLOCK; }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_linear", &q4_linear, "y = x W^T (+ residual) for a portable-layout int4 weight",
-        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none());
+  m.def("q4_linear", &q4_linear, "y = x W^T (+ residual) for a portable-layout int4 weight; int8_act: one-row "
+        "inputs are quantized to int8 per 32 columns for integer dot products (llama.cpp's approach)",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
+        py::arg("int8_act") = false);
   m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight",
-        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none());
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
+        py::arg("int8_act") = false);
+  m.def("rms_norm", &rms_norm, "w * x / sqrt(mean(x^2) + eps) per row");
+  m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up]");
+  m.def("attend_decode", &attend_decode, "append this token's key/value to the cache and attend (one token)");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("block", &block, "int4 group sizes must be a multiple of this");
 }
