@@ -129,6 +129,10 @@ class Layer:
             self.fk = _feature_map(fm, t.get(p + "self_attn.feature_map_k.weight"), self.hd)
             d = t.get(p + "self_attn.decay_logit")
             self.log_decay = F.logsigmoid(d.float()) if d is not None else None
+            self.decay_mult = torch.exp(self.log_decay) if d is not None else torch.empty(0)
+            self.fm_name = fm
+            self.fm_w = {s: t[p + f"self_attn.feature_map_{s}.weight"].float().contiguous() for s in "qk"} \
+                if fm == "hedgehog" else None
 
     def _rep(self, x):  # [KV, T, D] -> [H, T, D]
         return x if self.groups == 1 else x.repeat_interleave(self.groups, dim=0)
@@ -215,7 +219,23 @@ class Layer:
             st["state"] = torch.zeros(self.h, fq.shape[-1], v1.shape[-1])
         return st["state"]
 
+    def _linear_decode(self, q, k, v, st):
+        """One token through codexmini's fused linear-attention step (the reference is `_linear`)."""
+        ext = self.ext
+        if self.fm_w is not None:
+            fq, fk = ext.hedgehog(q.reshape(self.h, self.hd), self.fm_w["q"]), \
+                ext.hedgehog(k.reshape(self.kv, self.hd), self.fm_w["k"])
+        else:
+            fq, fk = self.fq(q).reshape(self.h, -1).contiguous(), self.fk(k).reshape(self.kv, -1).contiguous()
+        if "state" not in st:
+            st["state"] = torch.zeros(self.h, fq.shape[-1], self.hd + 1)
+        o = ext.linear_decode_(st["state"], fq, fk, v.reshape(self.kv, self.hd).contiguous(), self.decay_mult,
+                               NORMALISER_EPS)
+        return o[:, None]
+
     def _linear(self, q, k, v, st):
+        if self.ext is not None and q.shape[1] == 1:
+            return self._linear_decode(q, k, v, st)
         fq, fk, v1 = self._features(q, k, v)
         state = self._state(st, fq, v1)
         if q.shape[1] == 1:

@@ -575,6 +575,87 @@ at::Tensor attend_decode(const at::Tensor& qkv, at::Tensor& kcache, at::Tensor& 
   return out;
 }
 
+// One decoding step of linear attention on a fixed-size state, in place: for each head h (KV group g = h / (H/KV)),
+//   state[h] = decay[h] * state[h] + fk[g]^T [v[g], 1],   o = fq[h] state[h],   out[h] = o[:D] / (o[D] + eps).
+// state [H, F, D+1], fq [H, F], fk [KV, F], v [KV, D]; decay [H] multiplicative, or empty for none. One pass over
+// the state (the reference, `Layer._linear` in runtime/model.py, makes several and allocates each).
+at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                          const at::Tensor& decay, double eps) {
+  TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.scalar_type() == at::kFloat,
+              "linear_decode_: state must be float32 [H, F, D+1]");
+  const int64_t H = state.size(0), Fd = state.size(1), D = state.size(2) - 1;
+  TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == H * Fd,
+              "linear_decode_: fq must be float32 [H, F]");
+  TORCH_CHECK(fk.is_contiguous() && v.is_contiguous() && fk.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat && fk.numel() % Fd == 0, "linear_decode_: fk / v must be float32 [KV, F] / [KV, D]");
+  const int64_t KV = fk.numel() / Fd;
+  TORCH_CHECK(KV > 0 && H % KV == 0 && v.numel() == KV * D, "linear_decode_: ", KV, " key heads do not match ", H,
+              " heads and v of ", v.numel(), " values");
+  TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
+              "linear_decode_: decay must be empty or float32 [H]");
+  const int64_t groups = H / KV, V1 = D + 1;
+  float* S = state.data_ptr<float>();
+  const float* q = fq.data_ptr<float>();
+  const float* k = fk.data_ptr<float>();
+  const float* vv = v.data_ptr<float>();
+  const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({H, D}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, H, Fd * V1 >= 4096 ? 1 : H, [&](int64_t h0, int64_t h1) {
+    std::vector<float> v1(V1), acc(V1);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t g = h / groups;
+      std::copy(vv + g * D, vv + (g + 1) * D, v1.begin());
+      v1[D] = 1.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float a = dec ? dec[h] : 1.f;
+      for (int64_t f = 0; f < Fd; ++f) {
+        float* row = S + (h * Fd + f) * V1;
+        const float kf = k[g * Fd + f], qf = q[h * Fd + f];
+        for (int64_t d = 0; d < V1; ++d) {
+          row[d] = a * row[d] + kf * v1[d];
+          acc[d] += qf * row[d];
+        }
+      }
+      const float inv = 1.f / (acc[D] + static_cast<float>(eps));
+      for (int64_t d = 0; d < D; ++d) o[h * D + d] = acc[d] * inv;
+    }
+  });
+  return out;
+}
+
+// Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)].
+at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+              w.dim() == 3 && x.numel() == w.size(0) * w.size(1), "hedgehog: x must be float32 [H, D], w [H, D, Fh]");
+  const int64_t H = w.size(0), D = w.size(1), Fh = w.size(2);
+  at::Tensor out = at::empty({H, 2 * Fh}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  std::vector<float> proj(Fh);
+  for (int64_t h = 0; h < H; ++h) {
+    std::fill(proj.begin(), proj.end(), 0.f);
+    for (int64_t d = 0; d < D; ++d) {
+      const float xd = xp[h * D + d];
+      const float* wr = wp + (h * D + d) * Fh;
+      for (int64_t f = 0; f < Fh; ++f) proj[f] += xd * wr[f];
+    }
+    float mx = -INFINITY, mn = INFINITY;
+    for (int64_t f = 0; f < Fh; ++f) { mx = std::max(mx, proj[f]); mn = std::min(mn, proj[f]); }
+    float sp = 0.f, sn = 0.f;
+    float* op = o + h * 2 * Fh;
+    for (int64_t f = 0; f < Fh; ++f) {
+      op[f] = std::exp(proj[f] - mx);
+      op[Fh + f] = std::exp(mn - proj[f]);
+      sp += op[f];
+      sn += op[Fh + f];
+    }
+    for (int64_t f = 0; f < Fh; ++f) { op[f] /= sp; op[Fh + f] /= sn; }
+  }
+  return out;
+}
+
 std::string isa() { return kIsa; }
 int64_t block() { return BLOCK; }
 
@@ -592,6 +673,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up]");
   m.def("attend_decode", &attend_decode, "append this token's key/value to the cache and attend (one token)");
+  m.def("linear_decode_", &linear_decode_, "one token of linear attention on its state, in place");
+  m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("block", &block, "int4 group sizes must be a multiple of this");
 }
