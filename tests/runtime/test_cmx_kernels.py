@@ -125,3 +125,82 @@ def test_kernel_mode_and_activation_names_are_checked():
         resolve_act("native", "int8")
     assert resolve_act("cmx", "auto") == "int8" and resolve_act("native", "auto") == "bfloat16"
     assert resolve_mode("auto") == ("cmx" if ext is not None else "native")
+
+
+@needs_ext
+def test_fused_layer_steps_equal_their_tensor_op_references():
+    from codexmini.runtime.model import _rms, _rope
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 48, generator=g), torch.randn(48, generator=g)
+    torch.testing.assert_close(ext.rms_norm(x, w, 1e-5), _rms(x, w, 1e-5))
+    # rotary on the first (query + key) heads of a fused q/k/v row, in place; v untouched
+    H, KV, hd, T = 4, 2, 16, 3
+    qkv = torch.randn(T, (H + 2 * KV) * hd, generator=g)
+    ang = torch.randn(T, hd // 2, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    want = qkv.clone()
+    qk = want[:, :(H + KV) * hd].reshape(T, H + KV, hd).transpose(0, 1)
+    want[:, :(H + KV) * hd] = _rope(qk, cos, sin).transpose(0, 1).reshape(T, -1)
+    ext.rope_(qkv, cos, sin, H + KV, hd)
+    torch.testing.assert_close(qkv, want)
+    gu = torch.randn(2, 20, generator=g)
+    torch.testing.assert_close(ext.silu_mul(gu), torch.nn.functional.silu(gu[:, :10]) * gu[:, 10:])
+    xh, wh = torch.randn(3, 16, generator=g), torch.randn(3, 16, 8, generator=g)
+    proj = torch.bmm(xh[:, None], wh)[:, 0]
+    torch.testing.assert_close(ext.hedgehog(xh, wh), torch.cat([proj.softmax(-1), (-proj).softmax(-1)], -1))
+
+
+@needs_ext
+@pytest.mark.parametrize("window", [0, 5])
+def test_one_token_attention_equals_sdpa_over_the_cache(window):
+    g = torch.Generator().manual_seed(6)
+    H, KV, hd, n, cap = 6, 2, 16, 9, 32
+    kc, vc = torch.randn(KV, cap, hd, generator=g), torch.randn(KV, cap, hd, generator=g)
+    qkv = torch.randn(1, (H + 2 * KV) * hd, generator=g)
+    out = ext.attend_decode(qkv, kc, vc, n, H, KV, hd, hd ** -0.5, window)
+    q = qkv[0, :H * hd].reshape(H, 1, hd)
+    torch.testing.assert_close(kc[:, n], qkv[0, H * hd:(H + KV) * hd].reshape(KV, hd))  # appended in place
+    torch.testing.assert_close(vc[:, n], qkv[0, (H + KV) * hd:].reshape(KV, hd))
+    lo = max(0, n + 1 - window) if window else 0
+    K, V = kc[:, lo:n + 1].repeat_interleave(H // KV, 0), vc[:, lo:n + 1].repeat_interleave(H // KV, 0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, K, V, scale=hd ** -0.5)
+    torch.testing.assert_close(out, want.reshape(1, H * hd))
+    with pytest.raises(RuntimeError, match="outside the cache capacity"):
+        ext.attend_decode(qkv, kc, vc, cap, H, KV, hd, 1.0, 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("decay", [False, True])
+def test_linear_decode_step_equals_the_reference(decay):
+    g = torch.Generator().manual_seed(7)
+    H, KV, F, D = 4, 2, 12, 8
+    state = torch.rand(H, F, D + 1, generator=g)
+    fq, fk, v = torch.rand(H, F, generator=g), torch.rand(KV, F, generator=g), torch.randn(KV, D, generator=g)
+    a = torch.rand(H, generator=g) if decay else torch.empty(0)
+    v1 = torch.cat([v, torch.ones(KV, 1)], -1).repeat_interleave(2, 0)
+    fkr = fk.repeat_interleave(2, 0)
+    want_state = (state * a[:, None, None] if decay else state) + fkr[:, :, None] * v1[:, None, :]
+    o = torch.einsum("hf,hfv->hv", fq, want_state)
+    want = o[:, :-1] / (o[:, -1:] + 1e-6)
+    got = ext.linear_decode_(state, fq, fk, v, a, 1e-6)
+    torch.testing.assert_close(state, want_state)  # updated in place
+    torch.testing.assert_close(got, want)
+
+
+def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):
+    """No C++ compiler: load() returns None with the reason, auto picks torch's kernels, cmx is refused clearly."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from codexmini.runtime import native\n"
+        "from codexmini.runtime.kernels import resolve_mode\n"
+        "assert native.load() is None and native.load_error(), native.load_error()\n"
+        "assert resolve_mode('auto') == 'native'\n"
+        "try:\n    resolve_mode('cmx')\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    env = {**__import__("os").environ, "CXX": "/bin/false", "CODEXMINI_KERNEL_CACHE": str(tmp_path / "k")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: kernels='cmx': codexmini's CPU kernels could not be built" in out.stdout
