@@ -106,7 +106,9 @@ def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", nam
 
 
 def _add_tokenizer(w, tokenizer, cfg) -> None:
-    """GPT-2 style byte-level BPE vocabulary, merges and special ids (what llama.cpp calls 'gpt2')."""
+    """GPT-2 style byte-level BPE vocabulary, merges and special ids: tokenizer model 'gpt2', pre-tokenizer 'gpt-2'
+    (the GPT-2 split regex, which is what a `ByteLevel(use_regex=True)` pre-tokenizer applies; llama.cpp refuses
+    unknown pre-tokenizer names when it loads the file)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError("GGUF export needs a fast (tokenizers-backed) tokenizer")
@@ -126,7 +128,7 @@ def _add_tokenizer(w, tokenizer, cfg) -> None:
             types[idx] = 3 if idx in special else 1  # CONTROL / NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

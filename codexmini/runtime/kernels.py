@@ -179,13 +179,38 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
     return Int4Linear(tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"], dtype)
 
 
+class CmxConcatLinear:
+    """Several cmx int layers that read the same input, in one call, their outputs side by side; each keeps the
+    file's tensors (no concatenated copy of the weights)."""
+
+    def __init__(self, parts: list):
+        self.parts, self.int8_act = parts, parts[0].int8_act
+        self.ext = parts[0].ext
+        self.int4 = isinstance(parts[0], CmxInt4Linear)
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.float().contiguous()
+        if self.int4:
+            y = self.ext.q4_linear_cat(x, [p.packed for p in self.parts], [p.scale for p in self.parts],
+                                       [p.zero for p in self.parts], self.int8_act)
+        else:
+            y = self.ext.q8_linear_cat(x, [p.codes for p in self.parts], [p.scale for p in self.parts], self.int8_act)
+        return y if residual is None else residual + y
+
+
 def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str = "native", act: str = "float32"):
-    """One kernel for several linear layers that read the same input (q/k/v, gate/up): their rows concatenated,
-    so decoding makes one matmul call instead of several. None when their schemes differ."""
+    """One kernel for several linear layers that read the same input (q/k/v, gate/up), so decoding makes one call
+    instead of several: for cmx int layers the parts side by side (no copy), otherwise their rows concatenated.
+    None when their schemes differ."""
     kinds = {schemes.get(n) for n in names}
     if len(kinds) != 1:
         return None
     scheme = kinds.pop()
+    if scheme is not None and resolve_mode(mode) == "cmx":
+        parts = [make_linear(tensors, n, scheme, mode, act) for n in names]
+        if all(isinstance(p, (CmxInt4Linear, CmxInt8Linear)) for p in parts):
+            return CmxConcatLinear(parts)
     parts = (".weight",) if scheme is None else (".qweight", ".scale") + (() if scheme == "int8" else (".zero",))
     fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in parts}
     return make_linear(fused, "fused", scheme, mode, act)

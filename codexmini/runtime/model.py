@@ -222,11 +222,7 @@ class Layer:
     def _linear_decode(self, q, k, v, st):
         """One token through codexmini's fused linear-attention step (the reference is `_linear`)."""
         ext = self.ext
-        if self.fm_w is not None:
-            fq, fk = ext.hedgehog(q.reshape(self.h, self.hd), self.fm_w["q"]), \
-                ext.hedgehog(k.reshape(self.kv, self.hd), self.fm_w["k"])
-        else:
-            fq, fk = self.fq(q).reshape(self.h, -1).contiguous(), self.fk(k).reshape(self.kv, -1).contiguous()
+        fq, fk = self._features_one(q, k)
         if "state" not in st:
             st["state"] = torch.zeros(self.h, fq.shape[-1], self.hd + 1)
         o = ext.linear_decode_(st["state"], fq, fk, v.reshape(self.kv, self.hd).contiguous(), self.decay_mult,
@@ -248,7 +244,49 @@ class Layer:
         st["state"] = state
         return o[..., :-1] / (o[..., -1:] + NORMALISER_EPS)
 
+    def _features_one(self, q, k):
+        """Feature maps of one token's query heads `[H, F]` and key heads `[KV, F]` (not repeated)."""
+        if self.fm_w is not None:
+            return (self.ext.hedgehog(q.reshape(self.h, self.hd), self.fm_w["q"]),
+                    self.ext.hedgehog(k.reshape(self.kv, self.hd), self.fm_w["k"]))
+        return self.fq(q).reshape(self.h, -1).contiguous(), self.fk(k).reshape(self.kv, -1).contiguous()
+
+    def _hybrid_decode(self, q, k, v, st):
+        """One token through codexmini's fused hybrid step: the window lives in a ring buffer (`wmeta` = count,
+        oldest slot) while decoding; `window_to_time_order` turns it back into the reference's layout."""
+        fq, fk = self._features_one(q, k)
+        H, w, D = self.h, self.window, self.hd
+        if "wmeta" not in st:
+            n = st["wk"].shape[1] if "wk" in st else 0
+            for name, width in (("wk", D), ("wfk", fq.shape[-1]), ("wv1", D + 1)):
+                ring = torch.zeros(H, w, width)
+                if n:
+                    ring[:, :n] = st[name]
+                st[name] = ring
+            st["wmeta"] = torch.tensor([n, 0], dtype=torch.long)
+        if "state" not in st:
+            st["state"] = torch.zeros(H, fq.shape[-1], D + 1)
+        o = self.ext.hybrid_decode_(st["state"], st["wk"], st["wfk"], st["wv1"], st["wmeta"],
+                                    q.reshape(H, D).contiguous(), k.reshape(self.kv, D).contiguous(),
+                                    v.reshape(self.kv, D).contiguous(), fq, fk, self.decay_mult, D ** -0.5,
+                                    NORMALISER_EPS)
+        return o[:, None]
+
+    def window_to_time_order(self, st: dict) -> None:
+        """A hybrid layer's window back from the decode ring buffer to time order (what `_hybrid` and saved
+        sessions hold); nothing to do otherwise."""
+        meta = st.pop("wmeta", None)
+        if meta is None:
+            return
+        count, oldest = int(meta[0]), int(meta[1])
+        idx = (oldest + torch.arange(count)) % self.window
+        for name in ("wk", "wfk", "wv1"):
+            st[name] = st[name][:, idx].contiguous()
+
     def _hybrid(self, q, k, v, st):
+        if self.ext is not None and q.shape[1] == 1:
+            return self._hybrid_decode(q, k, v, st)
+        self.window_to_time_order(st)
         fq, fk, v1 = self._features(q, k, v)
         k = self._rep(k)
         H, T, D = q.shape
@@ -413,6 +451,9 @@ class Runtime:
         from ..export.cmx import save_safetensors_atomic
 
         tensors = {}
+        for layer, st in zip(self.layers, session.layers):
+            if layer.type == "hybrid":
+                layer.window_to_time_order(st)
         for i, st in enumerate(session.layers):
             for k, v in st.items():
                 if torch.is_tensor(v):

@@ -25,3 +25,30 @@ def test_gguf_refuses_linear_layers(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="all-softmax"):
         write_llama_gguf(student, tiny_tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama_cpp_decodes_the_same_greedy_tokens_as_the_runtime(tmp_path, tiny_tokenizer):
+    """The GGUF in llama.cpp (optional `llama-cpp-python`) and the .cmx in codexmini's runtime: same greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from codexmini.export.to_cmx import export_cmx
+    from codexmini.runtime import Runtime, SamplingConfig
+    from codexmini.runtime.sampling import stream_tokens
+
+    torch.manual_seed(1)
+    student = CodexMiniForCausalLM(tiny_config(layer_types=["softmax", "softmax"], vocab_size=len(tiny_tokenizer)))
+    gguf_path = write_llama_gguf(student, tiny_tokenizer, tmp_path / "student.gguf")
+    rt = Runtime(export_cmx(student, tiny_tokenizer, tmp_path / "student.cmx"))
+    prompt = torch.randint(4, len(tiny_tokenizer), (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = list(stream_tokens(rt, prompt, SamplingConfig(max_tokens=24, stop_at_eos=False)))
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=64, n_threads=2, verbose=False)
+    n_vocab = llm.n_vocab()
+    got, feed = [], prompt
+    for _ in range(24):
+        llm.eval(feed)
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+        got.append(tok)
+        feed = [tok]
+    assert got == want

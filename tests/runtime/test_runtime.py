@@ -125,6 +125,27 @@ def test_saved_session_gives_the_same_continuation(tiny_tokenizer, tmp_path):
         other.load_session(tmp_path / "sys.session")
 
 
+@pytest.mark.parametrize("kernels", ["auto", "native"])
+def test_session_saved_mid_decode_continues_identically(kernels, ids, tiny_tokenizer, tmp_path):
+    """Saved after token-by-token decoding (the hybrid window past its size, in the fused path's ring buffer):
+    the restored session continues with the same logits, in the same or another kernel mode."""
+    model = _model(layer_types=["hybrid", "linear"], feature_map="hedgehog", linear_decay=True)
+    path = export_cmx(model, tiny_tokenizer, tmp_path / "m.cmx")
+    rt = Runtime(path, kernels=kernels)
+    s = rt.new_session()
+    rt.forward(ids[0, :5], s)
+    for t in range(5, 20):  # 15 decoded tokens: the 8-token window wraps
+        rt.forward(ids[0, t:t + 1], s)
+    rt.save_session(s, tmp_path / "mid.session")
+    want = torch.stack([rt.forward(ids[0, t:t + 1], s) for t in range(20, 30)])
+    for other in (rt, Runtime(path, kernels="dequant")):
+        restored = other.load_session(tmp_path / "mid.session")
+        got = torch.stack([other.forward(ids[0, t:t + 1], restored) for t in range(20, 30)])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(want, model(ids[:, :30]).logits[0, 20:30], atol=2e-4, rtol=1e-4)
+
+
 def test_sampling_options_and_stop_strings(tiny_tokenizer, tmp_path):
     rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx"))
     cfg = SamplingConfig(max_tokens=25, temperature=1.0, seed=1, stop_at_eos=False)

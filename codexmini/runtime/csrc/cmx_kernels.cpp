@@ -440,6 +440,27 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
+// Several int4 / int8 layers that read the same input (q/k/v, gate/up), their outputs side by side: one call
+// instead of several, without concatenating their weights (which would copy them at load).
+at::Tensor q4_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
+                         const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool int8_act) {
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
+              "q4_linear_cat: one scale and one zero tensor per weight");
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < qweights.size(); ++i)
+    outs.push_back(q4_linear(x, qweights[i], scales[i], zeros[i], c10::nullopt, int8_act));
+  return at::cat(outs, 1);
+}
+
+at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
+                         const std::vector<at::Tensor>& scales, bool int8_act) {
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(), "q8_linear_cat: one scale tensor per weight");
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < qweights.size(); ++i)
+    outs.push_back(q8_linear(x, qweights[i], scales[i], c10::nullopt, int8_act));
+  return at::cat(outs, 1);
+}
+
 // ------------------------------------------------------------------------------------------------ layer helpers
 // Fused versions of the small per-layer steps of decoding, each one call instead of several tensor ops (their
 // references are the Python expressions in runtime/model.py; tests/runtime/test_cmx_kernels.py compares them).
@@ -656,6 +677,101 @@ at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+// One decoding step of a hybrid layer: softmax attention over a sliding window of the last `w` keys plus linear
+// attention over every key that has left it. The window is a ring buffer in place: wk [H, w, D], wfk [H, w, F],
+// wv1 [H, w, D+1] (keys, their features and [value, 1], per query head), with meta = [count, oldest slot] (int64,
+// updated in place). When the window is full its oldest key leaves into the state (state = decay * state +
+// fk_old^T v1_old, decay applied every step); the new key takes a slot; then
+//   out[h] = (sum_j a_j v_j + (fq[h] state[h])[:D]) / (sum_j a_j + (fq[h] state[h])[D] + eps),
+//   a_j = exp(q[h] . k_j * scale - max), j over the window (this token included).
+// The reference is `Layer._hybrid` in runtime/model.py (tensors in time order instead of a ring).
+at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
+                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
+                          const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &wk, &wfk, &wv1, &q, &k, &v, &fq, &fk})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "hybrid_decode_: tensors must be contiguous float32");
+  TORCH_CHECK(meta.numel() == 2 && meta.scalar_type() == at::kLong, "hybrid_decode_: meta must be int64 [count, oldest]");
+  const int64_t H = state.size(0), Fd = state.size(1), D = state.size(2) - 1, W = wk.size(1);
+  TORCH_CHECK(wk.sizes() == at::IntArrayRef({H, W, D}) && wfk.sizes() == at::IntArrayRef({H, W, Fd}) &&
+              wv1.sizes() == at::IntArrayRef({H, W, D + 1}), "hybrid_decode_: window buffers must be [H, w, D|F|D+1]");
+  const int64_t KV = k.numel() / D;
+  TORCH_CHECK(q.numel() == H * D && fq.numel() == H * Fd && KV > 0 && H % KV == 0 && v.numel() == KV * D &&
+              fk.numel() == KV * Fd, "hybrid_decode_: q/k/v/fq/fk shapes do not match the state");
+  TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
+              "hybrid_decode_: decay must be empty or float32 [H]");
+  int64_t* mp = meta.data_ptr<int64_t>();
+  const int64_t count = mp[0], oldest = mp[1];
+  TORCH_CHECK(count >= 0 && count <= W && oldest >= 0 && oldest < W, "hybrid_decode_: bad window meta");
+  const bool full = count == W;
+  const int64_t slot = full ? oldest : (oldest + count) % W;
+  const int64_t groups = H / KV, V1 = D + 1;
+  float* S = state.data_ptr<float>();
+  float* K = wk.data_ptr<float>();
+  float* FK = wfk.data_ptr<float>();
+  float* VV = wv1.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* fqp = fq.data_ptr<float>();
+  const float* fkp = fk.data_ptr<float>();
+  const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
+  const int64_t n = full ? W : count + 1;
+  at::Tensor out = at::empty({H, D}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, H, H, [&](int64_t h0, int64_t h1) {
+    std::vector<float> lin(V1), num(D), a(W);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t g = h / groups;
+      const float dh = dec ? dec[h] : 1.f;
+      const float* fold = FK + (h * W + slot) * Fd;   // the leaving key's features (when full)
+      const float* vold = VV + (h * W + slot) * V1;
+      std::fill(lin.begin(), lin.end(), 0.f);
+      for (int64_t f = 0; f < Fd; ++f) {
+        float* row = S + (h * Fd + f) * V1;
+        const float qf = fqp[h * Fd + f];
+        if (full) {
+          const float kf = fold[f];
+          for (int64_t d = 0; d < V1; ++d) {
+            row[d] = dh * row[d] + kf * vold[d];
+            lin[d] += qf * row[d];
+          }
+        } else {
+          for (int64_t d = 0; d < V1; ++d) {
+            row[d] = dh * row[d];
+            lin[d] += qf * row[d];
+          }
+        }
+      }
+      // the new token takes the slot
+      std::copy(kp + g * D, kp + (g + 1) * D, K + (h * W + slot) * D);
+      std::copy(fkp + g * Fd, fkp + (g + 1) * Fd, FK + (h * W + slot) * Fd);
+      std::copy(vp + g * D, vp + (g + 1) * D, VV + (h * W + slot) * V1);
+      VV[(h * W + slot) * V1 + D] = 1.f;
+      // softmax over the window (slots in any order: the sum does not care)
+      float m = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t sl = full ? j : (oldest + j) % W;
+        a[j] = dot(qp + h * D, K + (h * W + sl) * D, D) * static_cast<float>(scale);
+        m = std::max(m, a[j]);
+      }
+      float den = 0.f;
+      std::fill(num.begin(), num.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t sl = full ? j : (oldest + j) % W;
+        const float e = std::exp(a[j] - m);
+        den += e;
+        const float* vj = VV + (h * W + sl) * V1;
+        for (int64_t d = 0; d < D; ++d) num[d] += e * vj[d];
+      }
+      const float inv = 1.f / (den + lin[D] + static_cast<float>(eps));
+      for (int64_t d = 0; d < D; ++d) o[h * D + d] = (num[d] + lin[d]) * inv;
+    }
+  });
+  if (full) mp[1] = (oldest + 1) % W;
+  else mp[0] = count + 1;
+  return out;
+}
+
 std::string isa() { return kIsa; }
 int64_t block() { return BLOCK; }
 
@@ -669,12 +785,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
+  m.def("q4_linear_cat", &q4_linear_cat, "several int4 layers on one input, outputs concatenated");
+  m.def("q8_linear_cat", &q8_linear_cat, "several int8 layers on one input, outputs concatenated");
   m.def("rms_norm", &rms_norm, "w * x / sqrt(mean(x^2) + eps) per row");
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up]");
   m.def("attend_decode", &attend_decode, "append this token's key/value to the cache and attend (one token)");
   m.def("linear_decode_", &linear_decode_, "one token of linear attention on its state, in place");
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
+  m.def("hybrid_decode_", &hybrid_decode_, "one token of a hybrid (window + linear) layer, in place");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("block", &block, "int4 group sizes must be a multiple of this");
 }
