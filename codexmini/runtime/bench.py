@@ -11,28 +11,30 @@ import time
 import torch
 
 
-def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark. On Linux from /proc (VmHWM belongs to the process's own
-    address space; getrusage's ru_maxrss survives exec and would report a parent's peak)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux) in bytes; None where it cannot be read."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. On Linux from /proc (VmHWM belongs to the process's own
+    address space; getrusage's ru_maxrss survives exec and would report a parent's peak)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def current_rss_bytes() -> int:
     """This process's resident set now (Linux /proc; 0 where it cannot be read)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> dict:

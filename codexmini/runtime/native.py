@@ -1,6 +1,6 @@
 """Builds and loads codexmini's own CPU kernels (`csrc/cmx_kernels.cpp`) with torch.utils.cpp_extension.
 
-The first load compiles them for this machine's CPU (`-march=native`: AVX-512, AVX2 or plain C++), which takes
+The first load compiles them for this machine's CPU (`-march=native`: AVX2, AVX-512 VNNI or plain C++), which takes
 about a minute and needs a C++ compiler and ninja; the build is cached under `~/.cache/codexmini/kernels/`
 (`CODEXMINI_KERNEL_CACHE` moves it), keyed by the source, the flags and the torch version, so later loads take
 milliseconds. Where no compiler is available, `load()` returns None and says why in `load_error()`, and the

@@ -4,11 +4,14 @@
 //   int8: qweight [N, K] int8, scale [N] f32;                 w[n, k] = q * scale[n]
 //   int4: qweight [N, K/2] u8 (column 2j in the low nibble, 2j+1 in the high one), scale [N, K/G] f32,
 //         zero [N, K/G] u8;                                   w[n, k] = (code - zero) * scale  per group of G
-// and compute y = x W^T (+ residual) with fp32 activations, so the result equals the dequantized reference up to
-// the order of fp32 additions. A one-row input (decoding) takes a SIMD GEMV (AVX-512, AVX2 or plain C++, chosen at
-// compile time); more rows (prefill) dequantize a tile of rows at a time and multiply with at::mm.
+// and compute y = x W^T (+ residual). One to four rows (decoding) take a SIMD GEMV (AVX2, with AVX-512 VNNI's
+// vpdpbusd where the CPU has it, or plain C++; chosen at compile time): with fp32 activations the result equals the
+// dequantized reference up to the order of fp32 additions; with int8 activations (the fast path) it equals
+// int8-rounded activations times the dequantized weight. More rows (prefill) dequantize a tile of rows at a time
+// and multiply with at::mm in fp32.
 //
-// The reference these are tested against is `dequantize` in runtime/kernels.py (tests/runtime/test_cmx_kernels.py).
+// The references these are tested against are in tests/runtime/test_cmx_kernels.py (`dequantize` in
+// runtime/kernels.py and `int8_activations` there).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,15 +26,25 @@
 
 namespace {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr int64_t BLOCK = 32;  // int4 columns per SIMD step: 16 bytes -> 16 even + 16 odd columns
-const char* kIsa = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t BLOCK = 16;  // 8 bytes -> 8 even + 8 odd columns
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t BLOCK = 16;  // fp32-activation int4 path: 8 bytes -> 8 even + 8 odd columns per SIMD step
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+const char* kIsa = "avx512-vnni";  // the int8-activation dot products use vpdpbusd
+#else
 const char* kIsa = "avx2";
+#endif
 #else
 constexpr int64_t BLOCK = 2;
 const char* kIsa = "generic";
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 acc) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
 #endif
 
 constexpr int64_t kRowGrain = 16;    // output rows per parallel task, at least
@@ -57,6 +70,25 @@ at::Tensor new_output(const c10::optional<at::Tensor>& residual, int64_t M, int6
   return residual ? residual->clone() : at::zeros({M, N}, at::kFloat);
 }
 
+// x [M, K] times a weight of N rows that `dequant(a, b, out)` writes as fp32 rows a..b-1 into out: one fp32
+// GEMM (MKL) per tile of kTileRows rows, so a prompt's matmul costs one dequantization of the weight.
+template <typename Dequant>
+at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, int64_t K, const c10::optional<at::Tensor>& residual,
+                      const Dequant& dequant) {
+  const int64_t M = x.size(0);
+  at::Tensor y = residual ? residual->clone() : at::empty({M, N}, at::kFloat);
+  at::Tensor tile = at::empty({std::min(kTileRows, N), K}, at::kFloat);
+  float* t = tile.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t n1 = std::min(n0 + kTileRows, N);
+    at::parallel_for(n0, n1, kRowGrain, [&](int64_t a, int64_t b) { dequant(a, b, t + (a - n0) * K); });
+    at::Tensor part = at::mm(x, tile.narrow(0, 0, n1 - n0).t());
+    if (residual) y.narrow(1, n0, n1 - n0).add_(part);
+    else y.narrow(1, n0, n1 - n0).copy_(part);
+  }
+  return y;
+}
+
 // ------------------------------------------------------------------------------------------------ int4
 // x reordered for the SIMD loop: in each block of BLOCK columns, the even columns first, then the odd ones (the
 // order in which the low and high nibbles of BLOCK/2 bytes come out).
@@ -77,24 +109,7 @@ inline float q4_row(const float* xr, const float* gsum, const uint8_t* w, const 
   const int64_t ngroups = K / G;
   float zterm = 0.f;
   for (int64_t g = 0; g < ngroups; ++g) zterm += scale[g] * static_cast<float>(zero[g]) * gsum[g];
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ngroups; ++g) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += BLOCK) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, low4)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4)));
-      a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr + k), a0);
-      a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + k + 16), a1);
-    }
-    const __m512 s = _mm512_set1_ps(scale[g]);
-    if (g & 1) acc1 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), s, acc1);
-    else acc0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), s, acc0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - zterm;
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
   const __m128i low4 = _mm_set1_epi8(0x0F);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < ngroups; ++g) {
@@ -110,11 +125,7 @@ inline float q4_row(const float* xr, const float* gsum, const uint8_t* w, const 
     if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s, acc1);
     else acc0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s, acc0);
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r) - zterm;
+  return hsum(_mm256_add_ps(acc0, acc1)) - zterm;
 #else
   float total = 0.f;
   for (int64_t g = 0; g < ngroups; ++g) {
@@ -175,12 +186,6 @@ inline __m256i block_dot(const uint8_t* w16, const int8_t* xq32) {
 #endif
 }
 
-inline float hsum(__m256 acc) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
 #endif
 
 // sum_g scale_g * zero_g * gsum_g: the zero points' share of one row.
@@ -287,21 +292,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const float* sc = scale.data_ptr<float>();
   const uint8_t* zp = zero.data_ptr<uint8_t>();
   const int64_t ngroups = K / G;
-  if (M > 4) {  // prefill: dequantize a tile of rows, then one fp32 GEMM per tile
-    at::Tensor y = residual ? residual->clone() : at::empty({M, N}, at::kFloat);
-    at::Tensor tile = at::empty({std::min(kTileRows, N), K}, at::kFloat);
-    for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-      const int64_t n1 = std::min(n0 + kTileRows, N);
-      float* t = tile.data_ptr<float>();
-      at::parallel_for(n0, n1, kRowGrain, [&](int64_t a, int64_t b) {
-        q4_dequant_rows(w, sc, zp, a, b, K, G, t + (a - n0) * K);
-      });
-      at::Tensor part = at::mm(x, tile.narrow(0, 0, n1 - n0).t());
-      if (residual) y.narrow(1, n0, n1 - n0).add_(part);
-      else y.narrow(1, n0, n1 - n0).copy_(part);
-    }
-    return y;
-  }
+  if (M > 4)  // prefill: dequantize a tile of rows, then one fp32 GEMM per tile
+    return tiled_gemm(x, N, K, residual, [&](int64_t a, int64_t b, float* rows) {
+      q4_dequant_rows(w, sc, zp, a, b, K, G, rows);
+    });
   at::Tensor y = new_output(residual, M, N);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
@@ -330,17 +324,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 inline float q8_row(const float* x, const int8_t* w, int64_t K) {
   int64_t k = 0;
   float total = 0.f;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (; k + 32 <= K; k += 32) {
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
-    const __m512 w1 = _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16))));
-    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
-  }
-  total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
@@ -349,11 +333,7 @@ inline float q8_row(const float* x, const int8_t* w, int64_t K) {
     a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
     a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
   }
-  const __m256 acc = _mm256_add_ps(a0, a1);
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  total = _mm_cvtss_f32(r);
+  total = hsum(_mm256_add_ps(a0, a1));
 #endif
   for (; k < K; ++k) total += x[k] * static_cast<float>(w[k]);
   return total;
@@ -406,22 +386,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   check_residual(residual, M, N);
   const int8_t* w = qweight.data_ptr<int8_t>();
   const float* sc = scale.data_ptr<float>();
-  if (M > 4) {
-    at::Tensor y = residual ? residual->clone() : at::empty({M, N}, at::kFloat);
-    at::Tensor tile = at::empty({std::min(kTileRows, N), K}, at::kFloat);
-    for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-      const int64_t n1 = std::min(n0 + kTileRows, N);
-      float* t = tile.data_ptr<float>();
-      at::parallel_for(n0, n1, kRowGrain, [&](int64_t a, int64_t b) {
-        for (int64_t n = a; n < b; ++n)
-          for (int64_t k = 0; k < K; ++k) t[(n - n0) * K + k] = static_cast<float>(w[n * K + k]) * sc[n];
-      });
-      at::Tensor part = at::mm(x, tile.narrow(0, 0, n1 - n0).t());
-      if (residual) y.narrow(1, n0, n1 - n0).add_(part);
-      else y.narrow(1, n0, n1 - n0).copy_(part);
-    }
-    return y;
-  }
+  if (M > 4)
+    return tiled_gemm(x, N, K, residual, [&](int64_t a, int64_t b, float* rows) {
+      for (int64_t n = a; n < b; ++n)
+        for (int64_t k = 0; k < K; ++k) rows[(n - a) * K + k] = static_cast<float>(w[n * K + k]) * sc[n];
+    });
   at::Tensor y = new_output(residual, M, N);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
@@ -527,17 +496,10 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  total = _mm_cvtss_f32(r);
+  total = hsum(acc);
 #endif
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
