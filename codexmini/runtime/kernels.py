@@ -185,17 +185,17 @@ class CmxConcatLinear:
 
     def __init__(self, parts: list):
         self.parts, self.int8_act = parts, parts[0].int8_act
-        self.ext = parts[0].ext
-        self.int4 = isinstance(parts[0], CmxInt4Linear)
         self.nbytes = sum(p.nbytes for p in parts)
+        ext = parts[0].ext
+        if isinstance(parts[0], CmxInt4Linear):
+            self._call = ext.q4_linear_cat
+            self._args = ([p.packed for p in parts], [p.scale for p in parts], [p.zero for p in parts])
+        else:
+            self._call = ext.q8_linear_cat
+            self._args = ([p.codes for p in parts], [p.scale for p in parts])
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.float().contiguous()
-        if self.int4:
-            y = self.ext.q4_linear_cat(x, [p.packed for p in self.parts], [p.scale for p in self.parts],
-                                       [p.zero for p in self.parts], self.int8_act)
-        else:
-            y = self.ext.q8_linear_cat(x, [p.codes for p in self.parts], [p.scale for p in self.parts], self.int8_act)
+        y = self._call(x.float().contiguous(), *self._args, self.int8_act)
         return y if residual is None else residual + y
 
 

@@ -415,10 +415,47 @@ at::Tensor q4_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qwe
                          const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool int8_act) {
   TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
               "q4_linear_cat: one scale and one zero tensor per weight");
-  std::vector<at::Tensor> outs;
+  const int64_t K = qweights[0].size(1) * 2, G = K / std::max<int64_t>(scales[0].size(1), 1), M = x.size(0);
+  bool same = int8_act && M <= 4 && G % 32 == 0;
   for (size_t i = 0; i < qweights.size(); ++i)
-    outs.push_back(q4_linear(x, qweights[i], scales[i], zeros[i], c10::nullopt, int8_act));
-  return at::cat(outs, 1);
+    same = same && qweights[i].size(1) * 2 == K && scales[i].size(1) == scales[0].size(1);
+  if (!same) {  // prompts, or parts that differ: one call per part
+    std::vector<at::Tensor> outs;
+    for (size_t i = 0; i < qweights.size(); ++i)
+      outs.push_back(q4_linear(x, qweights[i], scales[i], zeros[i], c10::nullopt, int8_act));
+    return at::cat(outs, 1);
+  }
+  // decoding: the activation row quantized once, every part's rows in one parallel loop
+  std::vector<int64_t> start{0};
+  std::vector<const uint8_t*> wp, zp;
+  std::vector<const float*> sp;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const int64_t Ni = qweights[i].size(0);
+    TORCH_CHECK(qweights[i].scalar_type() == at::kByte && qweights[i].dim() == 2 && qweights[i].is_contiguous() &&
+                scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].size(0) == Ni &&
+                zeros[i].scalar_type() == at::kByte && zeros[i].is_contiguous() && zeros[i].sizes() == scales[i].sizes(),
+                "q4_linear_cat: part ", i, " is not a contiguous uint8 / float32 / uint8 int4 weight");
+    start.push_back(start.back() + Ni);
+    wp.push_back(qweights[i].data_ptr<uint8_t>());
+    sp.push_back(scales[i].data_ptr<float>());
+    zp.push_back(zeros[i].data_ptr<uint8_t>());
+  }
+  const int64_t N = start.back(), ngroups = K / G;
+  check_input(x, K, "q4_linear_cat");
+  at::Tensor y = at::empty({M, N}, at::kFloat);
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const QuantRow q = quantize_row(x.data_ptr<float>() + m * K, K, G);
+    at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
+      size_t p = 0;
+      for (int64_t n = a; n < b; ++n) {
+        while (n >= start[p + 1]) ++p;
+        const int64_t r = n - start[p];
+        yp[m * N + n] = q4_row_q8(q, wp[p] + r * (K / 2), sp[p] + r * ngroups, zp[p] + r * ngroups, K, G);
+      }
+    });
+  }
+  return y;
 }
 
 at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
