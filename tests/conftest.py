@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_sessionstart(session):
+    """Build (or load from its cache) the runtime's CPU kernels once, before any test is timed: on a fresh machine
+    the first build takes about a minute, which must not land inside a test with a time limit."""
+    from codexmini.runtime import native
+
+    native.load()
+
 CODE = '''def add(a, b):
     """Add two numbers."""
     return a + b
