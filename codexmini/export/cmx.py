@@ -53,6 +53,61 @@ class CmxFile:
     checksum: str
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Every tensor of a safetensors file (already validated by `safe_open`) as a view into a private, copy-on-write
+    memory map of the file, with its absolute byte range. Only the pages a reader touches become resident, so a
+    runtime's memory is the weights it uses (an embedding table is only read a row at a time)."""
+    import mmap
+    import struct
+    import warnings
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors, ranges = {}, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        if end == begin:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            with warnings.catch_warnings():  # frombuffer warns about the map's (copy-on-write) writability
+                warnings.simplefilter("ignore")
+                t = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin)
+            t = t.view(dtype).reshape(shape)
+        tensors[name], ranges[name] = t, (begin, end)
+    return tensors, ranges
+
+
+def _file_checksum(path: Path, tensors: dict[str, torch.Tensor], ranges: dict[str, tuple[int, int]]) -> str:
+    """`payload_checksum` computed with plain reads of the file: the same digest, without making the mapped
+    tensors' pages resident in this process."""
+    h = hashlib.sha256()
+    buf = bytearray(16 << 20)
+    with open(path, "rb", buffering=0) as fh:
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            begin, end = ranges[name]
+            fh.seek(begin)
+            left = end - begin
+            while left:
+                got = fh.readinto(memoryview(buf)[:min(left, len(buf))])
+                if not got:
+                    raise CmxError(f"{path}: truncated while reading tensor {name!r}")
+                h.update(memoryview(buf)[:got])
+                left -= got
+    return h.hexdigest()
+
+
 def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -91,17 +146,23 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
     return path
 
 
-def read_cmx(path: str | Path, verify_checksum: bool = True) -> CmxFile:
-    """Read and validate a .cmx file; any problem raises `CmxError` naming it."""
+def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False) -> CmxFile:
+    """Read and validate a .cmx file; any problem raises `CmxError` naming it. `mmap=True` (what the runtime uses)
+    maps the tensors from the file instead of copying them: pages are read when first touched, the checksum is
+    computed with plain reads."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CmxError(f"{path}: no such file")
+    ranges = None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # the library validates the container
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if mmap:
+                tensors, ranges = _mapped_tensors(path)
+            else:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CmxError:
         raise
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad containers
@@ -125,7 +186,8 @@ def read_cmx(path: str | Path, verify_checksum: bool = True) -> CmxFile:
         config, schemes = json.loads(meta["config"]), json.loads(meta["schemes"])
     except json.JSONDecodeError as err:
         raise CmxError(f"{path}: config or schemes metadata is not valid JSON: {err}") from err
-    if verify_checksum and payload_checksum(tensors) != meta["checksum"]:
+    if verify_checksum and (payload_checksum(tensors) if ranges is None else _file_checksum(path, tensors, ranges)) \
+            != meta["checksum"]:
         raise CmxError(f"{path}: checksum mismatch: the weights were modified or corrupted after export")
     try:
         check_contents(config, schemes, tensors)

@@ -357,7 +357,7 @@ class Runtime:
         self.prefill_chunk = prefill_chunk
         t0 = time.perf_counter()
         kernels = self.kernels = resolve_mode(kernels)
-        f = read_cmx(path)
+        f = read_cmx(path, mmap=True)  # weights are the file's pages, read as they are first used
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
         c = f.config
         dt = self.act_dtype = resolve_act(kernels, act_dtype)
@@ -406,6 +406,10 @@ class Runtime:
         A long prompt runs `prefill_chunk` tokens at a time (each chunk continues the caches / states the previous
         one left), so prefill activations stay bounded whatever the prompt length."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() > 1:  # a prompt: size the KV caches once for all of it and 256 decoded tokens
+            for layer, st in zip(self.layers, session.layers):
+                if layer.type == "softmax":
+                    layer._grow_cache(st, session.pos + ids.numel() + 256)
         if ids.numel() > self.prefill_chunk:
             parts = [self._forward(chunk, session, all_logits) for chunk in ids.split(self.prefill_chunk)]
             return torch.cat(parts) if all_logits else parts[-1]

@@ -172,13 +172,17 @@ def test_bad_files_are_refused_with_their_own_message(tiny_tokenizer, tmp_path):
     good = export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx")
     data = good.read_bytes()
     (tmp_path / "trunc.cmx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CmxError, match="truncated"):
-        read_cmx(tmp_path / "trunc.cmx")
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF
     (tmp_path / "flip.cmx").write_bytes(bytes(flipped))
-    with pytest.raises(CmxError, match="checksum mismatch"):
-        read_cmx(tmp_path / "flip.cmx")
+    for mmap in (False, True):  # copied tensors, and the runtime's memory-mapped ones
+        with pytest.raises(CmxError, match="truncated"):
+            read_cmx(tmp_path / "trunc.cmx", mmap=mmap)
+        with pytest.raises(CmxError, match="checksum mismatch"):
+            read_cmx(tmp_path / "flip.cmx", mmap=mmap)
+    copied, mapped = read_cmx(good), read_cmx(good, mmap=True)
+    assert copied.tensors.keys() == mapped.tensors.keys() and copied.checksum == mapped.checksum
+    assert all(torch.equal(copied.tensors[k], mapped.tensors[k]) for k in copied.tensors)
     with safe_open(str(good), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(tmp_path / "newer.cmx"), metadata={**meta, "version": "99"})
