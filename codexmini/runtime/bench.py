@@ -58,10 +58,31 @@ def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> d
             "state_bytes": session.nbytes()}
 
 
-def bench(rt, contexts=(16, 1024, 4096), decode_tokens: int = 32) -> list[dict]:
-    rows = [bench_context(rt, c, decode_tokens) for c in contexts]
-    for r in rows:
-        r["peak_rss_bytes"] = peak_rss_bytes()
+def bench(rt, contexts=(16, 1024, 4096), decode_tokens: int = 32, seed: int = 0) -> list[dict]:
+    """Prefill one session per context length, then decode them in turn, one token each per round, so that a
+    slow spell of a shared machine falls on every context alike and the ratios between contexts hold. Per-token
+    decode times (median) per context; peak memory is with every session alive."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = rt.embed.shape[0]
+    rows, live = [], []
+    for context in contexts:
+        session = rt.new_session()
+        ids = torch.randint(0, vocab, (context,), generator=g)
+        t0 = time.perf_counter()
+        tok = int(rt.forward(ids, session).argmax())
+        ttft = time.perf_counter() - t0
+        rows.append({"context": context, "prefill_tokens_per_s": context / ttft, "ttft_s": ttft})
+        live.append([session, tok, []])
+    for _ in range(decode_tokens):
+        for entry in live:
+            t = time.perf_counter()
+            entry[1] = int(rt.forward([entry[1]], entry[0]).argmax())
+            entry[2].append(time.perf_counter() - t)
+    total_state = sum(session.nbytes() for session, _, _ in live)
+    for r, (session, _, times) in zip(rows, live):
+        per_token = statistics.median(times)
+        r.update(decode_ms_per_token=per_token * 1e3, decode_tokens_per_s=1 / per_token, state_bytes=session.nbytes(),
+                 all_states_bytes=total_state, peak_rss_bytes=peak_rss_bytes())
     return rows
 
 

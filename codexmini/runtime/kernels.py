@@ -137,7 +137,7 @@ def resolve_mode(mode: str) -> str:
 
 
 def resolve_act(mode: str, act: str) -> str:
-    """The activations a (resolved) kernel mode is fed: "auto" -> its fast choice; a choice it cannot take is refused."""
+    """The activations a (resolved) kernel mode is fed: "auto" -> its fast choice; one it cannot take is refused."""
     if act not in ACT_DTYPES:
         raise ValueError(f"runtime act_dtype {act!r} is not one of {ACT_DTYPES}")
     act = FAST_ACT[mode] if act == "auto" else act

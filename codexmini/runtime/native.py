@@ -46,8 +46,8 @@ def load(verbose: bool = False):
 
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        module = load_extension(name="codexmini_cmx_kernels", sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                                build_directory=str(folder), verbose=verbose)
+        module = load_extension(name="codexmini_cmx_kernels", sources=[str(SOURCE)], extra_cflags=_flags(),
+                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)
         _state["error"] = None
     except Exception as err:  # noqa: BLE001 - any build failure means: use torch's kernels instead
         _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
