@@ -39,23 +39,7 @@ def current_rss_bytes() -> int:
 
 def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> dict:
     """Prefill `context` tokens, then decode `decode_tokens` greedily; per-token decode times (median)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = rt.embed.shape[0]
-    ids = torch.randint(0, vocab, (context,), generator=g)
-    session = rt.new_session()
-    t0 = time.perf_counter()
-    logits = rt.forward(ids, session)
-    tok = int(logits.argmax())
-    ttft = time.perf_counter() - t0
-    times = []
-    for _ in range(decode_tokens):
-        t = time.perf_counter()
-        tok = int(rt.forward([tok], session).argmax())
-        times.append(time.perf_counter() - t)
-    per_token = statistics.median(times)
-    return {"context": context, "prefill_tokens_per_s": context / ttft, "ttft_s": ttft,
-            "decode_ms_per_token": per_token * 1e3, "decode_tokens_per_s": 1 / per_token,
-            "state_bytes": session.nbytes()}
+    return bench(rt, [context], decode_tokens, seed)[0]
 
 
 def bench(rt, contexts=(16, 1024, 4096), decode_tokens: int = 32, seed: int = 0) -> list[dict]:

@@ -155,24 +155,19 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
         return FloatLinear(tensors[name + ".weight"])
     if mode == "dequant":
         return FloatLinear(dequantize(tensors, name, scheme))
+    q = tensors[name + ".qweight"]
+    group = q.shape[1] * 2 // tensors[name + ".scale"].shape[1] if scheme != "int8" else None
     if mode == "cmx":
         from . import native
 
         ext = native.load()
         if scheme == "int8":
-            return CmxInt8Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"], act == "int8")
-        cols = tensors[name + ".qweight"].shape[1] * 2
-        group = cols // tensors[name + ".scale"].shape[1]
+            return CmxInt8Linear(ext, q, tensors[name + ".scale"], act == "int8")
         if group % ext.block() == 0:
-            return CmxInt4Linear(ext, tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"],
-                                 act == "int8")
+            return CmxInt4Linear(ext, q, tensors[name + ".scale"], tensors[name + ".zero"], act == "int8")
         return FloatLinear(dequantize(tensors, name, scheme))
-    if scheme != "int8":
-        cols = tensors[name + ".qweight"].shape[1] * 2
-        group = cols // tensors[name + ".scale"].shape[1]
-        rows = tensors[name + ".qweight"].shape[0]
-        if group not in INT4_KERNEL_GROUPS or rows % 16:  # what torch's CPU int4 kernel accepts
-            return FloatLinear(dequantize(tensors, name, scheme))
+    if group is not None and (group not in INT4_KERNEL_GROUPS or q.shape[0] % 16):  # what torch's int4 kernel takes
+        return FloatLinear(dequantize(tensors, name, scheme))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act]
     if scheme == "int8":
         return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), dtype)

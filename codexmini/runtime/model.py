@@ -130,7 +130,6 @@ class Layer:
             d = t.get(p + "self_attn.decay_logit")
             self.log_decay = F.logsigmoid(d.float()) if d is not None else None
             self.decay_mult = torch.exp(self.log_decay) if d is not None else torch.empty(0)
-            self.fm_name = fm
             self.fm_w = {s: t[p + f"self_attn.feature_map_{s}.weight"].float().contiguous() for s in "qk"} \
                 if fm == "hedgehog" else None
 
@@ -172,7 +171,7 @@ class Layer:
             return self._linear(q, k, v, st)
         return self._hybrid(q, k, v, st)
 
-    def _grow_cache(self, st: dict, need: int) -> None:
+    def grow_cache(self, st: dict, need: int) -> None:
         """Make the KV cache hold `need` tokens. It grows by at least a quarter (appending stays amortised O(1))
         to a multiple of 256 tokens, so it holds at most ~25% more than it has seen (doubling would waste up to
         half of the largest buffer of a decoder)."""
@@ -190,7 +189,7 @@ class Layer:
     def _softmax_decode(self, qkv: torch.Tensor, st: dict) -> torch.Tensor:
         """One token through codexmini's fused attention kernel (the reference is `_softmax`)."""
         n = st.get("n", 0)
-        self._grow_cache(st, n + 1)
+        self.grow_cache(st, n + 1)
         o = self.ext.attend_decode(qkv, st["k"], st["v"], n, self.h, self.kv, self.hd, self.hd ** -0.5, 0)
         st["n"] = n + 1
         return o
@@ -198,7 +197,7 @@ class Layer:
     def _softmax(self, q, k, v, st):
         T = q.shape[1]
         n = st.get("n", 0)
-        self._grow_cache(st, n + T)
+        self.grow_cache(st, n + T)
         st["k"][:, n:n + T], st["v"][:, n:n + T] = k, v
         st["n"] = S = n + T
         K, V = st["k"][:, :S], st["v"][:, :S]
@@ -214,18 +213,17 @@ class Layer:
         v = self._rep(v)
         return fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
-    def _state(self, st, fq, v1):
+    def _state(self, st, n_features: int):
+        """The linear-attention state `[H, F, D+1]` (zeros before the first token)."""
         if "state" not in st:
-            st["state"] = torch.zeros(self.h, fq.shape[-1], v1.shape[-1])
+            st["state"] = torch.zeros(self.h, n_features, self.hd + 1)
         return st["state"]
 
     def _linear_decode(self, q, k, v, st):
         """One token through codexmini's fused linear-attention step (the reference is `_linear`)."""
         ext = self.ext
         fq, fk = self._features_one(q, k)
-        if "state" not in st:
-            st["state"] = torch.zeros(self.h, fq.shape[-1], self.hd + 1)
-        o = ext.linear_decode_(st["state"], fq, fk, v.reshape(self.kv, self.hd).contiguous(), self.decay_mult,
+        o = ext.linear_decode_(self._state(st, fq.shape[-1]), fq, fk, v.reshape(self.kv, self.hd).contiguous(), self.decay_mult,
                                NORMALISER_EPS)
         return o[:, None]
 
@@ -233,7 +231,7 @@ class Layer:
         if self.ext is not None and q.shape[1] == 1:
             return self._linear_decode(q, k, v, st)
         fq, fk, v1 = self._features(q, k, v)
-        state = self._state(st, fq, v1)
+        state = self._state(st, fq.shape[-1])
         if q.shape[1] == 1:
             kv = fk.transpose(1, 2) @ v1  # [H, F, V]
             state = state * torch.exp(self.log_decay)[:, None, None] + kv if self.log_decay is not None else \
@@ -264,9 +262,7 @@ class Layer:
                     ring[:, :n] = st[name]
                 st[name] = ring
             st["wmeta"] = torch.tensor([n, 0], dtype=torch.long)
-        if "state" not in st:
-            st["state"] = torch.zeros(H, fq.shape[-1], D + 1)
-        o = self.ext.hybrid_decode_(st["state"], st["wk"], st["wfk"], st["wv1"], st["wmeta"],
+        o = self.ext.hybrid_decode_(self._state(st, fq.shape[-1]), st["wk"], st["wfk"], st["wv1"], st["wmeta"],
                                     q.reshape(H, D).contiguous(), k.reshape(self.kv, D).contiguous(),
                                     v.reshape(self.kv, D).contiguous(), fq, fk, self.decay_mult, D ** -0.5,
                                     NORMALISER_EPS)
@@ -291,7 +287,7 @@ class Layer:
         k = self._rep(k)
         H, T, D = q.shape
         w = self.window
-        state = self._state(st, fq, v1)
+        state = self._state(st, fq.shape[-1])
         if "wk" in st:
             k_all, fk_all, v1_all = (torch.cat([st[n], x], dim=1) for n, x in
                                      (("wk", k), ("wfk", fk), ("wv1", v1)))
@@ -377,13 +373,7 @@ class Runtime:
         # A tied head is the embedding matrix (widened to fp32 for the matmul); an untied one has its own kernel.
         self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
             if not c.get("tie_word_embeddings") else make_linear({"lm_head.weight": self.embed}, "lm_head", None)
-        self.layers = []
-        for i in range(c["num_hidden_layers"]):
-            self.layers.append(Layer(f, i, kernels, dt))
-            # drop the file's copies of what this layer repacked or fused, so loading peaks at the file plus one
-            # layer instead of twice the weights
-            for name in [n for n in t if n.startswith(f"model.layers.{i}.")]:
-                del t[name]
+        self.layers = [Layer(f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
         hd = c["head_dim"]
         self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
         self.eps = c["rms_norm_eps"]
@@ -409,7 +399,7 @@ class Runtime:
         if ids.numel() > 1:  # a prompt: size the KV caches once for all of it and 256 decoded tokens
             for layer, st in zip(self.layers, session.layers):
                 if layer.type == "softmax":
-                    layer._grow_cache(st, session.pos + ids.numel() + 256)
+                    layer.grow_cache(st, session.pos + ids.numel() + 256)
         if ids.numel() > self.prefill_chunk:
             parts = [self._forward(chunk, session, all_logits) for chunk in ids.split(self.prefill_chunk)]
             return torch.cat(parts) if all_logits else parts[-1]
