@@ -87,6 +87,11 @@ def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tupl
     return tensors, ranges
 
 
+def _checksum_label(name: str, t: torch.Tensor) -> bytes:
+    """What the checksum hashes before a tensor's bytes (its name, dtype and shape)."""
+    return f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
+
+
 def _file_checksum(path: Path, tensors: dict[str, torch.Tensor], ranges: dict[str, tuple[int, int]]) -> str:
     """`payload_checksum` computed with plain reads of the file: the same digest, without making the mapped
     tensors' pages resident in this process."""
@@ -94,8 +99,7 @@ def _file_checksum(path: Path, tensors: dict[str, torch.Tensor], ranges: dict[st
     buf = bytearray(16 << 20)
     with open(path, "rb", buffering=0) as fh:
         for name in sorted(tensors):
-            t = tensors[name]
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(_checksum_label(name, tensors[name]))
             begin, end = ranges[name]
             fh.seek(begin)
             left = end - begin
@@ -112,7 +116,7 @@ def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_checksum_label(name, t))
         if t.numel():  # hashed through the buffer protocol: no copy of the tensor
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
