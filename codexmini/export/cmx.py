@@ -51,6 +51,7 @@ class CmxFile:
     chat_template: str
     tensors: dict[str, torch.Tensor]
     checksum: str
+    ranges: dict[str, tuple[int, int]] | None = None  # each tensor's byte range in the file (when mapped)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -198,7 +199,7 @@ def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False)
     except CmxError as err:
         raise CmxError(f"{path}: {err}") from None
     return CmxFile(path, version, config, schemes, meta["tokenizer"], meta.get("chat_template", ""), tensors,
-                   meta["checksum"])
+                   meta["checksum"], ranges)
 
 
 def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:

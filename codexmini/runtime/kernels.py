@@ -193,6 +193,10 @@ class CmxConcatLinear:
         y = self._call(x.float().contiguous(), *self._args, self.int8_act)
         return y if residual is None else residual + y
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of two parts (gate, up) in one call: a prompt never holds their concatenated output."""
+        return self._call(x.float().contiguous(), *self._args, self.int8_act, True)
+
 
 def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str = "native", act: str = "float32"):
     """One kernel for several linear layers that read the same input (q/k/v, gate/up), so decoding makes one call

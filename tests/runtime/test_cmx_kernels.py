@@ -42,7 +42,7 @@ def _int4(N, K, G, seed=0):
 
 
 @needs_ext
-@pytest.mark.parametrize("N, K, G", [(96, 64, 32), (37, 128, 64), (200, 576, 32), (64, 256, 128)])
+@pytest.mark.parametrize("N, K, G", [(96, 64, 32), (37, 128, 64), (200, 576, 32), (64, 256, 128), (600, 64, 32)])
 @pytest.mark.parametrize("M", [1, 3, 9])  # one row and few rows take the GEMV, more the tiled GEMM
 def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
     t, W = _int4(N, K, G)
@@ -78,6 +78,35 @@ def test_int8_kernel_equals_dequantized_reference(N, K, M):
         want_q = (int8_activations(x) if M <= 4 else x) @ (q.float() * s[:, None]).t()
         torch.testing.assert_close(ext.q8_linear(x, q, s, None, True), want_q,
                                    atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("M", [1, 3, 9])
+@pytest.mark.parametrize("int8_act", [False, True])
+def test_parts_side_by_side_and_fused_silu_equal_the_reference(scheme, M, int8_act):
+    """q/k/v (parts of different heights, one over a tile of 256 rows) side by side, and gate/up fused into
+    silu(gate) * up, against the dequantized parts concatenated."""
+    heights = (300, 40, 40) if scheme == "int4" else (300, 40, 72)
+    K = 64
+    if scheme == "int4":
+        ts = [_int4(N, K, 32, seed=i) for i, N in enumerate(heights)]
+        args = ([t["w.qweight"] for t, _ in ts], [t["w.scale"] for t, _ in ts], [t["w.zero"] for t, _ in ts])
+        Ws, call = [W for _, W in ts], ext.q4_linear_cat
+    else:
+        g = torch.Generator().manual_seed(3)
+        qs = [torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g) for N in heights]
+        ss = [torch.rand(N, generator=g) * 0.01 for N in heights]
+        args, Ws, call = (qs, ss), [q.float() * s[:, None] for q, s in zip(qs, ss)], ext.q8_linear_cat
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
+    xr = int8_activations(x) if int8_act and M <= 4 else x
+    want = xr @ torch.cat(Ws).t()
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(call(x, *args, int8_act), want, **tol)
+    # gate and up: two weights of equal height (the first part, and its rows reversed)
+    pair = tuple([a[0], a[0].flip(0).contiguous()] for a in args)
+    gate, up = xr @ Ws[0].t(), xr @ Ws[0].flip(0).t()
+    torch.testing.assert_close(call(x, *pair, int8_act, True), torch.nn.functional.silu(gate) * up, **tol)
 
 
 @needs_ext

@@ -240,3 +240,22 @@ def test_int8_embedding_table_in_the_runtime(ids, tiny_tokenizer, tmp_path):
     with torch.no_grad():
         want = model(ids).logits[0]
     torch.testing.assert_close(rt.forward(ids[0], rt.new_session(), all_logits=True), want, atol=5e-4, rtol=1e-3)
+
+
+def test_untied_embedding_rows_are_read_from_the_file_not_mapped(tiny_tokenizer, tmp_path):
+    """An untied embedding table is looked up with reads of its rows (`FileRows`): the same rows as the mapped
+    tensor, in the order asked, repeats included; an id outside the vocabulary is refused. A tied one, which the
+    head reads whole, stays mapped."""
+    from codexmini.runtime.model import FileRows
+
+    path = export_cmx(_model(layer_types=["softmax", "linear"], tie_word_embeddings=False), tiny_tokenizer,
+                      tmp_path / "u.cmx")
+    rt = Runtime(path)
+    assert isinstance(rt.embed, FileRows) and rt.embed.shape == (300, 64)
+    table = read_cmx(path).tensors["model.embed_tokens.weight"]
+    for ids in ([7], [5, 299, 5, 0, 17], list(range(300))[::-1]):
+        torch.testing.assert_close(rt.embed[torch.tensor(ids)], table[ids], atol=0, rtol=0)
+    with pytest.raises(IndexError, match="outside the vocabulary of 300"):
+        rt.embed[torch.tensor([3, 300])]
+    tied = Runtime(export_cmx(_model(layer_types=["softmax", "linear"]), tiny_tokenizer, tmp_path / "t.cmx"))
+    assert torch.is_tensor(tied.embed)

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -70,21 +71,68 @@ at::Tensor new_output(const c10::optional<at::Tensor>& residual, int64_t M, int6
   return residual ? residual->clone() : at::zeros({M, N}, at::kFloat);
 }
 
-// x [M, K] times a weight of N rows that `dequant(a, b, out)` writes as fp32 rows a..b-1 into out: one fp32
-// GEMM (MKL) per tile of kTileRows rows, so a prompt's matmul costs one dequantization of the weight.
-template <typename Dequant>
-at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, int64_t K, const c10::optional<at::Tensor>& residual,
-                      const Dequant& dequant) {
+// A weight of N rows that writes its rows a..b-1 as fp32 (K per row) into `out`.
+struct DequantRows {
+  int64_t N;
+  std::function<void(int64_t, int64_t, float*)> rows;
+};
+
+inline float silu_times(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
+
+// x [M, K] times one or more weights that read it, in fp32 on MKL, dequantizing kTileRows rows of a weight at a
+// time (a prompt's matmul costs one dequantization of each weight). A prompt's temporaries are what bound the
+// runtime's peak memory, so nothing is allocated per tile and nothing is concatenated:
+// - silu == false: the weights' outputs side by side, y [M, sum N] (+ residual), each tile's product written (or
+//   added, with a residual) in place into its columns of y;
+// - silu == true: two weights of equal N (gate, up) give silu(x G^T) * (x U^T) [M, N] (the [M, 2N] product is
+//   never materialised; the reference is silu_mul of the concatenated outputs).
+at::Tensor tiled_gemm(const at::Tensor& x, int64_t K, const std::vector<DequantRows>& parts,
+                      const c10::optional<at::Tensor>& residual, bool silu) {
   const int64_t M = x.size(0);
-  at::Tensor y = residual ? residual->clone() : at::empty({M, N}, at::kFloat);
-  at::Tensor tile = at::empty({std::min(kTileRows, N), K}, at::kFloat);
+  int64_t total = 0, rows = 1;
+  for (const auto& p : parts) {
+    total += p.N;
+    rows = std::max(rows, std::min(kTileRows, p.N));
+  }
+  at::Tensor tile = at::empty({(silu ? 2 : 1) * rows, K}, at::kFloat);
   float* t = tile.data_ptr<float>();
-  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-    const int64_t n1 = std::min(n0 + kTileRows, N);
-    at::parallel_for(n0, n1, kRowGrain, [&](int64_t a, int64_t b) { dequant(a, b, t + (a - n0) * K); });
-    at::Tensor part = at::mm(x, tile.narrow(0, 0, n1 - n0).t());
-    if (residual) y.narrow(1, n0, n1 - n0).add_(part);
-    else y.narrow(1, n0, n1 - n0).copy_(part);
+  auto dequant = [&](const DequantRows& p, int64_t n0, int64_t n1, float* out) {
+    at::parallel_for(n0, n1, kRowGrain, [&](int64_t a, int64_t b) { p.rows(a, b, out + (a - n0) * K); });
+  };
+  if (silu) {
+    TORCH_CHECK(parts.size() == 2 && parts[0].N == parts[1].N, "silu: two weights (gate, up) of equal rows");
+    const int64_t N = parts[0].N;
+    at::Tensor y = at::empty({M, N}, at::kFloat);
+    at::Tensor gu = at::empty({2, M * rows}, at::kFloat);
+    float* yp = y.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+      const int64_t n1 = std::min(n0 + kTileRows, N), nt = n1 - n0;
+      dequant(parts[0], n0, n1, t);
+      dequant(parts[1], n0, n1, t + rows * K);
+      at::Tensor g = gu[0].narrow(0, 0, M * nt).view({M, nt}), u = gu[1].narrow(0, 0, M * nt).view({M, nt});
+      at::mm_out(g, x, tile.narrow(0, 0, nt).t());
+      at::mm_out(u, x, tile.narrow(0, rows, nt).t());
+      const float* gp = g.data_ptr<float>();
+      const float* up = u.data_ptr<float>();
+      at::parallel_for(0, M, 16, [&](int64_t a, int64_t b) {
+        for (int64_t m = a; m < b; ++m)
+          for (int64_t j = 0; j < nt; ++j) yp[m * N + n0 + j] = silu_times(gp[m * nt + j], up[m * nt + j]);
+      });
+    }
+    return y;
+  }
+  at::Tensor y = residual ? residual->clone() : at::empty({M, total}, at::kFloat);
+  int64_t col = 0;
+  for (const auto& p : parts) {
+    for (int64_t n0 = 0; n0 < p.N; n0 += kTileRows) {
+      const int64_t n1 = std::min(n0 + kTileRows, p.N);
+      dequant(p, n0, n1, t);
+      at::Tensor out = y.narrow(1, col + n0, n1 - n0);  // a strided view: BLAS writes it with its row stride
+      const at::Tensor w = tile.narrow(0, 0, n1 - n0).t();
+      if (residual) at::addmm_out(out, out, x, w);
+      else at::mm_out(out, x, w);
+    }
+    col += p.N;
   }
   return y;
 }
@@ -273,8 +321,18 @@ void q4_dequant_rows(const uint8_t* w, const float* scale, const uint8_t* zero, 
   }
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                     const at::Tensor& zero, const c10::optional<at::Tensor>& residual, bool int8_act) {
+// An int4 weight in the portable layout, checked: its shape and group size, and its rows as fp32 for tiled_gemm.
+struct Q4Weight {
+  int64_t N, K, G;
+  const uint8_t* w;
+  const float* scale;
+  const uint8_t* zero;
+  DequantRows dequant() const {
+    return {N, [*this](int64_t a, int64_t b, float* out) { q4_dequant_rows(w, scale, zero, a, b, K, G, out); }};
+  }
+};
+
+Q4Weight q4_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
               "int4 qweight must be a contiguous uint8 [N, K/2]");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
@@ -282,20 +340,23 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
               "int4 scale must be a contiguous float32 [N, K/G]");
   TORCH_CHECK(zero.scalar_type() == at::kByte && zero.is_contiguous() && zero.sizes() == scale.sizes(),
               "int4 zero must be a contiguous uint8 tensor shaped like scale");
-  const int64_t G = K / scale.size(1);
+  const int64_t G = K / std::max<int64_t>(scale.size(1), 1);
   TORCH_CHECK(G * scale.size(1) == K && G % BLOCK == 0, "int4 group size ", G, " must divide K=", K,
               " and be a multiple of ", BLOCK);
+  return {N, K, G, qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>()};
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                     const at::Tensor& zero, const c10::optional<at::Tensor>& residual, bool int8_act) {
+  const Q4Weight q4 = q4_weight(qweight, scale, zero);
+  const int64_t N = q4.N, K = q4.K, G = q4.G, ngroups = K / G;
   check_input(x, K, "q4_linear");
   const int64_t M = x.size(0);
   check_residual(residual, M, N);
-  const uint8_t* w = qweight.data_ptr<uint8_t>();
-  const float* sc = scale.data_ptr<float>();
-  const uint8_t* zp = zero.data_ptr<uint8_t>();
-  const int64_t ngroups = K / G;
-  if (M > 4)  // prefill: dequantize a tile of rows, then one fp32 GEMM per tile
-    return tiled_gemm(x, N, K, residual, [&](int64_t a, int64_t b, float* rows) {
-      q4_dequant_rows(w, sc, zp, a, b, K, G, rows);
-    });
+  const uint8_t* w = q4.w;
+  const float* sc = q4.scale;
+  const uint8_t* zp = q4.zero;
+  if (M > 4) return tiled_gemm(x, K, {q4.dequant()}, residual, false);  // prefill
   at::Tensor y = new_output(residual, M, N);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
@@ -374,23 +435,38 @@ inline float q8_row_q8(const QuantRow& q, const int8_t* w, int64_t K) {
   return total;
 }
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& residual, bool int8_act) {
+// A per-channel int8 weight, checked, and its rows as fp32 for tiled_gemm.
+struct Q8Weight {
+  int64_t N, K;
+  const int8_t* w;
+  const float* scale;
+  DequantRows dequant() const {
+    return {N, [*this](int64_t a, int64_t b, float* out) {
+      for (int64_t n = a; n < b; ++n)
+        for (int64_t k = 0; k < K; ++k) out[(n - a) * K + k] = static_cast<float>(w[n * K + k]) * scale[n];
+    }};
+  }
+};
+
+Q8Weight q8_weight(const at::Tensor& qweight, const at::Tensor& scale) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
               "int8 qweight must be a contiguous int8 [N, K]");
   const int64_t N = qweight.size(0), K = qweight.size(1);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
               "int8 scale must be a contiguous float32 [N]");
+  return {N, K, qweight.data_ptr<int8_t>(), scale.data_ptr<float>()};
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& residual, bool int8_act) {
+  const Q8Weight q8 = q8_weight(qweight, scale);
+  const int64_t N = q8.N, K = q8.K;
   check_input(x, K, "q8_linear");
   const int64_t M = x.size(0);
   check_residual(residual, M, N);
-  const int8_t* w = qweight.data_ptr<int8_t>();
-  const float* sc = scale.data_ptr<float>();
-  if (M > 4)
-    return tiled_gemm(x, N, K, residual, [&](int64_t a, int64_t b, float* rows) {
-      for (int64_t n = a; n < b; ++n)
-        for (int64_t k = 0; k < K; ++k) rows[(n - a) * K + k] = static_cast<float>(w[n * K + k]) * sc[n];
-    });
+  const int8_t* w = q8.w;
+  const float* sc = q8.scale;
+  if (M > 4) return tiled_gemm(x, K, {q8.dequant()}, residual, false);  // prefill
   at::Tensor y = new_output(residual, M, N);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
@@ -410,61 +486,74 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 // Several int4 / int8 layers that read the same input (q/k/v, gate/up), their outputs side by side: one call
-// instead of several, without concatenating their weights (which would copy them at load).
+// instead of several, without concatenating their weights (which would copy them at load). `silu`: two layers
+// (gate, up) give silu(gate) * up directly (see tiled_gemm).
+at::Tensor silu_mul(const at::Tensor& gu);
+
 at::Tensor q4_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
-                         const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool int8_act) {
+                         const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool int8_act,
+                         bool silu) {
   TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
               "q4_linear_cat: one scale and one zero tensor per weight");
-  const int64_t K = qweights[0].size(1) * 2, G = K / std::max<int64_t>(scales[0].size(1), 1), M = x.size(0);
-  bool same = int8_act && M <= 4 && G % 32 == 0;
-  for (size_t i = 0; i < qweights.size(); ++i)
-    same = same && qweights[i].size(1) * 2 == K && scales[i].size(1) == scales[0].size(1);
-  if (!same) {  // prompts, or parts that differ: one call per part
+  TORCH_CHECK(!silu || qweights.size() == 2, "q4_linear_cat: silu takes two weights (gate, up)");
+  std::vector<Q4Weight> parts;
+  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(q4_weight(qweights[i], scales[i], zeros[i]));
+  const int64_t K = parts[0].K, G = parts[0].G, M = x.size(0);
+  for (const auto& p : parts) TORCH_CHECK(p.K == K, "q4_linear_cat: the weights read inputs of different widths");
+  check_input(x, K, "q4_linear_cat");
+  if (M > 4) {  // prefill: every part into its columns of one output
+    std::vector<DequantRows> rows;
+    for (const auto& p : parts) rows.push_back(p.dequant());
+    return tiled_gemm(x, K, rows, c10::nullopt, silu);
+  }
+  bool same = int8_act && G % 32 == 0;
+  for (const auto& p : parts) same = same && p.G == G;
+  at::Tensor y;
+  if (!same) {  // fp32 activations, or groups that differ: one call per part
     std::vector<at::Tensor> outs;
     for (size_t i = 0; i < qweights.size(); ++i)
       outs.push_back(q4_linear(x, qweights[i], scales[i], zeros[i], c10::nullopt, int8_act));
-    return at::cat(outs, 1);
+    y = at::cat(outs, 1);
+  } else {  // decoding: the activation row quantized once, every part's rows in one parallel loop
+    std::vector<int64_t> start{0};
+    for (const auto& p : parts) start.push_back(start.back() + p.N);
+    const int64_t N = start.back(), ngroups = K / G;
+    y = at::empty({M, N}, at::kFloat);
+    float* yp = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const QuantRow q = quantize_row(x.data_ptr<float>() + m * K, K, G);
+      at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
+        size_t i = 0;
+        for (int64_t n = a; n < b; ++n) {
+          while (n >= start[i + 1]) ++i;
+          const Q4Weight& p = parts[i];
+          const int64_t r = n - start[i];
+          yp[m * N + n] = q4_row_q8(q, p.w + r * (K / 2), p.scale + r * ngroups, p.zero + r * ngroups, K, G);
+        }
+      });
+    }
   }
-  // decoding: the activation row quantized once, every part's rows in one parallel loop
-  std::vector<int64_t> start{0};
-  std::vector<const uint8_t*> wp, zp;
-  std::vector<const float*> sp;
-  for (size_t i = 0; i < qweights.size(); ++i) {
-    const int64_t Ni = qweights[i].size(0);
-    TORCH_CHECK(qweights[i].scalar_type() == at::kByte && qweights[i].dim() == 2 && qweights[i].is_contiguous() &&
-                scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].size(0) == Ni &&
-                zeros[i].scalar_type() == at::kByte && zeros[i].is_contiguous() && zeros[i].sizes() == scales[i].sizes(),
-                "q4_linear_cat: part ", i, " is not a contiguous uint8 / float32 / uint8 int4 weight");
-    start.push_back(start.back() + Ni);
-    wp.push_back(qweights[i].data_ptr<uint8_t>());
-    sp.push_back(scales[i].data_ptr<float>());
-    zp.push_back(zeros[i].data_ptr<uint8_t>());
-  }
-  const int64_t N = start.back(), ngroups = K / G;
-  check_input(x, K, "q4_linear_cat");
-  at::Tensor y = at::empty({M, N}, at::kFloat);
-  float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const QuantRow q = quantize_row(x.data_ptr<float>() + m * K, K, G);
-    at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
-      size_t p = 0;
-      for (int64_t n = a; n < b; ++n) {
-        while (n >= start[p + 1]) ++p;
-        const int64_t r = n - start[p];
-        yp[m * N + n] = q4_row_q8(q, wp[p] + r * (K / 2), sp[p] + r * ngroups, zp[p] + r * ngroups, K, G);
-      }
-    });
-  }
-  return y;
+  return silu ? silu_mul(y) : y;
 }
 
 at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
-                         const std::vector<at::Tensor>& scales, bool int8_act) {
+                         const std::vector<at::Tensor>& scales, bool int8_act, bool silu) {
   TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(), "q8_linear_cat: one scale tensor per weight");
+  TORCH_CHECK(!silu || qweights.size() == 2, "q8_linear_cat: silu takes two weights (gate, up)");
+  std::vector<Q8Weight> parts;
+  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(q8_weight(qweights[i], scales[i]));
+  for (const auto& p : parts) TORCH_CHECK(p.K == parts[0].K, "q8_linear_cat: the weights read inputs of different widths");
+  check_input(x, parts[0].K, "q8_linear_cat");
+  if (x.size(0) > 4) {
+    std::vector<DequantRows> rows;
+    for (const auto& p : parts) rows.push_back(p.dequant());
+    return tiled_gemm(x, parts[0].K, rows, c10::nullopt, silu);
+  }
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < qweights.size(); ++i)
     outs.push_back(q8_linear(x, qweights[i], scales[i], c10::nullopt, int8_act));
-  return at::cat(outs, 1);
+  at::Tensor y = at::cat(outs, 1);
+  return silu ? silu_mul(y) : y;
 }
 
 // ------------------------------------------------------------------------------------------------ layer helpers
@@ -523,10 +612,7 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   const float* p = gu.data_ptr<float>();
   float* o = y.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = p[t * 2 * I + i];
-      o[t * I + i] = g / (1.f + std::exp(-g)) * p[t * 2 * I + I + i];
-    }
+    for (int64_t i = 0; i < I; ++i) o[t * I + i] = silu_times(p[t * 2 * I + i], p[t * 2 * I + I + i]);
   return y;
 }
 
@@ -784,8 +870,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
-  m.def("q4_linear_cat", &q4_linear_cat, "several int4 layers on one input, outputs concatenated");
-  m.def("q8_linear_cat", &q8_linear_cat, "several int8 layers on one input, outputs concatenated");
+  m.def("q4_linear_cat", &q4_linear_cat, "several int4 layers on one input, outputs side by side; silu: "
+        "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
+        py::arg("int8_act") = false, py::arg("silu") = false);
+  m.def("q8_linear_cat", &q8_linear_cat, "several int8 layers on one input, outputs side by side; silu: "
+        "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("int8_act") = false,
+        py::arg("silu") = false);
   m.def("rms_norm", &rms_norm, "w * x / sqrt(mean(x^2) + eps) per row");
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up]");
