@@ -40,7 +40,7 @@ def main() -> None:
     ext = native.load()
     g = torch.Generator().manual_seed(0)
     shapes = [(960, 576, "q/k/v fused"), (3072, 576, "gate/up fused"), (576, 1536, "down"),
-              (2048, 2048, "2048x2048"), (49152, 576, "head (vocab)")]
+              (2048, 2048, "square"), (49152, 576, "head (vocab)")]
     print(f"# one-row matmul, median of {args.repeats} calls, threads={torch.get_num_threads()}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, codexmini kernels: "
           f"{ext.isa() if ext else 'not built: ' + str(native.load_error())}\n")

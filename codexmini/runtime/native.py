@@ -1,7 +1,8 @@
 """Builds and loads codexmini's own CPU kernels (`csrc/cmx_kernels.cpp`) with torch.utils.cpp_extension.
 
-The first load compiles them for this machine's CPU (`-march=native`: AVX2, AVX-512 VNNI or plain C++), which takes
-about a minute and needs a C++ compiler and ninja; the build is cached under `~/.cache/codexmini/kernels/`
+The first load compiles them for this machine's CPU (`-march=native`: AVX2, AVX-512 VNNI or plain C++;
+`CODEXMINI_KERNEL_ARCH` names another target), which takes about a minute and needs a C++ compiler and ninja;
+the build is cached under `~/.cache/codexmini/kernels/`
 (`CODEXMINI_KERNEL_CACHE` moves it), keyed by the source, the flags and the torch version, so later loads take
 milliseconds. Where no compiler is available, `load()` returns None and says why in `load_error()`, and the
 runtime falls back to torch's own kernels.
@@ -22,7 +23,10 @@ _state: dict = {}
 
 
 def _flags() -> list[str]:
-    arch = "-mcpu=native" if platform.machine().lower() in ("aarch64", "arm64") else "-march=native"
+    """Compiler flags; `CODEXMINI_KERNEL_ARCH` picks the target CPU instead of this one (e.g. `haswell` for the
+    AVX2 path, `x86-64` for plain C++), for a fleet of older devices or to time one path against another."""
+    target = os.environ.get("CODEXMINI_KERNEL_ARCH", "native")
+    arch = f"-mcpu={target}" if platform.machine().lower() in ("aarch64", "arm64") else f"-march={target}"
     # -fopenmp: at::parallel_for splits rows over torch's threads only when compiled with OpenMP (the libgomp.so.1
     # torch ships is already loaded, so the extension shares torch's thread pool).
     return ["-O3", arch, "-fno-math-errno", "-fopenmp"]
