@@ -66,38 +66,55 @@ def smollm2_gguf() -> Path:
 
 
 def llama_worker(args) -> None:
-    """llama.cpp (llama-cpp-python) on a GGUF: the same prompt / greedy decode protocol as the runtime's bench."""
+    """llama.cpp (llama-cpp-python) on a GGUF, with the runtime's protocol: one context per context length on the
+    one loaded model, each prefilled, then decoded in turn, a greedy token each per round."""
     import numpy as np
-    from llama_cpp import Llama
+    from llama_cpp import Llama, llama_context_params
+    from llama_cpp._internals import LlamaBatch, LlamaContext
 
     sys.path.insert(0, str(ROOT))
     from codexmini.runtime.bench import current_rss_bytes, peak_rss_bytes
 
     baseline = current_rss_bytes()
-    out = []
-    for ctx in (int(c) for c in args.contexts.split(",")):
-        llm = Llama(args.llama_worker, n_ctx=ctx + args.decode_tokens + 8, n_threads=torch.get_num_threads(),
-                    n_threads_batch=torch.get_num_threads(), n_batch=512, verbose=False)
-        n_vocab = llm.n_vocab()
+    threads = torch.get_num_threads()
+    llm = Llama(args.llama_worker, n_ctx=64, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    n_vocab = llm.n_vocab()
 
-        def argmax() -> int:
-            return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+    class Stream:  # one sequence in its own llama.cpp context (its own KV cache) on the shared model
+        def __init__(self, n_ctx: int):
+            params = llama_context_params.from_buffer_copy(llm.context_params)
+            params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, 512, 512
+            self.ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+            self.batch = LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+            self.n = 0
 
-        ids = torch.randint(0, n_vocab, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
+        def eval(self, tokens: list[int]) -> int:
+            for i in range(0, len(tokens), 512):
+                part = tokens[i:i + 512]
+                self.batch.set_batch(part, self.n, False)
+                self.ctx.decode(self.batch)
+                self.n += len(part)
+            return int(np.argmax(np.ctypeslib.as_array(self.ctx.get_logits(), shape=(n_vocab,))))
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    g = torch.Generator().manual_seed(0)
+    out, live = [], []
+    for ctx in contexts:
+        stream = Stream(ctx + args.decode_tokens + 8)
+        ids = torch.randint(0, n_vocab, (ctx,), generator=g).tolist()
         t0 = time.perf_counter()
-        llm.eval(ids)
-        tok = argmax()
+        tok = stream.eval(ids)
         ttft = time.perf_counter() - t0
-        times = []
-        for _ in range(args.decode_tokens):
+        out.append({"context": ctx, "ttft_s": ttft, "prefill_tokens_per_s": ctx / ttft})
+        live.append([stream, tok, []])
+    for _ in range(args.decode_tokens):
+        for entry in live:
             t = time.perf_counter()
-            llm.eval([tok])
-            tok = argmax()
-            times.append(time.perf_counter() - t)
-        per = statistics.median(times)
-        out.append({"context": ctx, "decode_tokens_per_s": 1 / per, "ttft_s": ttft, "prefill_tokens_per_s": ctx / ttft,
-                    "peak_rss_bytes": peak_rss_bytes()})
-        del llm
+            entry[1] = entry[0].eval([entry[1]])
+            entry[2].append(time.perf_counter() - t)
+    for r, (_, _, times) in zip(out, live):
+        r.update(decode_tokens_per_s=1 / statistics.median(times), peak_rss_bytes=peak_rss_bytes())
     print(json.dumps({"rows": out, "file_bytes": Path(args.llama_worker).stat().st_size,
                       "baseline_rss_bytes": baseline}))
 
