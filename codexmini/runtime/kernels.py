@@ -64,6 +64,18 @@ class FloatLinear:
         return y if residual is None else residual + y
 
 
+class FloatConcatLinear:
+    """Several float layers that read the same input, their outputs side by side (each keeps its own weight)."""
+
+    def __init__(self, parts: list[FloatLinear]):
+        self.parts = parts
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.cat([F.linear(x, p.weight) for p in self.parts], dim=-1)
+        return y if residual is None else residual + y
+
+
 class Int8Linear:
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype):
         self.codes, self.act_dtype = aligned(codes), act_dtype
@@ -200,12 +212,14 @@ class CmxConcatLinear:
 
 def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str = "native", act: str = "float32"):
     """One kernel for several linear layers that read the same input (q/k/v, gate/up), so decoding makes one call
-    instead of several: for cmx int layers the parts side by side (no copy), otherwise their rows concatenated.
-    None when their schemes differ."""
+    instead of several: for cmx int layers and float layers the parts side by side (no copy), otherwise (torch's
+    int kernels, which repack the weights anyway) their rows concatenated. None when their schemes differ."""
     kinds = {schemes.get(n) for n in names}
     if len(kinds) != 1:
         return None
     scheme = kinds.pop()
+    if scheme is None:  # float weights are used as the file maps them: a concatenated copy would double them
+        return FloatConcatLinear([FloatLinear(tensors[n + ".weight"]) for n in names])
     if scheme is not None and resolve_mode(mode) == "cmx":
         parts = [make_linear(tensors, n, scheme, mode, act) for n in names]
         if all(isinstance(p, (CmxInt4Linear, CmxInt8Linear)) for p in parts):
