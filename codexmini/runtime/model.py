@@ -276,8 +276,8 @@ class Layer:
         """One token through codexmini's fused linear-attention step (the reference is `_linear`)."""
         ext = self.ext
         fq, fk = self._features_one(q, k)
-        o = ext.linear_decode_(self._state(st, fq.shape[-1]), fq, fk, v.reshape(self.kv, self.hd).contiguous(), self.decay_mult,
-                               NORMALISER_EPS)
+        o = ext.linear_decode_(self._state(st, fq.shape[-1]), fq, fk, v.reshape(self.kv, self.hd).contiguous(),
+                               self.decay_mult, NORMALISER_EPS)
         return o[:, None]
 
     def _linear(self, q, k, v, st):

@@ -234,7 +234,8 @@ def test_mixed_schemes_in_one_layer_use_separate_kernels(ids, tiny_tokenizer, tm
 def test_int8_embedding_table_in_the_runtime(ids, tiny_tokenizer, tmp_path):
     model = _model(layer_types=["hybrid", "softmax"], feature_map="hedgehog")
     cfg = QuantizeConfig(method="rtn", default="int4_g32", untie_head=True,
-                         rules=[{"pattern": "embed_tokens", "scheme": "int8"}, {"pattern": "lm_head", "scheme": "int8"}])
+                         rules=[{"pattern": "embed_tokens", "scheme": "int8"},
+                                {"pattern": "lm_head", "scheme": "int8"}])
     model, _ = quantize_model(model, cfg)
     rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "e.cmx"), act_dtype="float32")
     with torch.no_grad():
