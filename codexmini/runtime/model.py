@@ -5,7 +5,7 @@ tokenizers and the .cmx format module (so the artifact stands on its own), and i
 model (logits, greedy generation) for every layer type.
 
 Per layer type, the decoding state:
-- softmax: a KV cache, grown in place (capacity doubles), so each token appends instead of copying;
+- softmax: a KV cache sized per prompt and grown in place (by quarters), so each token appends instead of copying;
 - linear: a fixed-size state `[H, F, D+1]` (the last column accumulates the normaliser);
 - hybrid: a window of the last `sliding_window` keys/values plus the linear state of every older key.
 """
