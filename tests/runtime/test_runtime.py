@@ -260,3 +260,38 @@ def test_untied_embedding_rows_are_read_from_the_file_not_mapped(tiny_tokenizer,
         rt.embed[torch.tensor([3, 300])]
     tied = Runtime(export_cmx(_model(layer_types=["softmax", "linear"]), tiny_tokenizer, tmp_path / "t.cmx"))
     assert torch.is_tensor(tied.embed)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_weights_are_used_in_place_from_the_files_mapping(tiny_tokenizer, tmp_path):
+    """Memory: the runtime computes with the file's mapped pages, not copies. Float q/k/v and gate/up stay side by
+    side (a concatenated copy once doubled the fp32 model's weights); int4 layers with codexmini's kernels read
+    the packed codes where they lie."""
+    from codexmini.runtime import native
+
+    def mapped_ranges(path):
+        out = []
+        for line in open("/proc/self/maps"):
+            if line.rstrip().endswith(str(path)):
+                lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+                out.append((lo, hi))
+        return out
+
+    def in_file(t, ranges):
+        return any(lo <= t.data_ptr() < hi for lo, hi in ranges)
+
+    model = _model(layer_types=["softmax", "linear"], tie_word_embeddings=False)
+    path = export_cmx(model, tiny_tokenizer, tmp_path / "f32.cmx", dtype="float32")
+    rt = Runtime(path)
+    ranges = mapped_ranges(path)
+    assert ranges
+    for layer in rt.layers:
+        for fused in (layer.qkv, layer.gate_up):
+            assert all(in_file(p.weight, ranges) for p in fused.parts)
+        assert in_file(layer.o.weight, ranges) and in_file(layer.down.weight, ranges)
+    if native.load() is not None:
+        qmodel, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32"))
+        qpath = export_cmx(qmodel, tiny_tokenizer, tmp_path / "q4.cmx")
+        qrt = Runtime(qpath, kernels="cmx")
+        qranges = mapped_ranges(qpath)
+        assert all(in_file(p.packed, qranges) for layer in qrt.layers for p in layer.qkv.parts)
