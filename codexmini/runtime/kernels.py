@@ -7,7 +7,8 @@
 - "cmx": codexmini's own kernels (`csrc/cmx_kernels.cpp`, built on first use by `native.load()`): they read the
   portable layout as stored (no repacking: the weights in memory are the file's) and take fp32 activations, so
   they equal the dequantized reference up to the order of fp32 additions. One-row inputs (decoding) run a SIMD
-  GEMV; longer ones dequantize a tile of rows at a time and multiply with MKL.
+  GEMV; longer ones dequantize a tile of rows at a time and multiply with MKL (with the fast activations, in bf16
+  where the CPU multiplies bf16 natively).
 - "auto" (the runtime's default): "cmx" where the kernels build, else "native".
 - "dequant": int8 / int4 weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
   without the memory saving).

@@ -394,10 +394,12 @@ class Runtime:
         (those kernels, on the file's packed weights), "native" (torch's packed int8 / int4 CPU kernels) or
         "dequant" (int weights widened to fp32 at load); see `kernels.py`.
 
-        `act_dtype`: what the int kernels are fed when decoding. "auto" (the default) is each mode's fast choice:
-        for "cmx", activations quantized to int8 per 32 columns with integer dot products (llama.cpp's approach);
-        for "native", bf16 (torch's CPU int kernels are fast only with bf16 inputs). "float32" gives results equal
-        to the dequantized reference. Prompts (more than 4 rows) and everything else run in fp32."""
+        `act_dtype`: what the int kernels are fed. "auto" (the default) is each mode's fast choice: for "cmx",
+        activations quantized to int8 per 32 columns with integer dot products while decoding (llama.cpp's
+        approach), and prompts' int matmuls (more than 4 rows) in bf16 where the CPU multiplies bf16 natively
+        (AVX-512 BF16, AMX, Arm BF16: about 1.5x the prefill speed; fp32 elsewhere); for "native", bf16 (torch's
+        CPU int kernels are fast only with bf16 inputs). "float32" gives results equal to the dequantized
+        reference. Everything else (norms, attention, float layers) runs in fp32."""
         from tokenizers import Tokenizer
 
         if threads:

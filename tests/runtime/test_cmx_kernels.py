@@ -33,6 +33,17 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     return (xq * d).reshape(x.shape)
 
 
+def fast_prompt_product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The reference for a prompt (more than 4 rows) with the fast activations: where the kernels were built for a
+    CPU with bf16 dot products, bf16-rounded activations and weights, the product rounded to bf16; else fp32."""
+    if ext is None or not ext.bf16_prompts():
+        return x @ W.t()
+    return (x.bfloat16().float() @ W.bfloat16().float().t()).bfloat16().float()
+
+
+BF16_TOL = dict(rtol=2 ** -7)  # one bf16 rounding of the product, taken in another summation order
+
+
 def _int4(N, K, G, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = {"w.qweight": torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
@@ -56,9 +67,13 @@ def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
     # int8 activations: one to four rows take the integer path, equal to int8-rounded activations times the
     # dequantized weight; more rows stay exact fp32
     got = ext.q4_linear(x, t["w.qweight"], t["w.scale"], t["w.zero"], r, True)
-    want_q = (int8_activations(x) if M <= 4 else x) @ W.t() + r
-    torch.testing.assert_close(got, want_q, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    if M <= 4:  # and the rounding is visible: the integer path is not silently the fp32 one
+    if M <= 4:
+        torch.testing.assert_close(got, int8_activations(x) @ W.t() + r, atol=1e-5 * want.abs().max().item(),
+                                   rtol=1e-5)
+    else:  # prompts: bf16 where the CPU multiplies bf16 natively
+        torch.testing.assert_close(got, fast_prompt_product(x, W) + r, atol=1e-5 * want.abs().max().item(),
+                                   **BF16_TOL)
+    if M <= 4 or ext.bf16_prompts():  # and the rounding is visible: the fast path is not silently the fp32 one
         assert (got - want - r).abs().max() > 1e-4 * want.abs().max()
 
 
@@ -74,10 +89,13 @@ def test_int8_kernel_equals_dequantized_reference(N, K, M):
     torch.testing.assert_close(ext.q8_linear(x, q, s), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     r = torch.randn(M, N)
     torch.testing.assert_close(ext.q8_linear(x, q, s, r), want + r, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    if K % 32 == 0:
-        want_q = (int8_activations(x) if M <= 4 else x) @ (q.float() * s[:, None]).t()
-        torch.testing.assert_close(ext.q8_linear(x, q, s, None, True), want_q,
+    W = q.float() * s[:, None]
+    if K % 32 == 0 and M <= 4:
+        torch.testing.assert_close(ext.q8_linear(x, q, s, None, True), int8_activations(x) @ W.t(),
                                    atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    if M > 4:
+        torch.testing.assert_close(ext.q8_linear(x, q, s, r, True), fast_prompt_product(x, W) + r,
+                                   atol=1e-5 * want.abs().max().item(), **BF16_TOL)
 
 
 @needs_ext
@@ -99,13 +117,18 @@ def test_parts_side_by_side_and_fused_silu_equal_the_reference(scheme, M, int8_a
         ss = [torch.rand(N, generator=g) * 0.01 for N in heights]
         args, Ws, call = (qs, ss), [q.float() * s[:, None] for q, s in zip(qs, ss)], ext.q8_linear_cat
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
-    xr = int8_activations(x) if int8_act and M <= 4 else x
-    want = xr @ torch.cat(Ws).t()
-    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+    def product(W):
+        if not int8_act:
+            return x @ W.t()
+        return int8_activations(x) @ W.t() if M <= 4 else fast_prompt_product(x, W)
+
+    want = product(torch.cat(Ws))
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=2 ** -7 if int8_act and M > 4 else 1e-5)
     torch.testing.assert_close(call(x, *args, int8_act), want, **tol)
     # gate and up: two weights of equal height (the first part, and its rows reversed)
     pair = tuple([a[0], a[0].flip(0).contiguous()] for a in args)
-    gate, up = xr @ Ws[0].t(), xr @ Ws[0].flip(0).t()
+    gate, up = product(Ws[0]), product(Ws[0].flip(0))
     torch.testing.assert_close(call(x, *pair, int8_act, True), torch.nn.functional.silu(gate) * up, **tol)
 
 
@@ -150,10 +173,11 @@ def test_runtime_decode_with_cmx_kernels_equals_the_dequantized_model(scheme, ti
         got = torch.cat(got)
         if act == "float32":  # exact: the dequantized reference
             torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-3)
-        else:  # int8 activations while decoding: the prompt stays exact, decoded tokens move a little
-            torch.testing.assert_close(got[:20], want[:20], atol=5e-4, rtol=1e-3)
+        else:  # fast activations: int8 while decoding, bf16 prompts where the CPU multiplies bf16 natively
+            if not ext.bf16_prompts():  # the prompt stays exact
+                torch.testing.assert_close(got[:20], want[:20], atol=5e-4, rtol=1e-3)
             assert (got - want).abs().max() < 0.02 * want.abs().max()
-            assert torch.nn.functional.cosine_similarity(got[20:].flatten(), want[20:].flatten(), dim=0) > 0.999
+            assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
 
 def test_kernel_mode_and_activation_names_are_checked():
