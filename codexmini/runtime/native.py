@@ -50,7 +50,14 @@ def load(verbose: bool = False):
 
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        module = load_extension(name="codexmini_cmx_kernels", sources=[str(SOURCE)], extra_cflags=_flags(),
+        # compiled from a copy inside the (content-keyed) build folder: ninja keys its build on the source's path,
+        # so two checkouts compiling their own copies in place would rebuild each other's cache every time
+        source = folder / SOURCE.name
+        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+            tmp = source.with_name(f"{source.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(SOURCE.read_bytes())
+            os.replace(tmp, source)
+        module = load_extension(name="codexmini_cmx_kernels", sources=[str(source)], extra_cflags=_flags(),
                                 extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)
         _state["error"] = None
     except Exception as err:  # noqa: BLE001 - any build failure means: use torch's kernels instead
