@@ -33,10 +33,12 @@ def _flags() -> list[str]:
 
 
 def build_dir() -> Path:
-    """Where the compiled kernels for this source, these flags and this torch live."""
+    """Where the compiled kernels for this source, these flags and this torch installation live."""
     root = Path(os.environ.get("CODEXMINI_KERNEL_CACHE", Path.home() / ".cache" / "codexmini" / "kernels"))
+    # torch's location too: the build's include and library paths are the environment's, so two environments
+    # sharing one folder would rebuild it for each other
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode() + torch.__version__.encode()
-                         + platform.machine().encode()).hexdigest()[:16]
+                         + platform.machine().encode() + str(Path(torch.__file__).parent).encode()).hexdigest()[:16]
     return root / key
 
 
