@@ -2,9 +2,8 @@
 
 The first load compiles them for this machine's CPU (`-march=native`: AVX2, AVX-512 VNNI or plain C++;
 `CODEXMINI_KERNEL_ARCH` names another target), which takes about a minute and needs a C++ compiler and ninja;
-the build is cached under `~/.cache/codexmini/kernels/`
-(`CODEXMINI_KERNEL_CACHE` moves it), keyed by the source, the flags and the torch installation, so later loads take
-milliseconds. Where no compiler is available, `load()` returns None and says why in `load_error()`, and the
+the build is cached under `~/.cache/codexmini/kernels/` (`CODEXMINI_KERNEL_CACHE` moves it), keyed by the
+source, the flags and the torch installation, so later loads take milliseconds. Where no compiler is available, `load()` returns None and says why in `load_error()`, and the
 runtime falls back to torch's own kernels.
 """
 
