@@ -66,14 +66,14 @@ def smollm2_gguf() -> Path:
 
 
 def llama_worker(args) -> None:
-    """llama.cpp (llama-cpp-python) on a GGUF, with the runtime's protocol: one context per context length on the
-    one loaded model, each prefilled, then decoded in turn, a greedy token each per round."""
+    """llama.cpp (llama-cpp-python) on a GGUF, with the runtime's protocol (`interleaved`): one llama.cpp context
+    per context length on the one loaded model."""
     import numpy as np
     from llama_cpp import Llama, llama_context_params
     from llama_cpp._internals import LlamaBatch, LlamaContext
 
     sys.path.insert(0, str(ROOT))
-    from codexmini.runtime.bench import current_rss_bytes, peak_rss_bytes
+    from codexmini.runtime.bench import current_rss_bytes, interleaved
 
     baseline = current_rss_bytes()
     threads = torch.get_num_threads()
@@ -98,23 +98,13 @@ def llama_worker(args) -> None:
             return int(np.argmax(np.ctypeslib.as_array(self.ctx.get_logits(), shape=(n_vocab,))))
 
     contexts = [int(c) for c in args.contexts.split(",")]
-    g = torch.Generator().manual_seed(0)
-    out, live = [], []
-    for ctx in contexts:
-        stream = Stream(ctx + args.decode_tokens + 8)
-        ids = torch.randint(0, n_vocab, (ctx,), generator=g).tolist()
-        t0 = time.perf_counter()
-        tok = stream.eval(ids)
-        ttft = time.perf_counter() - t0
-        out.append({"context": ctx, "ttft_s": ttft, "prefill_tokens_per_s": ctx / ttft})
-        live.append([stream, tok, []])
-    for _ in range(args.decode_tokens):
-        for entry in live:
-            t = time.perf_counter()
-            entry[1] = entry[0].eval([entry[1]])
-            entry[2].append(time.perf_counter() - t)
-    for r, (_, _, times) in zip(out, live):
-        r.update(decode_tokens_per_s=1 / statistics.median(times), peak_rss_bytes=peak_rss_bytes())
+    streams = {c: Stream(c + args.decode_tokens + 8) for c in contexts}  # created outside the timed prefill
+
+    def prefill(ids):
+        stream = streams[len(ids)]
+        return stream, stream.eval(ids.tolist())
+
+    out, _ = interleaved(prefill, lambda stream, tok: stream.eval([tok]), n_vocab, contexts, args.decode_tokens)
     print(json.dumps({"rows": out, "file_bytes": Path(args.llama_worker).stat().st_size,
                       "baseline_rss_bytes": baseline}))
 

@@ -42,31 +42,46 @@ def bench_context(rt, context: int, decode_tokens: int = 32, seed: int = 0) -> d
     return bench(rt, [context], decode_tokens, seed)[0]
 
 
-def bench(rt, contexts=(16, 1024, 4096), decode_tokens: int = 32, seed: int = 0) -> list[dict]:
-    """Prefill one session per context length, then decode them in turn, one token each per round, so that a
-    slow spell of a shared machine falls on every context alike and the ratios between contexts hold. Per-token
-    decode times (median) per context; peak memory is with every session alive."""
+def interleaved(prefill, step, vocab: int, contexts=(16, 1024, 4096), decode_tokens: int = 32,
+                seed: int = 0) -> tuple[list[dict], list]:
+    """The timing protocol of `bench` (and of scripts/bench_runtime.py's llama.cpp worker): one sequence per
+    context length, each prefilled with random ids (`prefill(ids) -> (state, first greedy token)`), then decoded
+    in turn, one greedy token each per round (`step(state, token) -> next token`), so that a slow spell of a
+    shared machine falls on every context alike and the ratios between contexts hold. Returns a row per context
+    (prefill tokens/s, TTFT, median decode time per token, peak memory with every sequence alive) and the states."""
     g = torch.Generator().manual_seed(seed)
-    vocab = rt.embed.shape[0]
     rows, live = [], []
     for context in contexts:
-        session = rt.new_session()
         ids = torch.randint(0, vocab, (context,), generator=g)
         t0 = time.perf_counter()
-        tok = int(rt.forward(ids, session).argmax())
+        state, tok = prefill(ids)
         ttft = time.perf_counter() - t0
         rows.append({"context": context, "prefill_tokens_per_s": context / ttft, "ttft_s": ttft})
-        live.append([session, tok, []])
+        live.append([state, tok, []])
     for _ in range(decode_tokens):
         for entry in live:
             t = time.perf_counter()
-            entry[1] = int(rt.forward([entry[1]], entry[0]).argmax())
+            entry[1] = step(entry[0], entry[1])
             entry[2].append(time.perf_counter() - t)
-    total_state = sum(session.nbytes() for session, _, _ in live)
-    for r, (session, _, times) in zip(rows, live):
+    for r, (_, _, times) in zip(rows, live):
         per_token = statistics.median(times)
-        r.update(decode_ms_per_token=per_token * 1e3, decode_tokens_per_s=1 / per_token, state_bytes=session.nbytes(),
-                 all_states_bytes=total_state, peak_rss_bytes=peak_rss_bytes())
+        r.update(decode_ms_per_token=per_token * 1e3, decode_tokens_per_s=1 / per_token,
+                 peak_rss_bytes=peak_rss_bytes())
+    return rows, [state for state, _, _ in live]
+
+
+def bench(rt, contexts=(16, 1024, 4096), decode_tokens: int = 32, seed: int = 0) -> list[dict]:
+    """The runtime under `interleaved`: per context, prefill and decode speed, TTFT, its session's bytes and those
+    of all sessions together."""
+    def prefill(ids):
+        session = rt.new_session()
+        return session, int(rt.forward(ids, session).argmax())
+
+    rows, sessions = interleaved(prefill, lambda session, tok: int(rt.forward([tok], session).argmax()),
+                                 rt.embed.shape[0], contexts, decode_tokens, seed)
+    total_state = sum(session.nbytes() for session in sessions)
+    for r, session in zip(rows, sessions):
+        r.update(state_bytes=session.nbytes(), all_states_bytes=total_state)
     return rows
 
 
