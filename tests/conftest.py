@@ -19,6 +19,7 @@ def pytest_sessionstart(session):
 
     native.load()
 
+
 CODE = '''def add(a, b):
     """Add two numbers."""
     return a + b

@@ -183,8 +183,8 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
         return FloatLinear(dequantize(tensors, name, scheme))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act]
     if scheme == "int8":
-        return Int8Linear(tensors[name + ".qweight"], tensors[name + ".scale"].float(), dtype)
-    return Int4Linear(tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".zero"], dtype)
+        return Int8Linear(q, tensors[name + ".scale"].float(), dtype)
+    return Int4Linear(q, tensors[name + ".scale"], tensors[name + ".zero"], dtype)
 
 
 class CmxConcatLinear:
@@ -221,10 +221,10 @@ def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str 
     scheme = kinds.pop()
     if scheme is None:  # float weights are used as the file maps them: a concatenated copy would double them
         return FloatConcatLinear([FloatLinear(tensors[n + ".weight"]) for n in names])
-    if scheme is not None and resolve_mode(mode) == "cmx":
+    if resolve_mode(mode) == "cmx":
         parts = [make_linear(tensors, n, scheme, mode, act) for n in names]
         if all(isinstance(p, (CmxInt4Linear, CmxInt8Linear)) for p in parts):
             return CmxConcatLinear(parts)
-    parts = (".weight",) if scheme is None else (".qweight", ".scale") + (() if scheme == "int8" else (".zero",))
+    parts = (".qweight", ".scale") + (() if scheme == "int8" else (".zero",))
     fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in parts}
     return make_linear(fused, "fused", scheme, mode, act)

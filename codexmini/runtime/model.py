@@ -222,7 +222,7 @@ class Layer:
         if self.type == "softmax":
             self.grow_cache(st, tokens)
         else:
-            self._state(st, self.n_features)
+            self._state(st)
 
     def grow_cache(self, st: dict, need: int) -> None:
         """Make the KV cache hold `need` tokens. It grows by at least a quarter (appending stays amortised O(1))
@@ -266,17 +266,17 @@ class Layer:
         v = self._rep(v)
         return fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
-    def _state(self, st, n_features: int):
+    def _state(self, st):
         """The linear-attention state `[H, F, D+1]` (zeros before the first token)."""
         if "state" not in st:
-            st["state"] = torch.zeros(self.h, n_features, self.hd + 1)
+            st["state"] = torch.zeros(self.h, self.n_features, self.hd + 1)
         return st["state"]
 
     def _linear_decode(self, q, k, v, st):
         """One token through codexmini's fused linear-attention step (the reference is `_linear`)."""
         ext = self.ext
         fq, fk = self._features_one(q, k)
-        o = ext.linear_decode_(self._state(st, fq.shape[-1]), fq, fk, v.reshape(self.kv, self.hd).contiguous(),
+        o = ext.linear_decode_(self._state(st), fq, fk, v.reshape(self.kv, self.hd).contiguous(),
                                self.decay_mult, NORMALISER_EPS)
         return o[:, None]
 
@@ -284,7 +284,7 @@ class Layer:
         if self.ext is not None and q.shape[1] == 1:
             return self._linear_decode(q, k, v, st)
         fq, fk, v1 = self._features(q, k, v)
-        state = self._state(st, fq.shape[-1])
+        state = self._state(st)
         if q.shape[1] == 1:
             kv = fk.transpose(1, 2) @ v1  # [H, F, V]
             state = state * torch.exp(self.log_decay)[:, None, None] + kv if self.log_decay is not None else \
@@ -309,13 +309,13 @@ class Layer:
         H, w, D = self.h, self.window, self.hd
         if "wmeta" not in st:
             n = st["wk"].shape[1] if "wk" in st else 0
-            for name, width in (("wk", D), ("wfk", fq.shape[-1]), ("wv1", D + 1)):
+            for name, width in (("wk", D), ("wfk", self.n_features), ("wv1", D + 1)):
                 ring = torch.zeros(H, w, width)
                 if n:
                     ring[:, :n] = st[name]
                 st[name] = ring
             st["wmeta"] = torch.tensor([n, 0], dtype=torch.long)
-        o = self.ext.hybrid_decode_(self._state(st, fq.shape[-1]), st["wk"], st["wfk"], st["wv1"], st["wmeta"],
+        o = self.ext.hybrid_decode_(self._state(st), st["wk"], st["wfk"], st["wv1"], st["wmeta"],
                                     q.reshape(H, D).contiguous(), k.reshape(self.kv, D).contiguous(),
                                     v.reshape(self.kv, D).contiguous(), fq, fk, self.decay_mult, D ** -0.5,
                                     NORMALISER_EPS)
@@ -340,7 +340,7 @@ class Layer:
         k = self._rep(k)
         H, T, D = q.shape
         w = self.window
-        state = self._state(st, fq.shape[-1])
+        state = self._state(st)
         if "wk" in st:
             k_all, fk_all, v1_all = (torch.cat([st[n], x], dim=1) for n, x in
                                      (("wk", k), ("wfk", fk), ("wv1", v1)))
@@ -362,7 +362,8 @@ class Layer:
         else:
             o_lin, state = _chunk_linear(fq, fk_al, v1_al, state, self.log_decay)
             num, den = self._window_prefill(q, k_all, v1_all[..., :-1], wc, w)
-        for name, value in (("state", state), ("wk", k_all[:, -w:]), ("wfk", fk_all[:, -w:]), ("wv1", v1_all[:, -w:])):
+        for name, value in (("state", state), ("wk", k_all[:, -w:]), ("wfk", fk_all[:, -w:]),
+                            ("wv1", v1_all[:, -w:])):
             _store(st, name, value)
         return (num + o_lin[..., :-1]) / (den + o_lin[..., -1:] + NORMALISER_EPS)
 
@@ -462,14 +463,16 @@ class Runtime:
         A long prompt runs `prefill_chunk` tokens at a time (each chunk continues the caches / states the previous
         one left), so prefill activations stay bounded whatever the prompt length."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("Runtime.forward: no token ids to run")
         if ids.numel() > 1:  # a prompt: size the KV caches once for all of it and 256 decoded tokens
             for layer, st in zip(self.layers, session.layers):
                 layer.reserve(st, session.pos + ids.numel() + 256)
-        if ids.numel() > self.prefill_chunk and all_logits:
-            return torch.cat([self._forward(chunk, session, True) for chunk in ids.split(self.prefill_chunk)])
-        for chunk in ids.split(self.prefill_chunk):
-            logits = None  # only the last chunk's logits are kept: earlier ones would pin the heap
-            logits = self._forward(chunk, session, all_logits)
+        chunks = ids.split(self.prefill_chunk)
+        if all_logits:
+            return torch.cat([self._forward(chunk, session, True) for chunk in chunks])
+        for chunk in chunks:
+            logits = self._forward(chunk, session, False)
         return logits
 
     def _forward(self, ids: torch.Tensor, session: Session, all_logits: bool) -> torch.Tensor:

@@ -3,8 +3,8 @@
 The first load compiles them for this machine's CPU (`-march=native`: AVX2, AVX-512 VNNI or plain C++;
 `CODEXMINI_KERNEL_ARCH` names another target), which takes about a minute and needs a C++ compiler and ninja;
 the build is cached under `~/.cache/codexmini/kernels/` (`CODEXMINI_KERNEL_CACHE` moves it), keyed by the
-source, the flags and the torch installation, so later loads take milliseconds. Where no compiler is available, `load()` returns None and says why in `load_error()`, and the
-runtime falls back to torch's own kernels.
+source, the flags and the torch installation, so later loads take milliseconds. Where no compiler is available,
+`load()` returns None and says why in `load_error()`, and the runtime falls back to torch's own kernels.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def load(verbose: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
         # compiled from a copy inside the (content-keyed) build folder: ninja keys its build on the source's path,
         # so two checkouts compiling their own copies in place would rebuild each other's cache every time
-        source = folder / SOURCE.name
-        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+        source, text = folder / SOURCE.name, SOURCE.read_bytes()
+        if not source.is_file() or source.read_bytes() != text:
             tmp = source.with_name(f"{source.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(SOURCE.read_bytes())
+            tmp.write_bytes(text)
             os.replace(tmp, source)
         module = load_extension(name="codexmini_cmx_kernels", sources=[str(source)], extra_cflags=_flags(),
                                 extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)

@@ -279,7 +279,8 @@ inline float zero_term(const float* scale, const uint8_t* zero, const float* gsu
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
   for (; g + 8 <= ngroups; g += 8) {
-    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g))));
+    const __m256 z =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g))));
     acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + g), z), _mm256_loadu_ps(gsum + g), acc);
   }
   total = hsum(acc);
@@ -424,7 +425,8 @@ inline float q8_row(const float* x, const int8_t* w, int64_t K) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
+    const __m256 w0 =
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
     const __m256 w1 = _mm256_cvtepi32_ps(
         _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8))));
     a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
@@ -537,7 +539,7 @@ at::Tensor q4_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qwe
   const int64_t K = parts[0].K, G = parts[0].G, M = x.size(0);
   for (const auto& p : parts) TORCH_CHECK(p.K == K, "q4_linear_cat: the weights read inputs of different widths");
   check_input(x, K, "q4_linear_cat");
-  if (M > 4) {  // prefill: every part into its columns of one output
+  if (M > 4) {  // prompts: every part into its columns of one output
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
     return tiled_gemm(x, K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
@@ -578,7 +580,8 @@ at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qwe
   TORCH_CHECK(!silu || qweights.size() == 2, "q8_linear_cat: silu takes two weights (gate, up)");
   std::vector<Q8Weight> parts;
   for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(q8_weight(qweights[i], scales[i]));
-  for (const auto& p : parts) TORCH_CHECK(p.K == parts[0].K, "q8_linear_cat: the weights read inputs of different widths");
+  for (const auto& p : parts)
+    TORCH_CHECK(p.K == parts[0].K, "q8_linear_cat: the weights read inputs of different widths");
   check_input(x, parts[0].K, "q8_linear_cat");
   if (x.size(0) > 4) {
     std::vector<DequantRows> rows;
@@ -618,7 +621,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // Rotary embedding in place on the first `heads` heads of each row of qkv [T, C] (the query heads, then the key
 // heads): x * cos + rotate_half(x) * sin with cos, sin [T, hd] (both halves equal, as the model builds them).
 void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t hd) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "rope_: qkv must be float32 [T, C]");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(),
+              "rope_: qkv must be float32 [T, C]");
   const int64_t T = qkv.size(0), C = qkv.size(1), half = hd / 2;
   TORCH_CHECK(heads * hd <= C && hd % 2 == 0, "rope_: ", heads, " heads of ", hd, " do not fit a row of ", C);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd && sin.numel() == T * hd,
@@ -671,7 +675,8 @@ at::Tensor attend_decode(const at::Tensor& qkv, at::Tensor& kcache, at::Tensor& 
                          int64_t kv_heads, int64_t hd, double scale, int64_t window) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == 1 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
               qkv.size(1) >= (heads + 2 * kv_heads) * hd, "attend_decode: qkv must be float32 [1, (H + 2 KV) hd]");
-  TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() && kcache.sizes() == vcache.sizes() &&
+  TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() &&
+              kcache.sizes() == vcache.sizes() &&
               kcache.size(0) == kv_heads && kcache.size(2) == hd && kcache.scalar_type() == at::kFloat &&
               vcache.scalar_type() == at::kFloat, "attend_decode: caches must be float32 [KV, capacity, hd]");
   const int64_t cap = kcache.size(1);
@@ -729,7 +734,8 @@ at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Ten
   TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == H * Fd,
               "linear_decode_: fq must be float32 [H, F]");
   TORCH_CHECK(fk.is_contiguous() && v.is_contiguous() && fk.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat && fk.numel() % Fd == 0, "linear_decode_: fk / v must be float32 [KV, F] / [KV, D]");
+              v.scalar_type() == at::kFloat && fk.numel() % Fd == 0,
+              "linear_decode_: fk / v must be float32 [KV, F] / [KV, D]");
   const int64_t KV = fk.numel() / Fd;
   TORCH_CHECK(KV > 0 && H % KV == 0 && v.numel() == KV * D, "linear_decode_: ", KV, " key heads do not match ", H,
               " heads and v of ", v.numel(), " values");
@@ -768,7 +774,8 @@ at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Ten
 
 // Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)].
 at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat &&
+              w.scalar_type() == at::kFloat &&
               w.dim() == 3 && x.numel() == w.size(0) * w.size(1), "hedgehog: x must be float32 [H, D], w [H, D, Fh]");
   const int64_t H = w.size(0), D = w.size(1), Fh = w.size(2);
   at::Tensor out = at::empty({H, 2 * Fh}, at::kFloat);
@@ -810,8 +817,10 @@ at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at
                           const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
                           const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &wk, &wfk, &wv1, &q, &k, &v, &fq, &fk})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "hybrid_decode_: tensors must be contiguous float32");
-  TORCH_CHECK(meta.numel() == 2 && meta.scalar_type() == at::kLong, "hybrid_decode_: meta must be int64 [count, oldest]");
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "hybrid_decode_: tensors must be contiguous float32");
+  TORCH_CHECK(meta.numel() == 2 && meta.scalar_type() == at::kLong,
+              "hybrid_decode_: meta must be int64 [count, oldest]");
   const int64_t H = state.size(0), Fd = state.size(1), D = state.size(2) - 1, W = wk.size(1);
   TORCH_CHECK(wk.sizes() == at::IntArrayRef({H, W, D}) && wfk.sizes() == at::IntArrayRef({H, W, Fd}) &&
               wv1.sizes() == at::IntArrayRef({H, W, D + 1}), "hybrid_decode_: window buffers must be [H, w, D|F|D+1]");
