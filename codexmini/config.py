@@ -1,8 +1,16 @@
-"""Config schemas (dataclasses registered in Hydra's ConfigStore), recipe composition, and safe instantiation.
+"""Config schemas, recipe composition (package data + a team's own folders), and the safe instantiate.
 
-Defaults live here only. Recipes in `recipes/` pick groups from `configs/` and override a few values; composing
-merges them into these typed schemas, so an unknown key or a wrong type fails at composition, naming the key.
-Only `pipeline.py` and `cli.py` use this module: stage functions take the plain dataclasses.
+Defaults live in the schemas only: the run's own sections here, each stage's section in its package (registered
+with `codexmini.stages`), the model architecture in `CodexMiniConfig`. Recipes pick groups from the config folders
+and override a few values; composing merges them into the typed schemas, so an unknown key or a wrong type fails
+at composition, naming the key. Only `pipeline.py`, `config.py` and `cli.py` use Hydra/OmegaConf: stage functions
+take the plain dataclasses.
+
+Where configs come from, first match wins:
+  1. the folder of a recipe given as a path (its groups sit beside it, as `codexmini init` writes them),
+  2. each `--config-dir DIR` (groups in DIR/<group>/, recipes in DIR/ or DIR/recipes/),
+  3. folders of config groups that registered stages ship,
+  4. the package's own `codexmini/configs/` and `codexmini/recipes/` (installed with the wheel).
 """
 
 from __future__ import annotations
@@ -10,53 +18,77 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import os
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, make_dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-
+from . import stages as registry
 from .data.corpus import DataConfig
-from .distill.attention_transfer import TransferConfig
-from .distill.loop import DistillConfig, TrainerConfig
-from .prune.width import PruneConfig
-from .export.to_cmx import ExportConfig
-from .quantize.apply import QuantizeConfig
+from .train import TrainerConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = Path(os.environ.get("CODEXMINI_CONFIG_DIR", REPO_ROOT / "configs"))
-RECIPE_DIR = Path(os.environ.get("CODEXMINI_RECIPE_DIR", REPO_ROOT / "recipes"))
-# instantiate() refuses any other target: `_target_` on untrusted YAML would otherwise be code execution.
-ALLOWED_TARGET_PREFIXES = ("codexmini.", "torch.optim.", "transformers.")
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
+RECIPE_DIR = PACKAGE_DIR / "recipes"
+
+# The only callables a config may name with `_target_` (a recipe is a file people share: instantiating anything
+# else would be code execution). Installed code may add its own with `allow_target`.
+TARGETS: dict[str, str] = {
+    "codexmini.models.teacher.load_teacher": "load a teacher: hub id, folder, .gguf, stage folder, packaged name",
+    "codexmini.train.pretrain.tiny_random_teacher": "a tiny random Llama teacher made on the fly (smoke tests)",
+}
+
+
+def allow_target(path: str, description: str = "") -> None:
+    """Let configs name the callable at `path` (module.attr) as a `_target_` (for plugins' own teacher loaders)."""
+    module, _, attr = path.rpartition(".")
+    if not module or not attr.isidentifier():
+        raise ValueError(f"target {path!r} must be 'package.module.function'")
+    TARGETS[path] = description
 
 
 @dataclass
 class ModelConfig:
-    """How the student starts: built from the teacher, from scratch, or loaded from a folder."""
+    """How the student starts: built from the teacher, from scratch, or loaded from a folder.
+
+    The architecture fields default to None, meaning CodexMiniConfig's default (the one home of the model's
+    defaults); a value set here is passed on.
+    """
 
     init: str = "from_teacher"  # from_teacher | scratch | folder
     path: str | None = None  # init=folder: a from_pretrained folder (e.g. an earlier stage)
     layers: list[int] | None = None  # from_teacher: teacher layers to keep (default all)
     keep_layers: int | None = None  # from_teacher: keep this many layers, chosen by block influence
     layer_types: list[str] | None = None  # per student layer: softmax | linear | hybrid (default all softmax)
-    feature_map: str = "hedgehog"
-    sliding_window: int = 64
-    linear_decay: bool = False
-    linear_chunk_size: int = 64
-    # init=scratch only:
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 512
+    feature_map: str | None = None
+    sliding_window: int | None = None
+    linear_decay: bool | None = None
+    linear_chunk_size: int | None = None
+    # init=scratch only (the teacher gives them otherwise):
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    intermediate_size: int | None = None
     head_dim: int | None = None
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool | None = None
     embedding_rank: int | None = None
+
+
+MODEL_INITS = ("from_teacher", "scratch", "folder")
+# ModelConfig fields that are CodexMiniConfig fields (passed through when set).
+ARCH_FIELDS = ("feature_map", "sliding_window", "linear_decay", "linear_chunk_size")
+SCRATCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "head_dim", "tie_word_embeddings", "embedding_rank")
 
 
 @dataclass
 class GenerateConfig:
+    """The sample a run prints (and the export stage generates with the runtime)."""
+
     prompt: str = "def fibonacci(n):"
     max_new_tokens: int = 48
 
@@ -72,74 +104,148 @@ class StageSpec:
 
 
 @dataclass
-class RunConfig:
+class RunBase:
     recipe: str = "custom"
     description: str = ""
     run_name: str = "default"  # runs/<recipe>/<run_name>/; re-running the same name resumes
     output_dir: str = "runs"
     seed: int = 0
-    # The teacher is a seam: `_target_` names the loader, the other keys are its arguments.
+    # The teacher is a seam: `_target_` names the loader (one of TARGETS), the other keys are its arguments.
     teacher: dict[str, Any] = field(default_factory=dict)  # pick one from configs/teacher/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stages: list[StageSpec] = field(default_factory=list)
 
 
-GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "transfer": TransferConfig,
-          "prune": PruneConfig, "quantize": QuantizeConfig, "export": ExportConfig,
-          "trainer": TrainerConfig, "generate": GenerateConfig}
+BASE_GROUPS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "generate": GenerateConfig}
+
+
+@lru_cache(maxsize=None)
+def _run_schema(section_items: tuple[tuple[str, type], ...]) -> type:
+    extra = [(name, schema, field(default_factory=schema)) for name, schema in section_items]
+    return make_dataclass("RunConfig", extra, bases=(RunBase,))
+
+
+def run_schema() -> type:
+    """The run config: the run's own sections plus one section per registered stage schema."""
+    return _run_schema(tuple(registry.sections().items()))
+
+
+def groups() -> dict[str, type]:
+    """{config group: schema} for every section a recipe can pick options for."""
+    return {**BASE_GROUPS, **registry.sections()}
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
-    cs.store(name="base_run", node=RunConfig)
-    for group, schema in GROUPS.items():
+    cs.store(name="base_run", node=run_schema())
+    for group, schema in groups().items():
         cs.store(group=group, name=f"base_{group}", node=schema)
 
 
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+# --------------------------------------------------------------------------- where configs and recipes live
+def _dirs(config_dirs: Sequence[str | Path]) -> list[Path]:
+    out = []
+    for d in config_dirs or ():
+        p = Path(d).expanduser().resolve()
+        if not p.is_dir():
+            raise FileNotFoundError(f"--config-dir {d}: no such folder (it should hold config groups such as "
+                                    "trainer/ and data/, and recipes)")
+        out.append(p)
+    return out
 
 
-def recipe_path(recipe: str) -> Path:
-    """A recipe name from recipes/ or a path to a YAML file; a bad name lists the close matches."""
-    path = Path(recipe)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path.resolve()
-    candidate = RECIPE_DIR / f"{recipe}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = list_recipes()
-    close = difflib.get_close_matches(recipe, known, n=3, cutoff=0.4)
+def search_path(config_dirs: Sequence[str | Path] = ()) -> list[Path]:
+    """Folders searched for config groups, first match wins."""
+    return [*_dirs(config_dirs), *registry.config_dirs(), CONFIG_DIR]
+
+
+def recipes(config_dirs: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """{recipe name: YAML path}: the user's folders first, then the package's recipes."""
+    found: dict[str, Path] = {}
+    for d in [*_dirs(config_dirs), RECIPE_DIR]:
+        for folder in (d, d / "recipes"):
+            for p in sorted(folder.glob("*.yaml")):
+                if _is_recipe(p):
+                    found.setdefault(p.stem, p)
+    return found
+
+
+def _is_recipe(path: Path) -> bool:
+    """A recipe is a primary config: it starts from base_run in its defaults list."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+    except Exception:  # noqa: BLE001 - an unreadable file is not listed as a recipe; compose reports it
+        return False
+    return isinstance(data, dict) and "base_run" in (data.get("defaults") or [])
+
+
+def list_recipes(config_dirs: Sequence[str | Path] = ()) -> list[str]:
+    return sorted(recipes(config_dirs))
+
+
+def recipe_path(recipe: str, config_dirs: Sequence[str | Path] = ()) -> Path:
+    """A recipe name (from --config-dir folders or the package) or a path to a YAML file."""
+    path = Path(recipe).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if path.is_file():
+            return path.resolve()
+        if len(path.parts) > 1:
+            raise FileNotFoundError(f"recipe file {recipe} does not exist")
+    known = recipes(config_dirs)
+    if recipe in known:
+        return known[recipe]
+    stem = path.stem if path.suffix in (".yaml", ".yml") else recipe
+    if stem in known:
+        return known[stem]
+    close = difflib.get_close_matches(recipe, list(known), n=3, cutoff=0.4)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise FileNotFoundError(f"no recipe {recipe!r} in {RECIPE_DIR}.{hint} Known recipes: {', '.join(known)}")
+    where = ", ".join(str(d) for d in [*_dirs(config_dirs), RECIPE_DIR])
+    raise FileNotFoundError(f"no recipe {recipe!r} in {where}.{hint} Known recipes: {', '.join(sorted(known))}. "
+                            "A recipe can also be given as a path to its YAML file.")
 
 
-def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()):
-    """Compose a recipe with Hydra overrides into a typed OmegaConf config (RunConfig schema)."""
+def compose(recipe: str, overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()):
+    """Compose a recipe with Hydra overrides into a typed OmegaConf config (the run schema)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    path = recipe_path(recipe)
+    path = recipe_path(recipe, config_dirs)
+    _check_yaml(path)
+    extra = list(_dirs(config_dirs))
+    if path.parent.name == "recipes" and path.parent != RECIPE_DIR:
+        extra.append(path.parent.parent)  # DIR/recipes/x.yaml: DIR's groups come with it
+    dirs = [*extra, *registry.config_dirs(), CONFIG_DIR]
+    searchpath = ",".join(f"file://{d}" for d in dirs)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-        cfg = hydra_compose(config_name=path.stem,
-                            overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", *overrides])
-    return cfg
+        return hydra_compose(config_name=path.stem, overrides=[f"hydra.searchpath=[{searchpath}]", *overrides])
 
 
+def _check_yaml(path: Path) -> None:
+    """Malformed YAML is named with its file and line, not a parser traceback."""
+    import yaml
+
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
+# --------------------------------------------------------------------------- the safe instantiate
 def instantiate(node: dict | Any, **extra):
-    """Call `node._target_` with the node's other keys (plus `extra`), refusing targets outside the allow-list."""
+    """Call `node._target_` with the node's other keys (plus `extra`), refusing targets not in TARGETS."""
     fn, kwargs = resolve_target(node)
     kwargs.update(extra)
     return fn(**kwargs)
@@ -152,24 +258,54 @@ def resolve_target(node) -> tuple[Any, dict]:
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     target = data.pop("_target_", None)
     if not isinstance(target, str) or not target:
-        raise ValueError(f"config node has no _target_: {data}")
-    if not target.startswith(ALLOWED_TARGET_PREFIXES):
-        raise ValueError(f"_target_ {target!r} is not allowed; targets must start with one of "
-                         f"{ALLOWED_TARGET_PREFIXES}")
+        raise ValueError(f"config node has no _target_: {sorted(data)}")
+    if target not in TARGETS:
+        raise ValueError(f"_target_ {target!r} is not allowed; a config may name only: {', '.join(sorted(TARGETS))}")
+    if data.pop("_partial_", None) or any(k.startswith("_") for k in data):
+        raise ValueError(f"_target_ {target!r}: keys starting with '_' are not allowed "
+                         f"({sorted(k for k in data if k.startswith('_'))})")
     module_name, _, attr = target.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"_target_ {target!r} cannot be imported: {err}") from err
-    data.pop("_partial_", None)
     return fn, data
 
 
 def check_target_signature(node, provided: tuple[str, ...] = ()) -> None:
-    """Bind a `_target_` node's keys (plus arguments the pipeline provides) to the callable's signature."""
+    """Bind a `_target_` node's keys (plus arguments the pipeline provides) to the callable's signature and check
+    plain values against its annotations."""
     fn, kwargs = resolve_target(node)
     try:
         inspect.signature(fn).bind_partial(**kwargs, **{k: None for k in provided})
     except TypeError as err:
         raise ValueError(f"_target_ {fn.__module__}.{fn.__qualname__} does not accept {sorted(kwargs)}: {err}") \
             from err
+    hints = typing.get_type_hints(fn)
+    for key, value in kwargs.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise ValueError(f"{key} = {value!r} has the wrong type for {fn.__qualname__} (expects "
+                             f"{_type_name(hints[key])})")
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _matches(value, hint) -> bool:
+    """True when `value` fits `hint`; hints other than plain scalars (and unions of them) are not checked."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(o in _PLAIN or o is Path for o in options):
+        return True
+    if isinstance(value, bool):
+        return bool in options
+    if isinstance(value, int) and (int in options or float in options):
+        return True
+    return any(isinstance(value, str if o is Path else o) for o in options)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def schema_fields(schema: type) -> list[str]:
+    return [f.name for f in fields(schema)]

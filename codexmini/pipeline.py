@@ -7,70 +7,69 @@
                                 checkpoints/step_N/ while training, metrics.jsonl
         ...
 
-A stage folder is complete only once its manifest.json exists (written last, atomically). Re-running the same
-command skips complete stages whose key (stage config + input model hash) is unchanged and resumes a stage that
-was interrupted from its latest step checkpoint.
+Any registered stage runs here (`codexmini.stages`); this module knows none of them by name. A stage folder is
+complete only once its manifest.json exists (written last, atomically). Re-running the same command skips complete
+stages whose key (the stage's config sections + input model hash) is unchanged and whose files still match the
+hashes their manifest records, and resumes an interrupted stage from its latest step checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import sys
-import tempfile
 import time
-from collections import Counter
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, fields, is_dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .config import check_target_signature, instantiate
+from . import stages as registry
+from .config import ARCH_FIELDS, MODEL_INITS, SCRATCH_FIELDS, check_target_signature, groups, instantiate
 from .data import DataConfig, build_data, perplexity
-from .distill import DistillConfig, TrainerConfig, distill
-from .distill.attention_transfer import TransferConfig, attention_transfer
-from .files import sha256_file, write_atomic
+from .errors import RunLocked, StageFailed
+from .files import sha256_file, staged_folder, write_atomic
 from .models import CodexMiniConfig, CodexMiniForCausalLM
 from .models.from_teacher import student_from_teacher
 from .models.quantized import weight_count
 from .prune.depth import select_layers
-from .prune.width import PruneConfig, check_config, prune
-from .quantize.apply import QuantizeConfig, plan, quantize_model
-from .quantize.apply import check_config as check_quantize_config
-from .quantize.qat import fake_quantized
 
 MANIFEST = "manifest.json"
+# Run, recipe and stage folder names: one plain path component (no separators, no '..').
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 # --------------------------------------------------------------------------- files
 def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); delete that stage folder to redo the stage") from None
+    if not isinstance(manifest, dict) or "key" not in manifest:
+        raise ValueError(f"{path} is not a codexmini manifest (no 'key'); delete that stage folder to redo it")
+    return manifest
 
 
 def save_model_folder(model, tokenizer, folder: Path) -> dict:
-    """Save an HF folder atomically (into a temp folder, then moved in file by file) and hash its files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save."))
-    try:
+    """Save an HF folder atomically (into a staged folder, then moved in file by file) and hash its files."""
+    with staged_folder(folder) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        hashes = {}
-        for f in sorted(tmp.iterdir()):
-            hashes[f.name] = sha256_file(f)
-            os.replace(f, folder / f.name)
-        return hashes
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
 
 
 def versions() -> dict:
@@ -81,72 +80,71 @@ def versions() -> dict:
             "accelerate": accelerate.__version__, "python": platform.python_version()}
 
 
-# --------------------------------------------------------------------------- teachers and students
-def tiny_random_teacher(data: DataConfig | dict | None = None, hidden_size: int = 64, num_hidden_layers: int = 4,
-                        num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
-                        vocab_size: int = 512, pretrain_steps: int = 0, seed: int = 0):
-    """A tiny random Llama teacher made on the fly, with a byte-level BPE trained on the run's corpus.
-
-    `pretrain_steps` > 0 trains it briefly with cross-entropy first, so that distilling from it means something.
-    Returns (model, tokenizer) like `load_teacher`.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .data import load_documents, split_documents, train_bpe_tokenizer
-
-    data = DataConfig(**data) if isinstance(data, dict) else (data or DataConfig(max_files=20))
-    train_docs, _ = split_documents(load_documents(data), data)
-    tokenizer = train_bpe_tokenizer(train_docs["text"], vocab_size)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                      num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-                      intermediate_size=intermediate_size, max_position_embeddings=4096, tie_word_embeddings=True,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    if pretrain_steps:
-        # Pretrain as a CodexMini twin (same function, see student_from_teacher) and copy the weights back.
-        twin = student_from_teacher(model)
-        bundle = build_data(data, tokenizer)
-        twin, _ = distill(twin, None, bundle.train, bundle.val, DistillConfig(kd_ratio=0.0),
-                          TrainerConfig(max_steps=pretrain_steps, batch_size=8, lr=3e-3, warmup_steps=5,
-                                        eval_every=pretrain_steps, checkpoint_every=10 ** 9, seed=seed))
-        model.load_state_dict(twin.state_dict(), strict=False)
-    return model.eval().requires_grad_(False), tokenizer
+def _remove(path: Path, run_dir: Path) -> None:
+    """Delete a stage folder, only ever inside the run folder."""
+    path, root = Path(path).resolve(), Path(run_dir).resolve()
+    if root not in path.parents:
+        raise ValueError(f"refusing to delete {path}: it is outside the run folder {root}")
+    shutil.rmtree(path, ignore_errors=True)
 
 
+def _stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed process left behind (atomic writes, half-saved model folders)."""
+    for p in folder.glob(".*"):
+        if p.name.endswith(".tmp") or p.name.startswith((".save.", ".staged.")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(run_dir: Path):
+    """An exclusive lock on the run folder: two processes never write the same run."""
+    import fcntl
+
+    lock_path = run_dir / ".lock"
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            other = f.read().strip() or "another process"
+            raise RunLocked(f"{run_dir} is in use by {other}; wait for it or pick another run_name=") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- the student
 def build_student(cfg: DictConfig, teacher, tokenizer, calibration=None) -> CodexMiniForCausalLM:
     m = cfg.model
+    arch = {k: m[k] for k in ARCH_FIELDS if m[k] is not None}
+    types = list(m.layer_types) if m.layer_types is not None else None
     if m.init == "from_teacher":
-        types = list(m.layer_types) if m.layer_types is not None else None
         layers = list(m.layers) if m.layers is not None else None
         if m.keep_layers is not None:
             if layers is not None:
                 raise ValueError("set model.layers or model.keep_layers, not both")
             layers = select_layers(teacher, calibration, m.keep_layers)
             print(f"[codexmini] kept teacher layers by block influence: {layers}", flush=True)
-        student = student_from_teacher(teacher, layers, types,
-                                       feature_map=m.feature_map, sliding_window=m.sliding_window,
-                                       linear_decay=m.linear_decay, linear_chunk_size=m.linear_chunk_size)
-        return student.float().train()
+        return student_from_teacher(teacher, layers, types, **arch).float().train()
     if m.init == "folder":
         if not m.path or not Path(m.path).is_dir():
             raise FileNotFoundError(f"model.path {m.path!r} is not a folder (model.init=folder)")
         return CodexMiniForCausalLM.from_pretrained(m.path).float()
     if m.init == "scratch":
-        n = m.num_hidden_layers
-        config = CodexMiniConfig(
-            vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_hidden_layers=n,
-            num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
-            intermediate_size=m.intermediate_size, head_dim=m.head_dim, layer_types=list(m.layer_types or
-                                                                                        ["softmax"] * n),
-            feature_map=m.feature_map, sliding_window=m.sliding_window, linear_decay=m.linear_decay,
-            linear_chunk_size=m.linear_chunk_size, tie_word_embeddings=m.tie_word_embeddings,
-            embedding_rank=m.embedding_rank, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        shape = {k: m[k] for k in SCRATCH_FIELDS if m[k] is not None}
+        n = shape.get("num_hidden_layers", CodexMiniConfig().num_hidden_layers)
+        config = CodexMiniConfig(vocab_size=len(tokenizer), layer_types=types or ["softmax"] * n, **shape, **arch,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(cfg.seed)
         return CodexMiniForCausalLM(config)
-    raise ValueError(f"model.init {m.init!r} is not one of from_teacher, scratch, folder")
+    raise ValueError(f"model.init {m.init!r} is not one of {', '.join(MODEL_INITS)}")
 
 
 class Context:
@@ -173,180 +171,25 @@ class Context:
         return build_data(DataConfig(**OmegaConf.to_container(self.cfg.data)), self.tokenizer)
 
 
-# --------------------------------------------------------------------------- stages
-def _stage_distill(model, cfg: DictConfig, ctx: Context, folder: Path):
-    dcfg = DistillConfig(**OmegaConf.to_container(cfg.distill))
-    tcfg = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
-    teacher = ctx.teacher if dcfg.kd_ratio > 0 or dcfg.hidden_weight > 0 else None
-    if not dcfg.fake_quant:
-        return distill(model, teacher, ctx.data.train, ctx.data.val, dcfg, tcfg, workdir=folder,
-                       tokenizer=ctx.tokenizer)
-    schemes = plan(model, QuantizeConfig(**OmegaConf.to_container(cfg.quantize)))
-    with fake_quantized(model, schemes):
-        model, metrics = distill(model, teacher, ctx.data.train, ctx.data.val, dcfg, tcfg, workdir=folder,
-                                 tokenizer=ctx.tokenizer)
-        # Perplexity as the quantize stage will see it (the fake-quantized weights), before they are removed.
-        metrics["val_ppl_fake_quant"] = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
-    return model, {**metrics, "fake_quant_schemes": len(schemes)}
+# --------------------------------------------------------------------------- configs per stage
+def _section(cfg: DictConfig, name: str):
+    """A config section as the plain object a stage gets: its schema's dataclass (the teacher stays a dict)."""
+    schema = groups().get(name)
+    value = OmegaConf.to_container(cfg[name], resolve=True)
+    if schema is None or not isinstance(value, dict):
+        return value
+    return _to_dataclass(schema, value)
 
 
-def _stage_quantize(model, cfg: DictConfig, ctx: Context, folder: Path):
-    qcfg = QuantizeConfig(**OmegaConf.to_container(cfg.quantize))
-    plan(model, qcfg)  # bad schemes or group sizes fail here, before the calibration passes
-    before = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
-    model, report = quantize_model(model, qcfg, ctx.data.calibration)
-    counts = dict(Counter(report["schemes"].values()))
-    print(f"[codexmini] quantized {len(report['schemes'])} linear layers ({qcfg.method}: {counts}); "
-          f"{report['bits_per_weight']:.2f} bits/weight", flush=True)
-    return model, {"val_ppl_before": before, "quantize": report, "scheme_counts": counts}
-
-
-def _stage_transfer(model, cfg: DictConfig, ctx: Context, folder: Path):
-    tcfg = TransferConfig(**OmegaConf.to_container(cfg.transfer))
-    return attention_transfer(model, ctx.data.train, ctx.data.val, tcfg)
-
-
-def _stage_prune(model, cfg: DictConfig, ctx: Context, folder: Path):
-    pcfg = PruneConfig(**OmegaConf.to_container(cfg.prune))
-    check_config(pcfg, model.config)  # before any work: scoring needs calibration passes
-    before = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
-    new, report = prune(model, pcfg, ctx.data.calibration)
-    print(f"[codexmini] pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
-          f"({pcfg.criterion}); sizes {report['sizes']}", flush=True)
-    return new, {"val_ppl_before": before, "prune": report}
-
-
-def _stage_export(model, cfg: DictConfig, ctx: Context, folder: Path):
-    from .export.gguf import write_llama_gguf
-    from .export.to_cmx import ExportConfig, export_cmx
-    from .runtime import Runtime, SamplingConfig
-    from .runtime.bench import bench_context
-
-    ecfg = ExportConfig(**OmegaConf.to_container(cfg.export))
-    path = export_cmx(model, ctx.tokenizer, folder / "model.cmx", ecfg.dtype)
-    # The shipped file must compute what the PyTorch model computes: compare logits on a validation block, with
-    # fp32 activations (exact), then with the int kernels' fast inputs (int8 for cmx, bf16 for native: what users
-    # run), prefill and token by token.
-    ids = ctx.data.val[0, : ecfg.check_tokens]
-    with torch.no_grad():
-        want = model.eval()(input_ids=ids[None]).logits[0].float()
-    diffs, nll = {}, {"pytorch": float(F.cross_entropy(want[:-1], ids[1:]))}
-    for act in ("float32", "auto"):
-        rt = Runtime(path, kernels=ecfg.kernels, act_dtype=act)
-        s = rt.new_session()
-        half = len(ids) // 2
-        got = torch.cat([rt.forward(ids[:half], s, all_logits=True)]
-                        + [rt.forward(ids[t:t + 1], s, all_logits=True) for t in range(half, len(ids))])
-        diffs[act] = float((got - want).abs().max())
-        nll[act] = float(F.cross_entropy(got[:-1], ids[1:]))
-    max_diff = diffs["float32"]
-    speed = bench_context(rt, ecfg.bench_context, ecfg.bench_decode_tokens)
-    text = rt.generate(cfg.generate.prompt, SamplingConfig(max_tokens=cfg.generate.max_new_tokens))
-    print(f"\n[codexmini] runtime sample ({path.name}, {speed['decode_tokens_per_s']:.1f} tok/s decode):\n"
-          f"{cfg.generate.prompt}{text}\n", flush=True)
-    metrics = {"file_bytes": path.stat().st_size, "cmx_sha256": sha256_file(path),
-               "bits_per_weight": 8 * path.stat().st_size / weight_count(model),
-               "runtime_max_abs_logit_diff": max_diff, "runtime_max_abs_logit_diff_fast_act": diffs["auto"],
-               "runtime_act_dtype": rt.act_dtype, "check_nll": nll,
-               "runtime_tokens_per_s": speed["decode_tokens_per_s"],
-               "runtime_prefill_tokens_per_s": speed["prefill_tokens_per_s"], "runtime_ttft_s": speed["ttft_s"],
-               "runtime_kernels": rt.kernels, "runtime_load_s": rt.load_seconds,
-               "prompt": cfg.generate.prompt, "sample": text}
-    if ecfg.gguf:
-        c = model.config
-        llama_shaped = (set(c.layer_types) == {"softmax"} and not c.quantization_scheme and not c.embedding_rank
-                        and len(set(c.layer_num_attention_heads)) == 1 and len(set(c.layer_intermediate_sizes)) == 1)
-        if llama_shaped:
-            gguf_path = write_llama_gguf(model, ctx.tokenizer, folder / "model.gguf")
-            metrics["gguf_bytes"] = Path(gguf_path).stat().st_size
-        else:
-            metrics["gguf_skipped"] = "not llama-shaped (needs all-softmax, float, uniform layer sizes)"
-    return model, metrics
-
-
-def _stage_eval(model, cfg: DictConfig, ctx: Context, folder: Path):
-    return model, {}
-
-
-def _stage_generate(model, cfg: DictConfig, ctx: Context, folder: Path):
-    tok = ctx.tokenizer
-    ids = tok(cfg.generate.prompt, return_tensors="pt").input_ids
-    t0 = time.perf_counter()
-    out = model.eval().generate(ids, max_new_tokens=cfg.generate.max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id)
-    secs = time.perf_counter() - t0
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    print(f"\n[codexmini] sample ({folder.name}):\n{cfg.generate.prompt}{text}\n", flush=True)
-    return model, {"prompt": cfg.generate.prompt, "sample": text,
-                   "generate_tokens_per_s": (out.shape[1] - ids.shape[1]) / secs}
-
-
-# name -> (function, produces a new model, config sections its key depends on)
-STAGES: dict[str, tuple[Any, bool, tuple[str, ...]]] = {
-    "transfer": (_stage_transfer, True, ("transfer", "data")),
-    "distill": (_stage_distill, True, ("distill", "trainer", "data", "teacher")),
-    "prune": (_stage_prune, True, ("prune", "data")),
-    "quantize": (_stage_quantize, True, ("quantize", "data")),
-    "export": (_stage_export, False, ("export", "generate", "data")),
-    "eval": (_stage_eval, False, ("data",)),
-    "generate": (_stage_generate, False, ("generate",)),
-}
-
-
-# --------------------------------------------------------------------------- the run
-def run_dir_for(cfg: DictConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.recipe / cfg.run_name
-
-
-def validate(cfg: DictConfig) -> list[str]:
-    """Check a composed run config without running anything; returns the problems found (empty = valid)."""
-    problems = []
-    try:
-        check_target_signature(cfg.teacher)
-    except ValueError as err:
-        problems.append(f"teacher: {err}")
-    if not cfg.stages:
-        problems.append("stages: the recipe lists no stages")
-    for i, spec in enumerate(cfg.stages):
-        if spec.stage not in STAGES:
-            problems.append(f"stages[{i}].stage {spec.stage!r} is not one of {sorted(STAGES)}")
-        try:
-            _stage_config(cfg, spec)
-        except Exception as err:  # noqa: BLE001 - any bad override is reported, with its key
-            problems.append(f"stages[{i}].overrides: {err}")
-    if cfg.model.init == "folder" and not (cfg.model.path and Path(cfg.model.path).is_dir()):
-        problems.append(f"model.path {cfg.model.path!r} is not a folder (model.init=folder)")
-    if cfg.data.source != "stdlib":
-        from .data import source_files
-
-        try:
-            source_files(DataConfig(**OmegaConf.to_container(cfg.data)))
-        except FileNotFoundError as err:
-            problems.append(f"data.source: {err}")
-    try:
-        from .distill.loop import check_configs
-
-        check_configs(DistillConfig(**OmegaConf.to_container(cfg.distill)),
-                      TrainerConfig(**OmegaConf.to_container(cfg.trainer)))
-    except ValueError as err:
-        problems.append(str(err))
-    for i, spec in enumerate(cfg.stages):
-        try:
-            stage_cfg = _stage_config(cfg, spec)
-        except Exception:  # noqa: BLE001 - a bad override is already reported above
-            continue
-        try:
-            if spec.stage == "prune":
-                check_config(PruneConfig(**OmegaConf.to_container(stage_cfg.prune)))
-            if spec.stage == "quantize" or (spec.stage == "distill" and stage_cfg.distill.fake_quant):
-                check_quantize_config(QuantizeConfig(**OmegaConf.to_container(stage_cfg.quantize)))
-            if spec.stage == "export":
-                from .export.to_cmx import ExportConfig, check_export_config
-
-                check_export_config(ExportConfig(**OmegaConf.to_container(stage_cfg.export)))
-        except (ValueError, KeyError) as err:
-            problems.append(f"stages[{i}] ({spec.stage}): {err}")
-    return problems
+def _to_dataclass(schema, value: dict):
+    kwargs = {}
+    for f in fields(schema):
+        if f.name in value:
+            v = value[f.name]
+            inner = f.type if isinstance(f.type, type) else None
+            kwargs[f.name] = _to_dataclass(inner, v) if inner is not None and is_dataclass(inner) and \
+                isinstance(v, dict) else v
+    return schema(**kwargs)
 
 
 def _stage_config(cfg: DictConfig, spec) -> DictConfig:
@@ -357,6 +200,70 @@ def _stage_config(cfg: DictConfig, spec) -> DictConfig:
             raise KeyError(f"override key {key!r} does not exist in the run config")
         OmegaConf.update(stage_cfg, key, value, merge=True)
     return stage_cfg
+
+
+def stage_context(stage: registry.Stage, stage_cfg: DictConfig, folder: Path | None, shared=None):
+    """The stage's own config (its dataclass) and its context with the sections it uses."""
+    own = _section(stage_cfg, stage.section_name) if stage.section_name else None
+    used = {s: _section(stage_cfg, s) for s in stage.sections(own) if s != stage.section_name}
+    return own, registry.StageContext(folder=folder, seed=stage_cfg.seed, _configs=used, _shared=shared)
+
+
+# --------------------------------------------------------------------------- validate
+def validate(cfg: DictConfig) -> list[str]:
+    """Check a composed run config without running anything; returns the problems found (empty = valid)."""
+    problems = []
+    try:
+        check_target_signature(cfg.teacher)
+    except ValueError as err:
+        problems.append(f"teacher: {err}")
+    for key in ("recipe", "run_name"):
+        if not SAFE_NAME.match(str(cfg[key])) or ".." in str(cfg[key]):
+            problems.append(f"{key} {cfg[key]!r} must be a plain name (letters, digits, '_', '-', '.'; no '/' "
+                            "or '..')")
+    if not cfg.stages:
+        problems.append("stages: the recipe lists no stages")
+    known = registry.stages()
+    for i, spec in enumerate(cfg.stages):
+        if spec.name is not None and (not SAFE_NAME.match(spec.name) or ".." in spec.name):
+            problems.append(f"stages[{i}].name {spec.name!r} must be a plain name (letters, digits, '_', '-', "
+                            "'.'; no '/' or '..')")
+        if spec.stage not in known:
+            try:
+                registry.get(spec.stage)
+            except KeyError as err:
+                problems.append(f"stages[{i}].{err.args[0]}")
+            continue
+        try:
+            stage_cfg = _stage_config(cfg, spec)
+            stage = known[spec.stage]
+            own, ctx = stage_context(stage, stage_cfg, None)
+        except Exception as err:  # noqa: BLE001 - any bad override is reported, with its key
+            problems.append(f"stages[{i}].overrides: {err}")
+            continue
+        if stage.check is not None:
+            try:
+                stage.check(own, ctx)
+            except (ValueError, KeyError, TypeError) as err:
+                problems.append(f"stages[{i}] ({spec.stage}): {err}")
+    m = cfg.model
+    if m.init not in MODEL_INITS:
+        problems.append(f"model.init {m.init!r} is not one of {', '.join(MODEL_INITS)}")
+    if m.init == "folder" and not (m.path and Path(m.path).is_dir()):
+        problems.append(f"model.path {m.path!r} is not a folder (model.init=folder)")
+    if cfg.data.source != "stdlib":
+        from .data import source_files
+
+        try:
+            source_files(DataConfig(**OmegaConf.to_container(cfg.data)))
+        except FileNotFoundError as err:
+            problems.append(f"data.source: {err}")
+    return list(dict.fromkeys(problems))
+
+
+# --------------------------------------------------------------------------- the run
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.recipe / cfg.run_name
 
 
 def _stage_key(stage_cfg: DictConfig, sections: tuple[str, ...], spec, input_hash: str | None) -> str:
@@ -373,10 +280,35 @@ def _key(payload: dict) -> str:
 def _model_metrics(model, folder: Path | None, ctx: Context) -> dict:
     ppl = perplexity(model, ctx.data.val, batch_size=8)
     out = {"val_ppl": ppl["ppl"], "val_loss": ppl["loss"], "parameters": weight_count(model)}
-    if folder is not None and (folder / "model.safetensors").is_file():
-        size = (folder / "model.safetensors").stat().st_size
-        out.update(file_bytes=size, bits_per_weight=8 * size / out["parameters"])
+    if folder is not None:
+        out.update(_file_metrics(folder, out["parameters"]))
     return out
+
+
+def _file_metrics(folder: Path, parameters: int) -> dict:
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return {}
+    size = path.stat().st_size
+    return {"file_bytes": size, "bits_per_weight": 8 * size / parameters}
+
+
+def _intact(folder: Path, manifest: dict) -> str | None:
+    """None when every output file the manifest records is there with its hash; else what is wrong."""
+    for name, digest in (manifest.get("outputs") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != digest:
+            return f"{path} does not match the hash its manifest records (changed or damaged)"
+    return None
+
+
+def _check_finite(name: str, metrics: dict) -> None:
+    bad = [k for k in ("val_ppl", "val_loss") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
+    if bad:
+        raise StageFailed(f"{name}: {', '.join(f'{k} = {metrics[k]}' for k in bad)} - the stage diverged (check "
+                          "the learning rate, temperature and data); it is not marked complete")
 
 
 def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
@@ -387,8 +319,19 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(run_dir):
+            return _run(cfg, run_dir, ctx or Context(cfg))
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"no space left on device while writing {err.filename or run_dir}; free "
+                                     "some space and re-run the same command to resume") from err
+        raise
+
+
+def _run(cfg: DictConfig, run_dir: Path, ctx: Context) -> Path:
+    _stale_temporaries(run_dir)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    ctx = ctx or Context(cfg)
 
     # Stage 00: the student as built.
     init_dir = run_dir / "00-init"
@@ -396,8 +339,8 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
                 "seed": cfg.seed}
     init_key = _key(init_cfg)
     manifest = read_manifest(init_dir)
-    if manifest is None or manifest["key"] != init_key:
-        shutil.rmtree(init_dir, ignore_errors=True)
+    if manifest is None or manifest["key"] != init_key or _intact(init_dir, manifest):
+        _remove(init_dir, run_dir)
         t0 = time.perf_counter()
         student = build_student(cfg, ctx.teacher, ctx.tokenizer, ctx.data.calibration)
         hashes = save_model_folder(student, ctx.tokenizer, init_dir)
@@ -411,43 +354,62 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> Path:
     model_dir = init_dir
 
     for i, spec in enumerate(cfg.stages, start=1):
-        fn, produces_model, sections = STAGES[spec.stage]
+        stage = registry.get(spec.stage)
         stage_cfg = _stage_config(cfg, spec)
-        if spec.stage == "distill" and stage_cfg.distill.fake_quant:
-            sections = (*sections, "quantize")
+        own, _ = stage_context(stage, stage_cfg, None)
+        sections = stage.sections(own)
         folder = run_dir / f"{i:02d}-{spec.name or spec.stage}"
         input_hash = read_manifest(model_dir)["outputs"].get("model.safetensors")
         key = _stage_key(stage_cfg, sections, spec, input_hash)
         manifest = read_manifest(folder)
         if manifest is not None and manifest["key"] == key:
-            print(f"[codexmini] {folder.name}: complete, skipped", flush=True)
-            if produces_model:
-                model_dir = folder
-            continue
-        if manifest is not None:  # inputs or config changed: the old result is stale
-            shutil.rmtree(folder)
+            damage = _intact(folder, manifest)
+            if damage is None:
+                print(f"[codexmini] {folder.name}: complete, skipped", flush=True)
+                if stage.produces_model:
+                    model_dir = folder
+                continue
+            print(f"[codexmini] {folder.name}: {damage}; redoing the stage", flush=True)
+        if manifest is not None:  # inputs or config changed, or the files were damaged: the old result is stale
+            _remove(folder, run_dir)
         elif folder.exists() and not _resumable(folder, key):
-            shutil.rmtree(folder)
+            _remove(folder, run_dir)
         folder.mkdir(parents=True, exist_ok=True)
+        _stale_temporaries(folder)
         write_atomic(folder / "stage_key", key)
         t0 = time.perf_counter()
         print(f"[codexmini] {folder.name}: running {spec.stage}", flush=True)
+        own, sctx = stage_context(stage, stage_cfg, folder, shared=ctx)
         model = CodexMiniForCausalLM.from_pretrained(model_dir).float()
-        model, metrics = fn(model, stage_cfg, ctx, folder)
+        model, metrics = stage.run(model, own, sctx)
+        # The model's own numbers (perplexity of the weights, size of the saved file) override what the stage
+        # reported under the same names; a stage that saves no model keeps its own file numbers (the .cmx export).
+        metrics.update(_model_metrics(model, None, ctx))
+        _check_finite(folder.name, metrics)
         hashes = {}
-        if produces_model:
+        if stage.produces_model:
             hashes = save_model_folder(model, ctx.tokenizer, folder)
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the final model supersedes them
-        # The model's own numbers (perplexity of the saved weights, size of the saved file) override what the stage
-        # reported under the same names; a stage that saves no model keeps its own file numbers (the .cmx export).
-        metrics.update(_model_metrics(model, folder if produces_model else None, ctx))
+            metrics.update(_file_metrics(folder, metrics["parameters"]))
+        else:
+            hashes = _hash_outputs(folder)
         config_used = {s: OmegaConf.to_container(stage_cfg[s], resolve=True) for s in sections}
         _write_manifest(folder, spec.stage, spec.name or spec.stage, key, config_used,
                         {"model_dir": str(model_dir), "sha256": input_hash}, metrics, hashes, t0)
         print(f"[codexmini] {folder.name}: val ppl {metrics['val_ppl']:.3f}", flush=True)
-        if produces_model:
+        if stage.produces_model:
             model_dir = folder
     return run_dir
+
+
+# Files in a stage folder that are bookkeeping, not the stage's result.
+BOOKKEEPING = {MANIFEST, "stage_key", "metrics.jsonl", ".lock"}
+
+
+def _hash_outputs(folder: Path) -> dict:
+    """Hashes of the files a stage that saves no model left in its folder (the .cmx export, a GGUF file)."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in BOOKKEEPING and not p.name.startswith(".")}
 
 
 def _resumable(folder: Path, key: str) -> bool:

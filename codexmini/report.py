@@ -24,7 +24,7 @@ def collect(run_dir: Path) -> list[dict]:
             "bits/weight": met.get("bits_per_weight"), "val ppl": met.get("val_ppl"),
             "tokens/s": met.get("runtime_tokens_per_s") or met.get("generate_tokens_per_s"),
             "wall s": m.get("wall_time_s"), "teacher_val_ppl": met.get("teacher_val_ppl"),
-            "sample": met.get("sample"), "new_model": bool(m.get("outputs")),
+            "sample": met.get("sample"), "new_model": "model.safetensors" in (m.get("outputs") or {}),
         })
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no completed stages (no manifest.json in its sub-folders)")

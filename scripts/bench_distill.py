@@ -18,7 +18,8 @@ import time
 import torch
 
 from codexmini.data import DataConfig, build_data, perplexity
-from codexmini.distill import DistillConfig, TrainerConfig, distill
+from codexmini.distill import DistillConfig, distill
+from codexmini.train import TrainerConfig
 from codexmini.models.from_teacher import student_from_teacher
 from codexmini.models.teacher import load_teacher
 from codexmini.prune import select_layers

@@ -1,6 +1,6 @@
-"""Knowledge distillation: losses and the training loop."""
+"""Knowledge distillation: losses and the distillation stage on the shared trainer (`codexmini.train`)."""
 
 from .losses import LOSSES, chunked_kd_loss, divergence
-from .loop import DistillConfig, TrainerConfig, distill
+from .loop import DistillConfig, distill
 
-__all__ = ["LOSSES", "DistillConfig", "TrainerConfig", "chunked_kd_loss", "distill", "divergence"]
+__all__ = ["LOSSES", "DistillConfig", "chunked_kd_loss", "distill", "divergence"]

@@ -34,9 +34,13 @@ def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _check_llama_shaped(model) -> dict:
+def check_llama_shaped(model) -> dict:
+    """What llama's GGUF needs of the model (raises ValueError saying what is missing); its rope theta and
+    head size."""
     cfg = model.config
     if cfg.model_type == "codexmini":
+        if getattr(cfg, "quantization_scheme", None):
+            raise ValueError("GGUF export writes float weights; export the model before the quantize stage")
         if set(cfg.layer_types) != {"softmax"}:
             raise ValueError(f"GGUF export needs all-softmax layers; this model has {sorted(set(cfg.layer_types))}")
         for name in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"):
@@ -59,7 +63,7 @@ def write_llama_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", nam
     """Write `model` (+ its fast tokenizer) to `path` as a llama GGUF; atomically (temp file + rename)."""
     import gguf
 
-    info = _check_llama_shaped(model)
+    info = check_llama_shaped(model)
     cfg = model.config
     if dtype not in ("f32", "f16"):
         raise ValueError(f"GGUF dtype {dtype!r} must be 'f32' or 'f16'")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..models.quantized import QuantEmbedding, QuantLinear
-from .cmx import write_cmx
+from ..cmx import write_cmx
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -34,7 +34,8 @@ def model_tensors(model, dtype: str = "float32") -> dict[str, torch.Tensor]:
 def export_cmx(model, tokenizer, path: str | Path, dtype: str = "float32") -> Path:
     """Write `model` (a CodexMiniForCausalLM, float or quantized) and `tokenizer` (a fast HF tokenizer) to `path`."""
     config = model.config.to_dict()
-    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "quantization_scheme"):
+    # What only transformers needs (class names, remote-code map) stays out of the device file.
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "quantization_scheme", "auto_map"):
         config.pop(k, None)
     schemes = dict(model.config.quantization_scheme or {})
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -54,6 +55,8 @@ class ExportConfig:
     check_tokens: int = 64  # tokens of a validation block compared between runtime and PyTorch
     bench_context: int = 256  # prompt length for the runtime's prefill / decode speed
     bench_decode_tokens: int = 32
+    # The runtime's fp32 NLL on the check block must be within this of PyTorch's, else the file is refused.
+    check_nll_tolerance: float = 0.05
 
 
 def check_export_config(cfg: ExportConfig) -> None:
@@ -64,6 +67,10 @@ def check_export_config(cfg: ExportConfig) -> None:
 
     if cfg.kernels not in KERNEL_MODES:
         raise ValueError(f"export.kernels {cfg.kernels!r} is not one of {', '.join(KERNEL_MODES)}")
-    for name in ("check_tokens", "bench_context", "bench_decode_tokens"):
+    if not 0 < cfg.check_nll_tolerance < float("inf"):
+        raise ValueError(f"export.check_nll_tolerance must be a positive number, got {cfg.check_nll_tolerance}")
+    if cfg.check_tokens < 2:
+        raise ValueError(f"export.check_tokens must be >= 2 (a next-token loss needs two), got {cfg.check_tokens}")
+    for name in ("bench_context", "bench_decode_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"export.{name} must be >= 1, got {getattr(cfg, name)}")

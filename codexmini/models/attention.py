@@ -6,29 +6,16 @@ recurrent form for decoding, with state kept per `layer_idx` in a `CodexMiniCach
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.hybrid import hybrid_attn
+from ..ops.linear_attn import append_ones, linear_attn, normalise
+from ..ops.rope import apply_rope
 from .cache import CodexMiniCache
 from .configuration import CodexMiniConfig
 from .feature_maps import build_feature_map
-from .ops import chunk_linear_attn, recurrent_linear_attn
-
-# Keeps linear-attention outputs finite where a relu feature map gives an all-zero normaliser.
-NORMALISER_EPS = 1e-6
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, H, T, D]`, cos/sin `[B, T, D]`."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -74,6 +61,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        # The tables are [B, T, D], shared by all heads. `apply_rope` is looked up here at call time, so pruning's
+        # tracer can swap it for the identity (`prune.width.rope_bypassed`).
+        cos, sin = cos[:, None], sin[:, None]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
@@ -135,41 +125,30 @@ class LinearAttention(Attention):
         """Feature-mapped q `[B,H,T,F]`, k `[B,H,T,F]` and `[v, 1]` `[B,H,T,D+1]`, padding zeroed."""
         fq = self.feature_map_q(q)
         fk = repeat_kv(self.feature_map_k(k), self.groups)
-        v = repeat_kv(v, self.groups)
-        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        v1 = append_ones(repeat_kv(v, self.groups))
         if attention_mask is not None:
             # Padding never enters the state: its key features and values are zeroed.
             keep = attention_mask[:, None, -T:, None].to(fk.dtype)
             fk, v1 = fk * keep, v1 * keep.to(v1.dtype)
         return fq, fk, v1
 
-    def mix(self, fq, fk, v1, state):
-        """Run the right kernel: recurrent for a single decoding token, chunked otherwise."""
-        if fq.shape[2] == 1:
-            return recurrent_linear_attn(fq, fk, v1, 1.0, state, True, self.log_decay())
-        return chunk_linear_attn(fq, fk, v1, 1.0, state, True, self.log_decay(),
-                                 chunk_size=self.config.linear_chunk_size)
-
     def forward(self, x, cos, sin, attention_mask=None, cache: CodexMiniCache | None = None):
         q, k, v = self.project(x, cos, sin)
         T = q.shape[2]
         past = cache.layers[self.layer_idx] if cache is not None else {}
         fq, fk, v1 = self.features(q, k, v, attention_mask, T)
-        o, state = self.mix(fq, fk, v1, past.get("state"))
+        # the recurrent form for a single decoding token, the chunked one otherwise
+        o, state = linear_attn(fq, fk, v1, 1.0, past.get("state"), True, self.log_decay(),
+                               chunk_size=self.config.linear_chunk_size)
         if cache is not None:
             past["state"] = state
-        o = o.float()
-        o = o[..., :-1] / (o[..., -1:] + NORMALISER_EPS)
-        return self.output(o.to(x.dtype))
+        return self.output(normalise(o).to(x.dtype))
 
 
 class HybridAttention(LinearAttention):
-    """Sliding-window softmax over the last `sliding_window` tokens plus linear attention over all older ones.
-
-    As in LoLCATs, both parts share one normaliser:
-    `o_i = (sum_win exp(s_ij - m_i) v_j + sum_old phi(q_i).phi(k_j) v_j) / (sum_win exp(s_ij - m_i) + sum_old phi.phi)`
-    with `m_i` the row maximum over the window. Keys leave the window into the linear state, so decoding keeps a
-    window cache of fixed length plus a fixed-size state.
+    """Sliding-window softmax over the last `sliding_window` tokens plus linear attention over all older ones,
+    sharing one normaliser (as in LoLCATs; the formula and its reference are in `codexmini.ops.hybrid`). Keys leave
+    the window into the linear state, so decoding keeps a window cache of fixed length plus a fixed-size state.
     """
 
     layer_type = "hybrid"
@@ -190,62 +169,12 @@ class HybridAttention(LinearAttention):
             valid_all = torch.cat([past["win_valid"], valid], dim=1)
         else:
             k_all, fk_all, v1_all, valid_all = k, fk, v1, valid
-        wc = k_all.shape[2] - T  # tokens carried over in the window cache (<= w)
-
-        # Linear part: query i sees the keys at combined index <= wc + i - w. Left-padding the combined keys by w
-        # lines key (wc + i - w) up with query i, so a plain causal linear attention over the aligned keys does it.
-        fk_al = F.pad(fk_all, (0, 0, w, 0))[:, :, wc:wc + T]
-        v1_al = F.pad(v1_all, (0, 0, w, 0))[:, :, wc:wc + T]
-        o_lin, state = self.mix(fq, fk_al, v1_al, past.get("state"))
-
-        num, den = self.window_softmax(q, k_all, v1_all[..., :-1], valid_all, wc, w)
-        o = (num + o_lin[..., :-1].float()) / (den + o_lin[..., -1:].float() + NORMALISER_EPS)
+        o, state = hybrid_attn(q, k_all, fq, fk_all, v1_all, w, self.head_dim ** -0.5, past.get("state"),
+                               self.log_decay(), valid_all, self.config.linear_chunk_size)
         if cache is not None:
             past.update(state=state, win_k=k_all[:, :, -w:], win_fk=fk_all[:, :, -w:],
                         win_v1=v1_all[:, :, -w:], win_valid=valid_all[:, -w:])
         return self.output(o.to(x.dtype))
-
-    def window_softmax(self, q, k_all, v_all, valid_all, wc, w):
-        """Unnormalised sliding-window softmax, blocked so memory is O(T * w), not O(T^2).
-
-        q `[B,H,T,D]`; k_all/v_all `[B,H,wc+T,D]`. Returns numerator `[B,H,T,D]` and denominator `[B,H,T,1]`.
-        """
-        B, H, T, D = q.shape
-        if T == 1:
-            return self._window_softmax_decode(q, k_all, v_all, valid_all, w)
-        nb = math.ceil(T / w)
-        # Extended key index = combined index + (w - wc): query i then sits at extended index i + w and sees
-        # extended keys (i, i + w]. Query block b needs extended keys [b*w, b*w + 2w).
-        front, back = w - wc, nb * w - T
-        k_ext = F.pad(k_all.float(), (0, 0, front, back))
-        v_ext = F.pad(v_all.float(), (0, 0, front, back))
-        ok_ext = F.pad(valid_all, (front, back), value=False)
-        kb = k_ext.unfold(2, 2 * w, w).transpose(-1, -2)  # [B, H, nb, 2w, D]
-        vb = v_ext.unfold(2, 2 * w, w).transpose(-1, -2)
-        okb = ok_ext.unfold(1, 2 * w, w)[:, None, :, None, :]  # [B, 1, nb, 1, 2w]
-        qb = F.pad(q.float(), (0, 0, 0, back)).reshape(B, H, nb, w, D)
-        scores = (qb @ kb.transpose(-1, -2)) * self.head_dim ** -0.5  # [B, H, nb, w, 2w]
-        r = torch.arange(w, device=q.device)[:, None]
-        c = torch.arange(2 * w, device=q.device)[None, :]
-        allowed = (c > r) & (c <= r + w) & okb
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        m = scores.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing to attend to
-        a = torch.exp(scores - m)
-        num = (a @ vb).reshape(B, H, nb * w, D)[:, :, :T]
-        den = a.sum(-1).reshape(B, H, nb * w, 1)[:, :, :T]
-        return num, den
-
-
-    def _window_softmax_decode(self, q, k_all, v_all, valid_all, w):
-        """Fast path for one decoding token: its window is simply the last `w` combined keys."""
-        k, v, ok = k_all[:, :, -w:].float(), v_all[:, :, -w:].float(), valid_all[:, None, None, -w:]
-        scores = (q.float() @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # [B, H, 1, <=w]
-        scores = scores.masked_fill(~ok, float("-inf"))
-        m = scores.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        a = torch.exp(scores - m)
-        return a @ v, a.sum(-1, keepdim=True)
 
 
 ATTENTION_CLASSES = {"softmax": Attention, "linear": LinearAttention, "hybrid": HybridAttention}

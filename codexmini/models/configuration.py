@@ -1,12 +1,27 @@
-"""The CodexMini student's configuration: a Llama-shaped config plus per-layer attention types and sizes."""
+"""The CodexMini student's configuration: a Llama-shaped config plus per-layer attention types and sizes.
+
+Saving it (which `model.save_pretrained` does) also writes the model's source into the folder and `auto_map` into
+config.json, so the folder loads with `trust_remote_code=True` where codexmini is not installed
+(`codexmini.models.remote_code`).
+"""
 
 from __future__ import annotations
+
+import importlib
+import json
+import os
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
-LAYER_TYPES = ("softmax", "linear", "hybrid")
-FEATURE_MAPS = ("elu", "relu", "hedgehog", "taylor")
+from ..ops.names import FEATURE_MAPS, LAYER_TYPES
+
+# config.json spells the layer types in transformers' vocabulary. transformers checks a config's `layer_types`
+# against its own names whenever it reads the file without this class: AutoTokenizer, where codexmini is not
+# installed, falls back to a plain PreTrainedConfig, which refuses "softmax" and "linear". In memory, and everywhere
+# else in codexmini, they keep codexmini's names (`LAYER_TYPES`); files saved with those still load.
+HF_LAYER_TYPES = {"softmax": "full_attention", "linear": "linear_attention", "hybrid": "hybrid"}
+_FROM_HF_LAYER_TYPES = {hf: ours for ours, hf in HF_LAYER_TYPES.items()}
 
 
 @strict
@@ -31,6 +46,9 @@ class CodexMiniConfig(PretrainedConfig):
             (hidden-state distillation matches them by default; depth pruning keeps it up to date).
         quantization_scheme: {linear module name: "int8" | "int4_g<group>[_asym]"}; `from_pretrained` rebuilds
             those modules as `QuantLinear` holding the packed weights (see `models/quantized.py`).
+
+    In config.json, `layer_types` is written in transformers' names (`HF_LAYER_TYPES`: full_attention,
+    linear_attention, hybrid) and read back in either spelling.
     """
 
     model_type = "codexmini"
@@ -79,7 +97,7 @@ class CodexMiniConfig(PretrainedConfig):
                     f"({self.num_attention_heads}); set head_dim explicitly or choose a head count that divides it."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.layer_types = list(self.layer_types or ["softmax"] * n)
+        self.layer_types = [_FROM_HF_LAYER_TYPES.get(t, t) for t in self.layer_types or ["softmax"] * n]
         self.layer_num_attention_heads = _per_layer(self.layer_num_attention_heads, self.num_attention_heads, n,
                                                     "layer_num_attention_heads")
         self.layer_num_key_value_heads = _per_layer(self.layer_num_key_value_heads, self.num_key_value_heads, n,
@@ -131,6 +149,31 @@ class CodexMiniConfig(PretrainedConfig):
     def validate_layer_type(self) -> None:
         # transformers' own check knows only its attention names; ours are softmax / linear / hybrid.
         self.validate_shapes()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Save config.json and, beside it, the model's source with `auto_map` pointing at it, so the folder
+        loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` without codexmini.
+
+        With codexmini imported its registered classes load the folder as usual; `auto_map` is then unused.
+        """
+        if __name__ == "codexmini.models.configuration":
+            # Imported by name, not by an import statement: the flattener copies every module the model code
+            # imports, and the flattener itself has no place in a saved folder. The copy of this file inside a
+            # folder (loaded with trust_remote_code) skips this: transformers' custom_object_save re-saves the
+            # flat files that copy was loaded from.
+            remote_code = importlib.import_module("codexmini.models.remote_code")
+            os.makedirs(save_directory, exist_ok=True)
+            remote_code.write_remote_code(save_directory)
+            self.auto_map = dict(remote_code.AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write config.json, with `layer_types` in transformers' names (see `HF_LAYER_TYPES`)."""
+        data = json.loads(self.to_json_string(use_diff=use_diff))
+        if data.get("layer_types"):
+            data["layer_types"] = [HF_LAYER_TYPES[t] for t in data["layer_types"]]
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @property
     def hedgehog_dim(self) -> int:

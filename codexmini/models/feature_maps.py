@@ -1,66 +1,51 @@
-"""Feature maps phi(.) of linear attention: phi(q) . phi(k) stands in for exp(q . k / sqrt(d)).
+"""The feature maps of linear attention as modules: what a layer holds (hedgehog's learnable weight), around the
+functions in `codexmini.ops.feature_maps`, which define the maps.
 
-Each takes `[B, H, T, D]` and returns `[B, H, T, F]` with non-negative features (Taylor's kernel value is positive
-even where single features are negative), so the normaliser `sum_j phi(q) . phi(k_j)` stays positive.
+Each takes `[B, H, T, D]` and returns `[B, H, T, F]` (F = `out_dim(D)`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..ops.feature_maps import (elu_feature_map, feature_map_dim, hedgehog_feature_map, relu_feature_map,
+                                taylor_feature_map)
+from ..ops.names import FEATURE_MAPS
 
 
 class EluFeatureMap(nn.Module):
     """elu(x) + 1 (Katharopoulos et al., 2020)."""
 
     def out_dim(self, head_dim: int) -> int:
-        return head_dim
+        return feature_map_dim("elu", head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x) + 1.0
+        return elu_feature_map(x)
 
 
 class ReluFeatureMap(nn.Module):
     """relu(x): sparse features; rows that are all zero give a zero output (the normaliser carries an epsilon)."""
 
     def out_dim(self, head_dim: int) -> int:
-        return head_dim
+        return feature_map_dim("relu", head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x)
+        return relu_feature_map(x)
 
 
 class TaylorFeatureMap(nn.Module):
-    """2nd-order Taylor expansion of exp (Based): phi(q).phi(k) = 1 + q.k/sqrt(d) + (q.k)^2 / (2 d).
-
-    The quadratic term keeps only the d(d+1)/2 distinct products x_i x_j (i <= j), off-diagonal ones scaled by
-    sqrt(2), which gives the same inner product as the full d^2 outer product at about half the width.
-    """
+    """2nd-order Taylor expansion of exp (Based): phi(q).phi(k) = 1 + q.k/sqrt(d) + (q.k)^2 / (2 d)."""
 
     def __init__(self, head_dim: int):
         super().__init__()
         self.head_dim = head_dim
-        # Index tables are derived from head_dim and built on first use, not kept as buffers: from_pretrained
-        # materialises modules on the meta device and would leave such buffers uninitialised.
-        self._pairs: dict = {}
-
-    def pairs(self, device):
-        if device not in self._pairs:
-            rows, cols = torch.triu_indices(self.head_dim, self.head_dim, device=device)
-            weight = torch.where(rows == cols, 1.0, 2.0 ** 0.5).to(device)
-            self._pairs[device] = (rows, cols, weight)
-        return self._pairs[device]
 
     def out_dim(self, head_dim: int) -> int:
-        return 1 + head_dim + head_dim * (head_dim + 1) // 2
+        return feature_map_dim("taylor", head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
-        x1 = x / d ** 0.25
-        rows, cols, weight = self.pairs(x.device)
-        x2 = x[..., rows] * x[..., cols] * weight.to(x.dtype) / (2.0 ** 0.5 * d ** 0.5)
-        return torch.cat([torch.ones_like(x[..., :1]), x1, x2], dim=-1)
+        return taylor_feature_map(x)
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -87,15 +72,14 @@ class HedgehogFeatureMap(nn.Module):
         return eye
 
     def out_dim(self, head_dim: int) -> int:
-        return 2 * self.weight.shape[-1]
+        return feature_map_dim("hedgehog", head_dim, self.weight.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, H, T, D] -> [B, H, T, F]; the softmax runs in fp32 so bf16 training stays stable.
-        proj = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype)).float()
-        return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
+        return hedgehog_feature_map(x, self.weight)
 
 
 def build_feature_map(name: str, num_heads: int, head_dim: int, feature_dim: int) -> nn.Module:
+    """The module for feature map `name` (one of `FEATURE_MAPS`) of a layer with `num_heads` heads."""
     if name == "elu":
         return EluFeatureMap()
     if name == "relu":
@@ -104,4 +88,4 @@ def build_feature_map(name: str, num_heads: int, head_dim: int, feature_dim: int
         return TaylorFeatureMap(head_dim)
     if name == "hedgehog":
         return HedgehogFeatureMap(num_heads, head_dim, feature_dim)
-    raise ValueError(f"unknown feature_map {name!r}; choose one of elu, relu, hedgehog, taylor")
+    raise ValueError(f"unknown feature_map {name!r}; choose one of {', '.join(FEATURE_MAPS)}")

@@ -10,6 +10,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..ops.norm import rms_norm
+from ..ops.rope import rotary_cos_sin
 from .attention import ATTENTION_CLASSES, LinearAttention, initial_decay_logits
 from .cache import CodexMiniCache
 from .configuration import CodexMiniConfig
@@ -18,17 +20,15 @@ from .quantized import install_quant_linears
 
 
 class CodexMiniRMSNorm(nn.Module):
+    """RMSNorm with its learnable weight `[hidden]` (the function is `codexmini.ops.norm.rms_norm`)."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as Llama does) so bf16 activations keep their precision here.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class CodexMiniMLP(nn.Module):
@@ -41,18 +41,6 @@ class CodexMiniMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """Llama's RoPE tables for `position_ids [B, T]`: cos, sin `[B, T, head_dim]`.
-
-    Computed on the fly (a few flops per token) rather than kept in a buffer, so nothing derived is saved or needs
-    re-initialising after a meta-device load.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class CodexMiniDecoderLayer(GradientCheckpointingLayer):

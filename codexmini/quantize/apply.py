@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.quantized import QuantEmbedding, QuantLinear, Scheme
+from ..models.quantized import QuantEmbedding, QuantLinear
+from ..ops.layouts import Scheme, quantize_int8, quantize_rtn
 from .awq import awq_search_and_fold
 from .gptq import HessianAccumulator, gptq_quantize
-from .modules import model_bits_per_weight, replace_linear, resolve_schemes
-from .numerics import check_group_size, quantize_int8, quantize_rtn
+from ..models.qat import plan_schemes
+from .modules import model_bits_per_weight, replace_linear
 
 METHODS = ("rtn", "gptq", "awq")
 
@@ -42,35 +43,21 @@ class QuantizeConfig:
 def check_config(cfg: QuantizeConfig) -> None:
     if cfg.method not in METHODS:
         raise ValueError(f"quantize.method {cfg.method!r} is not one of {METHODS}")
-    Scheme(cfg.default)
-    for i, rule in enumerate(cfg.rules):
-        if "scheme" not in rule or "pattern" not in rule:
-            raise ValueError(f"quantize.rules[{i}] needs the keys pattern and scheme, got {sorted(rule)}")
-        Scheme(rule["scheme"])
-    if cfg.on_bad_group not in ("error", "int8"):
-        raise ValueError(f"quantize.on_bad_group {cfg.on_bad_group!r} is not one of error, int8")
+    plan_schemes(None, list(cfg.rules), cfg.default, cfg.untie_head, cfg.on_bad_group)  # schemes and rules
     if not 0 < cfg.damp < 1:
         raise ValueError(f"quantize.damp must be in (0, 1), got {cfg.damp}")
+    if cfg.calibration_blocks < 1:
+        raise ValueError(f"quantize.calibration_blocks must be >= 1, got {cfg.calibration_blocks}")
+    if cfg.block_size < 1:
+        raise ValueError(f"quantize.block_size must be >= 1, got {cfg.block_size}")
+    if cfg.awq_grid < 1:
+        raise ValueError(f"quantize.awq_grid must be >= 1, got {cfg.awq_grid}")
 
 
 def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:
     """{linear name: scheme}, with group sizes checked against each layer's width before any work."""
     check_config(cfg)
-    schemes = resolve_schemes(model, list(cfg.rules), cfg.default, cfg.untie_head)
-    for name, scheme in list(schemes.items()):
-        s = Scheme(scheme)
-        if isinstance(model.get_submodule(name), nn.Embedding):
-            continue
-        if s.bits == 4:
-            width = model.get_submodule(name).in_features
-            try:
-                check_group_size(width, s.group_size, name)
-            except ValueError:
-                if cfg.on_bad_group == "int8":
-                    schemes[name] = "int8"
-                else:
-                    raise
-    return schemes
+    return plan_schemes(model, list(cfg.rules), cfg.default, cfg.untie_head, cfg.on_bad_group)
 
 
 def _quant_module(linear: nn.Linear, scheme: str, codes) -> QuantLinear:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import Int4Weight, check_group_size, pack_int4
+from ..ops.layouts import Int4Weight, check_group_size, pack_int4
 
 
 class HessianAccumulator:

@@ -1,7 +1,7 @@
 """The on-device runtime: load a .cmx file, prefill, decode, sample. Imports only torch, safetensors, tokenizers
-and the .cmx format module (`codexmini.export.cmx`)."""
+the numerics core (`codexmini.ops`) and the .cmx format module (`codexmini.cmx`)."""
 
-from .model import Runtime, Session
+from .model import Checkpoint, Runtime, Session
 from .sampling import SamplingConfig
 
-__all__ = ["Runtime", "SamplingConfig", "Session"]
+__all__ = ["Checkpoint", "Runtime", "SamplingConfig", "Session"]

@@ -15,13 +15,16 @@
 
 torch's int kernels take a fast path only with bf16 activations (on this 2-core AVX2 machine, 1x2048 @ 2048x2048:
 fp32 F.linear 745 us; int8 304 us and int4 g32 412 us with bf16 inputs, but 3561 / 4995 us with fp32 inputs), so
-the runtime feeds them bf16 by default. Every mode is tested against the dequantized reference.
+the runtime feeds them bf16 by default. Every mode is tested against the dequantized reference
+(`codexmini.ops.layouts`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..ops.layouts import Int4Weight, dequantize_int4, dequantize_int8, unpack_int4
 
 KERNEL_MODES = ("auto", "cmx", "native", "dequant")
 # What the int kernels are fed: "auto" is each mode's fast choice (cmx: int8, native: bfloat16); "float32" is exact.
@@ -38,21 +41,15 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """`[out, in/2]` bytes (low nibble = even column) -> `[out, in]` codes 0..15."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
 def dequantize(tensors: dict, name: str, scheme: str) -> torch.Tensor:
-    """The fp32 weight of quantized layer `name` from its .cmx tensors (the reference for every kernel)."""
-    q, scale = tensors[name + ".qweight"], tensors[name + ".scale"].float()
+    """The fp32 weight of quantized layer `name` from its .cmx tensors: `ops.layouts`' dequantization (the reference
+    for every kernel) on the file's tensors. An int4 layer's group size is read off its shapes (which `read_cmx`
+    checked against its scheme)."""
+    q, scale = tensors[name + ".qweight"], tensors[name + ".scale"]
     if scheme == "int8":
-        return q.float() * scale[:, None]
-    codes = unpack_int4(q).float()
-    out, cols = codes.shape
-    g = cols // scale.shape[1]
-    zero = tensors[name + ".zero"].float()
-    return ((codes.reshape(out, -1, g) - zero[..., None]) * scale[..., None]).reshape(out, cols)
+        return dequantize_int8(q, scale)
+    cols = q.shape[1] * 2
+    return dequantize_int4(Int4Weight(q, scale, tensors[name + ".zero"], cols // scale.shape[1], cols))
 
 
 class FloatLinear:

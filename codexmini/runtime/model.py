@@ -1,8 +1,11 @@
 """The on-device runtime: loads a .cmx file and runs prefill and token-by-token decode, one sequence at a time.
 
-It is a second implementation of the CodexMini forward pass on purpose: it depends only on torch, safetensors,
-tokenizers and the .cmx format module (so the artifact stands on its own), and it is tested against the PyTorch
-model (logits, greedy generation) for every layer type.
+It depends only on torch, safetensors, tokenizers, `codexmini.ops` and the .cmx format module (so the artifact
+stands on its own, without transformers). Its numerics are the PyTorch model's own functions from `codexmini.ops`
+(feature maps, linear and hybrid attention, RoPE, RMSNorm, dequantization); what is the runtime's is the rest:
+memory-mapped weights, per-session caches and states, and the dispatch to the fused C++ kernels
+(`csrc/cmx_kernels.cpp`, each tested against the ops function it replaces). It is tested against the PyTorch model
+(logits, greedy generation) for every layer type.
 
 Per layer type, the decoding state:
 - softmax: a KV cache sized per prompt and grown in place (by quarters), so each token appends instead of copying;
@@ -21,65 +24,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..export.cmx import CmxFile, read_cmx
-from .kernels import CmxConcatLinear, make_fused_linear, make_linear, resolve_act, resolve_mode
+from ..cmx import CmxFile, read_cmx
+from ..ops.feature_maps import feature_map, feature_map_dim
+from ..ops.hybrid import hybrid_attn
+from ..ops.layouts import dequantize_int8
+from ..ops.linear_attn import NORMALISER_EPS, append_ones, linear_attn, normalise
+from ..ops.norm import rms_norm
+from ..ops.rope import apply_rope, rotary_cos_sin
+from .kernels import (CmxConcatLinear, CmxInt4Linear, CmxInt8Linear, make_fused_linear, make_linear, resolve_act,
+                      resolve_mode)
 
-NORMALISER_EPS = 1e-6  # as in the PyTorch model
-
-
-# --------------------------------------------------------------------------- feature maps
-def _feature_map(name: str, weight: torch.Tensor | None, head_dim: int):
-    if name == "elu":
-        return lambda x: F.elu(x) + 1.0
-    if name == "relu":
-        return F.relu
-    if name == "hedgehog":
-        w = weight.float()
-
-        def hedgehog(x):  # x [H, T, D], w [H, D, F]
-            proj = torch.bmm(x, w)
-            return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
-        return hedgehog
-    rows, cols = torch.triu_indices(head_dim, head_dim)
-    pair_w = torch.where(rows == cols, 1.0, 2.0 ** 0.5) / (2.0 ** 0.5 * head_dim ** 0.5)
-
-    def taylor(x):
-        return torch.cat([torch.ones_like(x[..., :1]), x / head_dim ** 0.25, x[..., rows] * x[..., cols] * pair_w],
-                         dim=-1)
-    return taylor
-
-
-def _chunk_linear(fq, fk, v1, state, log_decay, chunk: int = 64):
-    """Causal linear attention over T tokens from `state` (chunked form). fq/fk `[H,T,F]`, v1 `[H,T,V]`,
-    state `[H,F,V]`, log_decay `[H]` or None. Returns (out `[H,T,V]`, new state)."""
-    H, T, _ = fq.shape
-    outs = []
-    for s in range(0, T, chunk):
-        q, k, v = fq[:, s:s + chunk], fk[:, s:s + chunk], v1[:, s:s + chunk]
-        C = q.shape[1]
-        scores = q @ k.transpose(1, 2)  # [H, C, C]
-        if log_decay is None:
-            scores = scores.tril()
-            outs.append(q @ state + scores @ v)
-            state = state + k.transpose(1, 2) @ v
-        else:
-            t = torch.arange(C, dtype=torch.float32)
-            diff = (t[:, None] - t[None, :])
-            decay = torch.exp(log_decay[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
-            q_decay = torch.exp(log_decay[:, None] * (t[None] + 1))[..., None]  # [H, C, 1]
-            k_decay = torch.exp(log_decay[:, None] * (C - 1 - t[None]))[..., None]
-            outs.append((q * q_decay) @ state + (scores * decay) @ v)
-            state = torch.exp(log_decay * C)[:, None, None] * state + (k * k_decay).transpose(1, 2) @ v
-    return torch.cat(outs, dim=1), state
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+# codexmini's int kernels take up to this many rows as decoding (each row computed exactly as it is alone); more
+# rows are a prompt to them, which dequantizes every weight tile: right for hundreds of rows, ~10x slower for a few.
+# So a batched decode step calls them on at most this many rows at a time (`_by_rows`).
+DECODE_ROWS = 4
 
 
 # --------------------------------------------------------------------------- embedding rows
@@ -110,6 +68,20 @@ class FileRows:
         return table if inverse is None else table[inverse]
 
 
+def _by_rows(call, x: torch.Tensor, residual: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
+    """`call(x[, residual])` on pieces of at most `DECODE_ROWS` rows when `kernel` (default: `call`) is one of
+    codexmini's int kernels (see `DECODE_ROWS`); in one call otherwise (float and torch kernels take any rows)."""
+    rest = () if residual is None else (residual,)
+    if x.shape[0] <= DECODE_ROWS or not isinstance(kernel or call, (CmxInt4Linear, CmxInt8Linear, CmxConcatLinear)):
+        return call(x, *rest)
+    return torch.cat([call(x[i:i + DECODE_ROWS], *(r[i:i + DECODE_ROWS] for r in rest))
+                      for i in range(0, x.shape[0], DECODE_ROWS)])
+
+
+def _direct(call, x: torch.Tensor, residual: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
+    return call(x) if residual is None else call(x, residual)
+
+
 # --------------------------------------------------------------------------- state
 def _store(st: dict, name: str, value: torch.Tensor) -> None:
     """Keep a session tensor in the buffer it already has (copied in place when the shape matches). A new
@@ -135,6 +107,19 @@ class Session:
                    if torch.is_tensor(t))
 
 
+@dataclass
+class Checkpoint:
+    """The linear / hybrid layers' states of a session after its first `pos` tokens (None for softmax layers).
+    With the KV caches of any session that holds those tokens, `Runtime.fork` continues from there: linear states
+    cannot be cut back to a shorter prefix the way a KV cache can, so prefix reuse keeps these at chosen points."""
+
+    pos: int
+    layers: list[dict | None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer for t in layer.values())
+
+
 class Layer:
     def __init__(self, f: CmxFile, i: int, mode: str, act_dtype):
         c, t = f.config, f.tensors
@@ -158,30 +143,34 @@ class Layer:
         self.q, self.k, self.v = (lin.get(f"self_attn.{n}_proj") for n in "qkv")
         self.gate, self.up = lin.get("mlp.gate_proj"), lin.get("mlp.up_proj")
         self.linears = list(lin.values()) + [k for k in (self.qkv, self.gate_up) if k is not None]
-        # codexmini's kernels also fuse the small steps (norms, rotary, silu * up, one-token attention); the
-        # tensor-op path below stays as their reference (and serves the other kernel modes).
+        # codexmini's kernels also fuse the small steps (norms, rotary, silu * up, one-token attention); the ops
+        # functions used below are their reference (and serve the other kernel modes).
         from . import native
 
         self.ext = native.load() if mode == "cmx" else None
         self.split_qkv = (self.h * self.hd, self.kv * self.hd, self.kv * self.hd)
         if self.type != "softmax":
-            fm = c["feature_map"]
-            # hedgehog's weights in fp32, once: for the tensor-op maps and the fused kernel alike
+            self.feature_map = c["feature_map"]
+            # hedgehog's weights in fp32, once: for the ops function and the fused kernel alike
             self.fm_w = {s: t[p + f"self_attn.feature_map_{s}.weight"].float().contiguous() for s in "qk"} \
-                if fm == "hedgehog" else None
-            self.fq = _feature_map(fm, self.fm_w and self.fm_w["q"], self.hd)
-            self.fk = _feature_map(fm, self.fm_w and self.fm_w["k"], self.hd)
+                if self.feature_map == "hedgehog" else None
             d = t.get(p + "self_attn.decay_logit")
             self.log_decay = F.logsigmoid(d.float()) if d is not None else None
             self.decay_mult = torch.exp(self.log_decay) if d is not None else torch.empty(0)
-            self.n_features = self.fk(torch.zeros(self.kv, 1, self.hd)).shape[-1]
+            self.n_features = feature_map_dim(self.feature_map, self.hd,
+                                              self.fm_w["k"].shape[-1] if self.fm_w else None)
+            self.chunk = c.get("linear_chunk_size", 64)
 
     def _rep(self, x):  # [KV, T, D] -> [H, T, D]
         return x if self.groups == 1 else x.repeat_interleave(self.groups, dim=0)
 
+    def _phi(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """The layer's feature map of queries (`side` "q", x `[H, T, D]`) or keys ("k", `[KV, T, D]`)."""
+        return feature_map(self.feature_map, x, self.fm_w[side] if self.fm_w else None)
+
     def forward(self, x: torch.Tensor, cos, sin, st: dict) -> torch.Tensor:
         T, ext = x.shape[0], self.ext
-        a = ext.rms_norm(x, self.in_norm, self.eps) if ext else _rms(x, self.in_norm, self.eps)
+        a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
         if ext and self.qkv:
             qkv = self.qkv(a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)  # query and key heads, in place
@@ -192,22 +181,56 @@ class Layer:
                 o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
         else:
             q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
-            q = _rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
-            k = _rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
+            q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
+            k = apply_rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
             v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
             o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
-        h = self.o(o, x)
-        m = ext.rms_norm(h, self.post_norm, self.eps) if ext else _rms(h, self.post_norm, self.eps)
+        return self._mlp(self.o(o, x))
+
+    def forward_rows(self, x: torch.Tensor, cos, sin, sts: list[dict]) -> torch.Tensor:
+        """One token for each of B sequences: row i of x `[B, d]` continues the state `sts[i]`, at its own position
+        (cos / sin `[B, D]`). The linear layers take all B rows in one call (one pass over each weight serves every
+        sequence); attention runs per sequence, through the same call a single sequence's decode step makes."""
+        B, ext = x.shape[0], self.ext
+        a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
+        rows = []
+        if ext and self.qkv:
+            qkv = _by_rows(self.qkv, a)
+            ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
+            for i, st in enumerate(sts):
+                r = qkv[i:i + 1]
+                if self.type == "softmax":
+                    rows.append(self._softmax_decode(r, st))
+                    continue
+                q, k, v = (t.reshape(1, -1, self.hd).transpose(0, 1) for t in r.split(self.split_qkv, dim=-1))
+                rows.append(self._attend(q, k, v, st).transpose(0, 1).reshape(1, self.h * self.hd))
+        else:
+            q, k, v = _by_rows(self.qkv, a).split(self.split_qkv, dim=-1) if self.qkv else \
+                (_by_rows(self.q, a), _by_rows(self.k, a), _by_rows(self.v, a))
+            # the B rows take the place of a prompt's T positions: the tables hold each row's own position
+            q = apply_rope(q.reshape(B, self.h, self.hd).transpose(0, 1), cos, sin)
+            k = apply_rope(k.reshape(B, self.kv, self.hd).transpose(0, 1), cos, sin)
+            v = v.reshape(B, self.kv, self.hd).transpose(0, 1)
+            for i, st in enumerate(sts):
+                o = self._attend(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], st)
+                rows.append(o.transpose(0, 1).reshape(1, self.h * self.hd))
+        return self._mlp(_by_rows(self.o, torch.cat(rows), x), _by_rows)
+
+    def _mlp(self, h: torch.Tensor, by_rows=None) -> torch.Tensor:
+        """The MLP block after attention (`h` = the residual stream with attention added); `by_rows`: how the
+        kernels are called (`_by_rows` for a batched decode step), directly if None."""
+        ext, run = self.ext, by_rows or _direct
+        m = ext.rms_norm(h, self.post_norm, self.eps) if ext else rms_norm(h, self.post_norm, self.eps)
         if isinstance(self.gate_up, CmxConcatLinear):
-            act = self.gate_up.silu_mul(m)
+            act = run(self.gate_up.silu_mul, m, kernel=self.gate_up)
         elif self.gate_up and ext:
-            act = ext.silu_mul(self.gate_up(m))
+            act = ext.silu_mul(run(self.gate_up, m))
         elif self.gate_up:
-            g, u = self.gate_up(m).chunk(2, dim=-1)
+            g, u = run(self.gate_up, m).chunk(2, dim=-1)
             act = F.silu(g) * u
         else:
-            act = F.silu(self.gate(m)) * self.up(m)
-        return self.down(act, h)
+            act = F.silu(run(self.gate, m)) * run(self.up, m)
+        return run(self.down, act, h)
 
     def _attend(self, q, k, v, st):
         if self.type == "softmax":
@@ -262,9 +285,8 @@ class Layer:
                                               enable_gqa=self.groups > 1)[0]
 
     def _features(self, q, k, v):
-        fq, fk = self.fq(q), self._rep(self.fk(k))
-        v = self._rep(v)
-        return fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        """Feature-mapped queries `[H, T, F]`, keys `[H, T, F]` and `[v, 1]` `[H, T, D+1]` (key heads repeated)."""
+        return self._phi(q, "q"), self._rep(self._phi(k, "k")), append_ones(self._rep(v))
 
     def _state(self, st):
         """The linear-attention state `[H, F, D+1]` (zeros before the first token)."""
@@ -273,7 +295,8 @@ class Layer:
         return st["state"]
 
     def _linear_decode(self, q, k, v, st):
-        """One token through codexmini's fused linear-attention step (the reference is `_linear`)."""
+        """One token through codexmini's fused linear-attention step (the reference is `_linear`: ops'
+        `linear_attn`, then `normalise`)."""
         ext = self.ext
         fq, fk = self._features_one(q, k)
         o = ext.linear_decode_(self._state(st), fq, fk, v.reshape(self.kv, self.hd).contiguous(),
@@ -284,27 +307,24 @@ class Layer:
         if self.ext is not None and q.shape[1] == 1:
             return self._linear_decode(q, k, v, st)
         fq, fk, v1 = self._features(q, k, v)
-        state = self._state(st)
-        if q.shape[1] == 1:
-            kv = fk.transpose(1, 2) @ v1  # [H, F, V]
-            state = state * torch.exp(self.log_decay)[:, None, None] + kv if self.log_decay is not None else \
-                state + kv
-            o = fq @ state
-        else:
-            o, state = _chunk_linear(fq, fk, v1, state, self.log_decay)
-        _store(st, "state", state)
-        return o[..., :-1] / (o[..., -1:] + NORMALISER_EPS)
+        # ops work on a batch: this one sequence is a batch of one
+        o, state = linear_attn(fq[None], fk[None], v1[None], 1.0, self._state(st)[None], True, self.log_decay,
+                               self.chunk)
+        _store(st, "state", state[0])
+        return normalise(o[0])
 
     def _features_one(self, q, k):
         """Feature maps of one token's query heads `[H, F]` and key heads `[KV, F]` (not repeated)."""
         if self.fm_w is not None:
             return (self.ext.hedgehog(q.reshape(self.h, self.hd), self.fm_w["q"]),
                     self.ext.hedgehog(k.reshape(self.kv, self.hd), self.fm_w["k"]))
-        return self.fq(q).reshape(self.h, -1).contiguous(), self.fk(k).reshape(self.kv, -1).contiguous()
+        return (self._phi(q, "q").reshape(self.h, -1).contiguous(),
+                self._phi(k, "k").reshape(self.kv, -1).contiguous())
 
     def _hybrid_decode(self, q, k, v, st):
-        """One token through codexmini's fused hybrid step: the window lives in a ring buffer (`wmeta` = count,
-        oldest slot) while decoding; `window_to_time_order` turns it back into the reference's layout."""
+        """One token through codexmini's fused hybrid step (the reference is `_hybrid`: ops' `hybrid_attn`): the
+        window lives in a ring buffer (`wmeta` = count, oldest slot) while decoding; `window_to_time_order` turns it
+        back into the reference's layout."""
         fq, fk = self._features_one(q, k)
         H, w, D = self.h, self.window, self.hd
         if "wmeta" not in st:
@@ -332,58 +352,51 @@ class Layer:
         for name in ("wk", "wfk", "wv1"):
             st[name] = st[name][:, idx].contiguous()
 
+    # ----------------------------------------------------------------------- prefix reuse
+    def snapshot(self, st: dict) -> dict | None:
+        """A copy of a linear / hybrid layer's state as it is now (a hybrid window in time order), from which
+        `fork` continues later. None for softmax layers: their KV cache is cut to length instead."""
+        if self.type == "softmax":
+            return None
+        out = {"state": self._state(st).clone()}
+        if "wk" in st:
+            meta = st.get("wmeta")
+            if meta is None:
+                out.update({n: st[n].clone() for n in ("wk", "wfk", "wv1")})
+            else:  # the decode ring buffer, read out in time order (`st` itself is left as it is)
+                idx = (int(meta[1]) + torch.arange(int(meta[0]))) % self.window
+                out.update({n: st[n].index_select(1, idx) for n in ("wk", "wfk", "wv1")})
+        return out
+
+    def fork(self, st: dict, pos: int, snap: dict | None) -> dict:
+        """The state of a new sequence that shares the first `pos` tokens of the sequence `st` belongs to: a
+        softmax layer's KV cache copied up to `pos`; a linear / hybrid layer's state copied from `snap` (a snapshot
+        taken at `pos`), or from `st` itself when `snap` is None (then `st` must be at `pos`)."""
+        if self.type == "softmax":
+            new: dict = {}
+            self.grow_cache(new, pos + 256)
+            new["k"][:, :pos], new["v"][:, :pos] = st["k"][:, :pos], st["v"][:, :pos]
+            new["n"] = pos
+            return new
+        return {n: t.clone() for n, t in snap.items()} if snap is not None else self.snapshot(st)
+
     def _hybrid(self, q, k, v, st):
         if self.ext is not None and q.shape[1] == 1:
             return self._hybrid_decode(q, k, v, st)
         self.window_to_time_order(st)
         fq, fk, v1 = self._features(q, k, v)
-        k = self._rep(k)
-        H, T, D = q.shape
-        w = self.window
-        state = self._state(st)
+        k, w = self._rep(k), self.window
         if "wk" in st:
             k_all, fk_all, v1_all = (torch.cat([st[n], x], dim=1) for n, x in
                                      (("wk", k), ("wfk", fk), ("wv1", v1)))
         else:
             k_all, fk_all, v1_all = k, fk, v1
-        wc = k_all.shape[1] - T
-        # Linear part: query i sees the keys at combined index <= wc + i - w (those that left its window).
-        fk_al = F.pad(fk_all, (0, 0, w, 0))[:, wc:wc + T]
-        v1_al = F.pad(v1_all, (0, 0, w, 0))[:, wc:wc + T]
-        if T == 1:
-            decay = torch.exp(self.log_decay)[:, None, None] if self.log_decay is not None else 1.0
-            state = state * decay + fk_al.transpose(1, 2) @ v1_al
-            o_lin = fq @ state
-            kw, vw = k_all[:, -w:], v1_all[:, -w:, :-1]
-            scores = (q @ kw.transpose(1, 2)) * self.hd ** -0.5
-            m = scores.amax(-1, keepdim=True)
-            a = torch.exp(scores - m)
-            num, den = a @ vw, a.sum(-1, keepdim=True)
-        else:
-            o_lin, state = _chunk_linear(fq, fk_al, v1_al, state, self.log_decay)
-            num, den = self._window_prefill(q, k_all, v1_all[..., :-1], wc, w)
-        for name, value in (("state", state), ("wk", k_all[:, -w:]), ("wfk", fk_all[:, -w:]),
+        o, state = hybrid_attn(q[None], k_all[None], fq[None], fk_all[None], v1_all[None], w, self.hd ** -0.5,
+                               self._state(st)[None], self.log_decay, None, self.chunk)
+        for name, value in (("state", state[0]), ("wk", k_all[:, -w:]), ("wfk", fk_all[:, -w:]),
                             ("wv1", v1_all[:, -w:])):
             _store(st, name, value)
-        return (num + o_lin[..., :-1]) / (den + o_lin[..., -1:] + NORMALISER_EPS)
-
-    def _window_prefill(self, q, k_all, v_all, wc, w, block: int = 64):
-        """Sliding-window softmax numerator / denominator for T queries, a block of queries at a time."""
-        H, T, D = q.shape
-        nums, dens = [], []
-        for s in range(0, T, block):
-            e = min(s + block, T)
-            lo = max(wc + s - w + 1, 0)
-            kb, vb = k_all[:, lo:wc + e], v_all[:, lo:wc + e]
-            scores = (q[:, s:e] @ kb.transpose(1, 2)) * self.hd ** -0.5  # [H, e-s, keys]
-            qi = torch.arange(s, e)[:, None] + wc
-            kj = torch.arange(lo, wc + e)[None, :]
-            scores = scores.masked_fill(~((kj <= qi) & (kj > qi - w)), float("-inf"))
-            m = scores.amax(-1, keepdim=True)
-            a = torch.exp(scores - m)
-            nums.append(a @ vb)
-            dens.append(a.sum(-1, keepdim=True))
-        return torch.cat(nums, dim=1), torch.cat(dens, dim=1)
+        return o[0]
 
 
 class Runtime:
@@ -433,12 +446,15 @@ class Runtime:
         self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
             if not c.get("tie_word_embeddings") else make_linear({"lm_head.weight": self.embed}, "lm_head", None)
         self.layers = [Layer(f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
-        hd = c["head_dim"]
-        self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
-        self.eps = c["rms_norm_eps"]
+        self.head_dim, self.rope_theta, self.eps = c["head_dim"], c["rope_theta"], c["rms_norm_eps"]
         eos = c.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether any layer keeps a linear state (which `fork` needs a `Checkpoint` for, except at the end)."""
+        return any(layer.type != "softmax" for layer in self.layers)
 
     @staticmethod
     def _rows(f: CmxFile, name: str):
@@ -475,21 +491,68 @@ class Runtime:
             logits = self._forward(chunk, session, False)
         return logits
 
+    @torch.inference_mode()
+    def decode_batch(self, ids: list[int], sessions: list[Session]) -> torch.Tensor:
+        """One token for each of several sessions (`ids[i]` continues `sessions[i]`) in one forward; returns logits
+        `[B, V]`, row i equal to `forward([ids[i]], sessions[i])` (up to the order of fp32 additions in the
+        matmuls: the int kernels compute up to 4 rows each exactly as one, more rows take their prompt path).
+
+        The linear layers and the head read their weights once for all B rows, which is what makes decoding
+        several sequences together cheaper than one after another; attention runs per session on its own KV
+        cache or state, at its own position (`Layer.forward_rows`)."""
+        if not ids or len(ids) != len(sessions):
+            raise ValueError(f"decode_batch: {len(ids)} token ids for {len(sessions)} sessions")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("decode_batch: a session appears twice (each row continues its own sequence)")
+        t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        cos, sin = rotary_cos_sin(torch.tensor([s.pos for s in sessions]), self.head_dim, self.rope_theta)
+        x = dequantize_int8(self.embed[t], self.embed_scale[t]) if self.embed_scale is not None else \
+            self.embed[t].float()
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_rows(x, cos, sin, [s.layers[i] for s in sessions])
+        for s, tok in zip(sessions, t.tolist()):
+            s.pos += 1
+            s.tokens.append(tok)
+        return _by_rows(self.head, rms_norm(x, self.norm, self.eps))
+
+    @torch.inference_mode()
+    def checkpoint(self, session: Session) -> Checkpoint:
+        """A copy of the linear / hybrid layers' states of `session` as they are now (see `Checkpoint`)."""
+        return Checkpoint(session.pos, [layer.snapshot(st) for layer, st in zip(self.layers, session.layers)])
+
+    @torch.inference_mode()
+    def fork(self, session: Session, pos: int, checkpoint: Checkpoint | None = None) -> Session:
+        """A new session holding the first `pos` tokens of `session`, which is left untouched: softmax layers get
+        a copy of its KV cache cut to `pos`; linear / hybrid layers the states of `checkpoint` (taken from this
+        session or any other at the same `pos` tokens), or `session`'s own when `pos` is where it is. Continuing
+        the new session equals running those tokens from scratch (the prefix cache's resume)."""
+        if not 0 <= pos <= session.pos:
+            raise ValueError(f"fork: position {pos} is outside the session's {session.pos} tokens")
+        if pos == 0:
+            return self.new_session()
+        snaps = [None] * len(self.layers)
+        if checkpoint is not None and (checkpoint.pos == pos or pos != session.pos):
+            if checkpoint.pos != pos:
+                raise ValueError(f"fork: the checkpoint is at {checkpoint.pos} tokens, not {pos}")
+            snaps = checkpoint.layers
+        elif pos != session.pos and self.recurrent:
+            raise ValueError(f"fork: a linear state cannot be cut back from {session.pos} to {pos} tokens; give "
+                             "a checkpoint taken at that position")
+        return Session(pos=pos, tokens=session.tokens[:pos],
+                       layers=[layer.fork(st, pos, snap) for layer, st, snap in zip(self.layers, session.layers,
+                                                                                  snaps)])
+
     def _forward(self, ids: torch.Tensor, session: Session, all_logits: bool) -> torch.Tensor:
         T = ids.numel()
-        pos = torch.arange(session.pos, session.pos + T, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        x = self.embed[ids].float()
-        if self.embed_scale is not None:
-            x = x * self.embed_scale[ids][:, None]
+        cos, sin = rotary_cos_sin(torch.arange(session.pos, session.pos + T), self.head_dim, self.rope_theta)
+        x = dequantize_int8(self.embed[ids], self.embed_scale[ids]) if self.embed_scale is not None else \
+            self.embed[ids].float()
         for layer, st in zip(self.layers, session.layers):
             x = layer.forward(x, cos, sin, st)
         session.pos += T
         session.tokens.extend(ids.tolist())
         x = x if all_logits else x[-1:]
-        x = _rms(x, self.norm, self.eps)
+        x = rms_norm(x, self.norm, self.eps)
         logits = self.head(x)
         return logits if all_logits else logits[0]
 
@@ -512,7 +575,7 @@ class Runtime:
         """Save a session (e.g. after prefilling a long system prompt) to a safetensors file, atomically."""
         import json
 
-        from ..export.cmx import save_safetensors_atomic
+        from ..cmx import save_safetensors_atomic
 
         tensors = {}
         for layer, st in zip(self.layers, session.layers):
@@ -531,7 +594,7 @@ class Runtime:
 
         from safetensors import safe_open
 
-        from ..export.cmx import CmxError
+        from ..cmx import CmxError
 
         try:
             with safe_open(str(path), framework="pt") as f:

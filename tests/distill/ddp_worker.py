@@ -6,7 +6,8 @@ import sys
 import torch
 
 from codexmini import CodexMiniForCausalLM
-from codexmini.distill import DistillConfig, TrainerConfig, distill
+from codexmini.distill import DistillConfig, distill
+from codexmini.train import TrainerConfig
 from tests.conftest import tiny_config
 
 out = sys.argv[1]

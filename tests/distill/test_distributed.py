@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from codexmini import CodexMiniForCausalLM
-from codexmini.distill import DistillConfig, TrainerConfig, distill
+from codexmini.distill import DistillConfig, distill
+from codexmini.train import TrainerConfig
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from codexmini import CodexMiniForCausalLM
-from codexmini.distill import DistillConfig, TrainerConfig, distill
+from codexmini.distill import DistillConfig, distill
+from codexmini.train import TrainerConfig
 from codexmini.distill.hidden import HiddenProjector, hidden_state_loss, layer_map
 from codexmini.distill.loop import is_on_policy, sample_on_policy
 from codexmini.distill.teacher_cache import TeacherLogitCache, dense_logits, topk_pack
@@ -140,7 +141,7 @@ def test_distill_from_a_bitsandbytes_8bit_teacher(tiny_llama_dir, tmp_path):
     folder.mkdir()
     for i in range(6):
         (folder / f"d{i}.txt").write_text((CODE.replace("add", f"add{i}") + "\n") * 4)
-    teacher, tok = load_teacher(tiny_llama_dir, quantization="8bit")
+    teacher, tok = load_teacher(tiny_llama_dir, quantization="int8")
     assert type(teacher.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
     data = build_data(DataConfig(source=str(folder), file_glob="*.txt", block_size=32, val_fraction=0.3,
                                  max_val_blocks=4), tokenizer=tok)

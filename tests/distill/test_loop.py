@@ -5,7 +5,8 @@ import torch
 
 from codexmini import CodexMiniForCausalLM
 from codexmini.data import DataConfig, build_data, perplexity
-from codexmini.distill import DistillConfig, TrainerConfig, distill
+from codexmini.distill import DistillConfig, distill
+from codexmini.train import TrainerConfig
 from tests.conftest import tiny_config
 
 

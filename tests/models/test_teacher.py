@@ -54,11 +54,18 @@ def test_hub_teacher_without_network_says_what_to_do():
         load_teacher("codexmini-test/does-not-exist")
 
 
-def test_bitsandbytes_refuses_unknown_mode():
-    from codexmini.models.teacher import bitsandbytes_config
+def test_bitsandbytes_modes_are_one_vocabulary(tiny_llama_dir):
+    from codexmini.models.bnb import BNB_MODES, bnb_config
+    from codexmini.quantize import bnb
 
-    with pytest.raises(ValueError, match="'8bit', '4bit'"):
-        bitsandbytes_config("3bit")
+    assert bnb.BNB_MODES is BNB_MODES and bnb.bnb_config is bnb_config  # one home, shared with the quantize stage
+    with pytest.raises(ValueError, match="not one of int8, nf4, fp4"):
+        bnb_config("3bit")
+    # The old names fail before anything is loaded, and say what to write instead.
+    with pytest.raises(ValueError, match="'8bit' is now spelled 'int8'"):
+        load_teacher(tiny_llama_dir, quantization="8bit")
+    with pytest.raises(ValueError, match="'4bit' is now spelled 'nf4'"):
+        load_teacher(tiny_llama_dir, quantization="4bit")
 
 
 def test_student_with_all_layers_softmax_equals_teacher(tiny_llama_dir):
@@ -91,7 +98,7 @@ def test_student_from_teacher_rejects_bad_layer_indices(tiny_llama_dir):
         student_from_teacher(teacher, layers=[0, 9])
 
 
-@pytest.mark.parametrize("mode, module", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+@pytest.mark.parametrize("mode, module", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"), ("fp4", "Linear4bit")])
 def test_bitsandbytes_teacher_loads_quantized_and_stays_close(tiny_llama_dir, mode, module):
     pytest.importorskip("bitsandbytes")
     ref, tok = load_teacher(tiny_llama_dir)

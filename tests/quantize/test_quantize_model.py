@@ -127,7 +127,7 @@ def test_group_size_that_does_not_divide_is_refused_or_falls_back(calib):
 
 def test_fake_quant_training_uses_the_grid_and_leaves_float_weights(calib):
     from codexmini.quantize.apply import plan
-    from codexmini.quantize.qat import fake_quantized
+    from codexmini.models.qat import fake_quantized
 
     model = _model()
     schemes = plan(model, QuantizeConfig(method="rtn", default="int4_g32"))

@@ -1,12 +1,19 @@
-"""codexmini's own CPU kernels (runtime/csrc/cmx_kernels.cpp) against the dequantized reference."""
+"""codexmini's own CPU kernels (runtime/csrc/cmx_kernels.cpp) and the runtime's linear kernels against the
+`codexmini.ops` functions they replace (dequantization, RMSNorm, RoPE, feature maps, linear / hybrid attention)."""
 
 import pytest
 import torch
 
 from codexmini.export.to_cmx import export_cmx
+from codexmini.ops.feature_maps import hedgehog_feature_map
+from codexmini.ops.hybrid import hybrid_attn, naive_hybrid_attn
+from codexmini.ops.layouts import Scheme, dequantize, dequantize_int8
+from codexmini.ops.linear_attn import normalise, recurrent_linear_attn
+from codexmini.ops.norm import rms_norm
+from codexmini.ops.rope import apply_rope
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime, native
-from codexmini.runtime.kernels import dequantize, make_linear, resolve_act, resolve_mode
+from codexmini.runtime.kernels import make_fused_linear, make_linear, resolve_act, resolve_mode
 from tests.runtime.test_runtime import _model
 
 ext = native.load()
@@ -49,7 +56,7 @@ def _int4(N, K, G, seed=0):
     t = {"w.qweight": torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
          "w.scale": torch.rand(N, K // G, generator=g) * 0.1,
          "w.zero": torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g)}
-    return t, dequantize(t, "w", "int4")
+    return t, dequantize(f"int4_g{G}", t["w.qweight"], t["w.scale"], t["w.zero"])
 
 
 @needs_ext
@@ -85,11 +92,11 @@ def test_int8_kernel_equals_dequantized_reference(N, K, M):
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
     s = torch.rand(N, generator=g) * 0.01
     x = torch.randn(M, K, generator=g)
-    want = x @ (q.float() * s[:, None]).t()
+    W = dequantize_int8(q, s)
+    want = x @ W.t()
     torch.testing.assert_close(ext.q8_linear(x, q, s), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     r = torch.randn(M, N)
     torch.testing.assert_close(ext.q8_linear(x, q, s, r), want + r, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    W = q.float() * s[:, None]
     if K % 32 == 0 and M <= 4:
         torch.testing.assert_close(ext.q8_linear(x, q, s, None, True), int8_activations(x) @ W.t(),
                                    atol=1e-5 * want.abs().max().item(), rtol=1e-5)
@@ -115,7 +122,7 @@ def test_parts_side_by_side_and_fused_silu_equal_the_reference(scheme, M, int8_a
         g = torch.Generator().manual_seed(3)
         qs = [torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g) for N in heights]
         ss = [torch.rand(N, generator=g) * 0.01 for N in heights]
-        args, Ws, call = (qs, ss), [q.float() * s[:, None] for q, s in zip(qs, ss)], ext.q8_linear_cat
+        args, Ws, call = (qs, ss), [dequantize_int8(q, s) for q, s in zip(qs, ss)], ext.q8_linear_cat
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
 
     def product(W):
@@ -141,6 +148,34 @@ def test_bad_kernel_inputs_are_refused_with_the_reason():
         ext.q4_linear(torch.randn(1, 128), t["w.qweight"], t["w.scale"], t["w.zero"][:, :1].contiguous())
     with pytest.raises(RuntimeError, match="float32"):
         ext.q8_linear(torch.randn(1, 8).double(), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
+
+
+def _layer(scheme, N, K, seed):
+    """A quantized layer's .cmx tensors (named `w.*`) with random codes, and ops' dequantized weight."""
+    if scheme == "int8":
+        g = torch.Generator().manual_seed(seed)
+        t = {"w.qweight": torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g),
+             "w.scale": torch.rand(N, generator=g) * 0.01}
+        return t, dequantize(scheme, t["w.qweight"], t["w.scale"])
+    return _int4(N, K, Scheme(scheme).group_size, seed)
+
+
+@pytest.mark.parametrize("mode", ["native", "dequant"] + (["cmx"] if ext is not None else []))
+@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16"])
+@pytest.mark.parametrize("M", [1, 7])
+def test_every_linear_kernel_equals_ops_dequantize(mode, scheme, M):
+    """Each kernel mode's layer (torch's int8 / int4 kernels, codexmini's, weights widened at load, and the fallback
+    for a group size a kernel cannot take), alone and fused with a second layer reading the same input, on fp32
+    activations equals `x @ W^T` with ops' dequantized W."""
+    N, K = 48, 64
+    (ta, Wa), (tb, Wb) = _layer(scheme, N, K, 10), _layer(scheme, 32, K, 11)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(12))
+    want = x @ Wa.t()
+    tol = dict(atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(make_linear(ta, "w", scheme, mode, "float32")(x), want, **tol)
+    both = {f"{n}{k[1:]}": v for n, t in (("a", ta), ("b", tb)) for k, v in t.items()}
+    fused = make_fused_linear(both, ["a", "b"], {"a": scheme, "b": scheme}, mode, "float32")
+    torch.testing.assert_close(fused(x), x @ torch.cat([Wa, Wb]).t(), **tol)
 
 
 @needs_ext
@@ -192,12 +227,10 @@ def test_kernel_mode_and_activation_names_are_checked():
 
 
 @needs_ext
-def test_fused_layer_steps_equal_their_tensor_op_references():
-    from codexmini.runtime.model import _rms, _rope
-
+def test_fused_layer_steps_equal_their_ops_references():
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(3, 48, generator=g), torch.randn(48, generator=g)
-    torch.testing.assert_close(ext.rms_norm(x, w, 1e-5), _rms(x, w, 1e-5))
+    torch.testing.assert_close(ext.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5))
     # rotary on the first (query + key) heads of a fused q/k/v row, in place; v untouched
     H, KV, hd, T = 4, 2, 16, 3
     qkv = torch.randn(T, (H + 2 * KV) * hd, generator=g)
@@ -205,14 +238,13 @@ def test_fused_layer_steps_equal_their_tensor_op_references():
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     want = qkv.clone()
     qk = want[:, :(H + KV) * hd].reshape(T, H + KV, hd).transpose(0, 1)
-    want[:, :(H + KV) * hd] = _rope(qk, cos, sin).transpose(0, 1).reshape(T, -1)
+    want[:, :(H + KV) * hd] = apply_rope(qk, cos, sin).transpose(0, 1).reshape(T, -1)
     ext.rope_(qkv, cos, sin, H + KV, hd)
     torch.testing.assert_close(qkv, want)
     gu = torch.randn(2, 20, generator=g)
     torch.testing.assert_close(ext.silu_mul(gu), torch.nn.functional.silu(gu[:, :10]) * gu[:, 10:])
     xh, wh = torch.randn(3, 16, generator=g), torch.randn(3, 16, 8, generator=g)
-    proj = torch.bmm(xh[:, None], wh)[:, 0]
-    torch.testing.assert_close(ext.hedgehog(xh, wh), torch.cat([proj.softmax(-1), (-proj).softmax(-1)], -1))
+    torch.testing.assert_close(ext.hedgehog(xh, wh), hedgehog_feature_map(xh[:, None], wh)[:, 0])
 
 
 @needs_ext
@@ -244,12 +276,42 @@ def test_linear_decode_step_equals_the_reference(decay):
     a = torch.rand(H, generator=g) if decay else torch.empty(0)
     v1 = torch.cat([v, torch.ones(KV, 1)], -1).repeat_interleave(2, 0)
     fkr = fk.repeat_interleave(2, 0)
-    want_state = (state * a[:, None, None] if decay else state) + fkr[:, :, None] * v1[:, None, :]
-    o = torch.einsum("hf,hfv->hv", fq, want_state)
-    want = o[:, :-1] / (o[:, -1:] + 1e-6)
+    # the reference: one step of ops' recurrence on [B=1, H, T=1, .], then the normaliser
+    o, want_state = recurrent_linear_attn(fq[None, :, None], fkr[None, :, None], v1[None, :, None], 1.0,
+                                          state[None].clone(), True, torch.log(a) if decay else None)
+    want = normalise(o[0, :, 0], 1e-6)
     got = ext.linear_decode_(state, fq, fk, v, a, 1e-6)
-    torch.testing.assert_close(state, want_state)  # updated in place
+    torch.testing.assert_close(state, want_state[0])  # updated in place
     torch.testing.assert_close(got, want)
+
+
+@needs_ext
+@pytest.mark.parametrize("decay", [False, True])
+def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay):
+    """Token by token through the fused hybrid step (a ring buffer that fills, then wraps twice) against ops'
+    hybrid attention over the whole sequence, and its quadratic reference."""
+    g = torch.Generator().manual_seed(8)
+    H, KV, D, F, w, T = 4, 2, 8, 12, 5, 13
+    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, KV, D, generator=g), torch.randn(T, KV, D, generator=g)
+    fq, fk = torch.rand(T, H, F, generator=g), torch.rand(T, KV, F, generator=g)
+    a = torch.rand(H, generator=g) * 0.5 + 0.5 if decay else torch.empty(0)
+    log_decay = torch.log(a) if decay else None
+    state, meta = torch.zeros(H, F, D + 1), torch.tensor([0, 0], dtype=torch.long)
+    wk, wfk, wv1 = torch.zeros(H, w, D), torch.zeros(H, w, F), torch.zeros(H, w, D + 1)
+    got = torch.stack([ext.hybrid_decode_(state, wk, wfk, wv1, meta, q[t].contiguous(), k[t].contiguous(),
+                                          v[t].contiguous(), fq[t].contiguous(), fk[t].contiguous(), a, D ** -0.5,
+                                          1e-6) for t in range(T)], dim=1)  # [H, T, D]
+
+    def heads(x, rep=1):  # [T, h, .] -> [1, h * rep, T, .]
+        return x.transpose(0, 1).repeat_interleave(rep, 0)[None]
+
+    v1 = torch.cat([v, torch.ones(T, KV, 1)], -1)
+    want, want_state = hybrid_attn(heads(q), heads(k, 2), heads(fq), heads(fk, 2), heads(v1, 2), w, D ** -0.5,
+                                   None, log_decay, None, chunk_size=4)
+    torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, want_state[0], atol=1e-5, rtol=1e-5)
+    naive = naive_hybrid_attn(heads(q), heads(k, 2), heads(v, 2), heads(fq), heads(fk, 2), w, D ** -0.5, log_decay)
+    torch.testing.assert_close(got, naive[0], atol=1e-5, rtol=1e-5)
 
 
 def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):

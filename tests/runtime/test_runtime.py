@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codexmini import CodexMiniForCausalLM
-from codexmini.export.cmx import CmxError, read_cmx
+from codexmini.cmx import CmxError, read_cmx
 from codexmini.export.to_cmx import export_cmx
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime, SamplingConfig

@@ -11,8 +11,8 @@
 // and multiply with at::mm: in fp32, or with the fast activations (`int8_act`) in bf16 where the CPU multiplies
 // bf16 natively (equal to bf16-rounded activations and weights, each tile's product rounded to bf16).
 //
-// The references these are tested against are in tests/runtime/test_cmx_kernels.py (`dequantize` in
-// runtime/kernels.py and `int8_activations` there).
+// The references these are tested against are in tests/runtime/test_cmx_kernels.py (the dequantization of
+// codexmini.ops.layouts, and `int8_activations` there).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -227,8 +227,8 @@ inline float q4_row(const float* xr, const float* gsum, const uint8_t* w, const 
 // The fast decoding path (llama.cpp's approach): the activation row is quantized to int8 per block of 32
 // columns (x ~= xq * dx, round to nearest even, |xq| <= 127), and each block's dot product with the 4-bit codes is
 // exact integer arithmetic (VNNI `vpdpbusd`, or AVX2 `maddubs` + `madd`). xq holds each block's even columns,
-// then its odd ones (the order in which the nibbles unpack). The reference is `q4_linear_reference` in
-// tests/runtime/test_cmx_kernels.py: the same int8 activations times the dequantized weight.
+// then its odd ones (the order in which the nibbles unpack). The reference is in tests/runtime/test_cmx_kernels.py:
+// the same int8 activations (`int8_activations`) times the dequantized weight.
 struct QuantRow {
   std::vector<int8_t> xq;   // [K], per 32-block: 16 even columns, then 16 odd ones
   std::vector<float> dx;    // [K / 32] block scales
@@ -597,7 +597,8 @@ at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qwe
 
 // ------------------------------------------------------------------------------------------------ layer helpers
 // Fused versions of the small per-layer steps of decoding, each one call instead of several tensor ops (their
-// references are the Python expressions in runtime/model.py; tests/runtime/test_cmx_kernels.py compares them).
+// references are the codexmini.ops functions runtime/model.py calls otherwise; tests/runtime/test_cmx_kernels.py
+// compares them).
 
 // w * x / sqrt(mean(x^2) + eps), row by row: x [T, D], w [D].
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -725,7 +726,7 @@ at::Tensor attend_decode(const at::Tensor& qkv, at::Tensor& kcache, at::Tensor& 
 // One decoding step of linear attention on a fixed-size state, in place: for each head h (KV group g = h / (H/KV)),
 //   state[h] = decay[h] * state[h] + fk[g]^T [v[g], 1],   o = fq[h] state[h],   out[h] = o[:D] / (o[D] + eps).
 // state [H, F, D+1], fq [H, F], fk [KV, F], v [KV, D]; decay [H] multiplicative, or empty for none. One pass over
-// the state (the reference, `Layer._linear` in runtime/model.py, makes several and allocates each).
+// the state (the reference, codexmini.ops.linear_attn's recurrence, makes several and allocates each).
 at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
                           const at::Tensor& decay, double eps) {
   TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.scalar_type() == at::kFloat,
@@ -812,7 +813,7 @@ at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
 // fk_old^T v1_old, decay applied every step); the new key takes a slot; then
 //   out[h] = (sum_j a_j v_j + (fq[h] state[h])[:D]) / (sum_j a_j + (fq[h] state[h])[D] + eps),
 //   a_j = exp(q[h] . k_j * scale - max), j over the window (this token included).
-// The reference is `Layer._hybrid` in runtime/model.py (tensors in time order instead of a ring).
+// The reference is codexmini.ops.hybrid.hybrid_attn (tensors in time order instead of a ring).
 at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
                           const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
                           const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {

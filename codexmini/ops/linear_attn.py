@@ -1,24 +1,30 @@
-"""Linear-attention kernels: one signature, three implementations.
+"""Causal linear attention: one signature, three implementations, and the layers' normaliser.
 
 All take feature-mapped queries and keys (`phi(q)`, `phi(k)`, already non-negative where the feature map makes
 them so) and compute the *unnormalised* causal linear attention
 
     S_t = g * S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
 
-with an optional per-head decay `g = exp(log_decay)` in (0, 1]. Normalisation is the caller's business (the layer
-appends a column of ones to `v`, so the last output column is the denominator).
+with an optional per-head decay `g = exp(log_decay)` in (0, 1]. Normalisation is the caller's business: layers
+append a column of ones to `v` (`append_ones`), so the last output column is the denominator, and divide by it
+(`normalise`).
 
 Shapes: q, k `[B, H, T, K]`, v `[B, H, T, V]`, state `[B, H, K, V]`, log_decay `[H]` (<= 0) or None.
 
 - `naive_linear_attn`: the quadratic parallel form, the reference.
 - `recurrent_linear_attn`: the token-by-token recurrence, used for decoding; its state never grows.
 - `chunk_linear_attn`: chunked parallel form for training and prefill: quadratic inside a chunk, recurrent across
-  chunks, so memory is O(T * C) instead of O(T^2).
+  chunks, so memory is O(T * C + K * V) instead of O(T^2).
+- `linear_attn`: what a layer (model or runtime) runs: the recurrence for one token, the chunked form otherwise.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# Keeps linear-attention outputs finite where a relu feature map gives an all-zero normaliser.
+NORMALISER_EPS = 1e-6
 
 
 def _prep(q, k, v, scale, log_decay):
@@ -32,7 +38,14 @@ def _prep(q, k, v, scale, log_decay):
 
 
 def naive_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, log_decay=None):
-    """Quadratic reference: `o = (mask * decay * q k^T) v + decayed contribution of the initial state`."""
+    """Quadratic reference: `o = (mask * decay * q k^T) v + decayed contribution of the initial state`.
+
+    Args:
+        q, k: `[B, H, T, K]`; v `[B, H, T, V]`; initial_state `[B, H, K, V]` or None; log_decay `[H]` or None.
+
+    Returns:
+        o `[B, H, T, V]` in v's dtype, and the final state `[B, H, K, V]` (float32) if `output_final_state`.
+    """
     scale = _prep(q, k, v, scale, log_decay)
     dtype = v.dtype
     q, k, v = q.float(), k.float(), v.float()
@@ -63,7 +76,14 @@ def naive_linear_attn(q, k, v, scale=None, initial_state=None, output_final_stat
 
 
 def recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, log_decay=None):
-    """Token-by-token recurrence: the decoding form, with a fixed-size state `[B, H, K, V]`."""
+    """Token-by-token recurrence: the decoding form, with a fixed-size state.
+
+    Args:
+        q, k: `[B, H, T, K]`; v `[B, H, T, V]`; initial_state `[B, H, K, V]` or None; log_decay `[H]` or None.
+
+    Returns:
+        o `[B, H, T, V]` in v's dtype, and the final state `[B, H, K, V]` (float32) if `output_final_state`.
+    """
     scale = _prep(q, k, v, scale, log_decay)
     B, H, T, K = q.shape
     dtype = v.dtype
@@ -81,7 +101,15 @@ def recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_
 
 def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, log_decay=None,
                       chunk_size=64):
-    """Chunked parallel form: exact (up to float rounding) equal of `naive_linear_attn`."""
+    """Chunked parallel form: equal to `naive_linear_attn` up to float rounding.
+
+    Args:
+        q, k: `[B, H, T, K]`; v `[B, H, T, V]`; initial_state `[B, H, K, V]` or None; log_decay `[H]` or None.
+        chunk_size: tokens per chunk C: the parts inside a chunk are quadratic (C x C), the chunks recurrent.
+
+    Returns:
+        o `[B, H, T, V]` in v's dtype, and the final state `[B, H, K, V]` (float32) if `output_final_state`.
+    """
     scale = _prep(q, k, v, scale, log_decay)
     B, H, T, K = q.shape
     V = v.shape[-1]
@@ -92,42 +120,65 @@ def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_stat
     q, k, v = q.float(), k.float(), v.float()
     if pad:
         # Zero keys/values at the end add nothing to the state; padded query rows are dropped at the end.
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     q, k, v = (x.reshape(B, H, n, C, x.shape[-1]) for x in (q, k, v))
     t = torch.arange(C, device=q.device)
     diff = (t[:, None] - t[None, :]).float()
     causal = diff >= 0
     if log_decay is None:
         intra = causal.float()
-        q_carry = k_carry = None
-        chunk_decay = None
+        qc = q
     else:
-        ld = log_decay.float()[:, None, None]
+        ld = log_decay.float()[:, None, None]  # [H, 1, 1]
         intra = torch.where(causal, torch.exp(ld * diff.clamp(min=0)), torch.zeros((), device=q.device))  # [H,C,C]
         intra = intra[None, :, None]  # [1, H, 1, C, C]
-        q_carry = torch.exp(ld[:, :, 0] * (t + 1).float())[None, :, None, :, None]  # g^(i+1) for the carried state
-        k_carry = torch.exp(ld[:, :, 0] * (C - 1 - t).float())[None, :, None, :, None]  # g^(C-1-j) into the new state
+        qc = q * torch.exp(ld[:, :, 0] * (t + 1).float())[None, :, None, :, None]  # g^(i+1) on the carried state
+        k_carry = torch.exp(ld[:, :, 0] * (C - 1 - t).float())[None, :, :, None]  # g^(C-1-j) into the new state
         chunk_decay = torch.exp(log_decay.float() * C)[None, :, None, None]
-    # Everything that does not depend on the carried state is done for all chunks at once.
+    # Everything inside a chunk is done for all chunks at once.
     o = ((q @ k.transpose(-1, -2)) * intra) @ v  # [B, H, n, C, V]
-    kv = (k * k_carry if k_carry is not None else k).transpose(-1, -2) @ v  # [B, H, n, K, V]
-    qc = q * q_carry if q_carry is not None else q
     state = (torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
              if initial_state is None else initial_state.float())
-    # Only this short loop over chunks is sequential: n = T / C steps of a [K, V] state.
+    # Only this short loop over chunks is sequential: n = T / C steps of a [K, V] state. Each chunk's k^T v is
+    # made inside it, so at most one [K, V] update exists at a time (a wide feature map makes K large).
     inter = []
     for c in range(n):
         inter.append(qc[:, :, c] @ state)
-        if chunk_decay is None:
-            state = state + kv[:, :, c]
+        if c == n - 1 and not output_final_state:
+            break
+        kc, vc = k[:, :, c], v[:, :, c]
+        if log_decay is None:
+            state = state + kc.transpose(-1, -2) @ vc
         elif c == n - 1 and pad:
             # The last chunk is short: its keys decay by g^(L-1-j) and the old state by g^L, L = C - pad.
             L = C - pad
-            ld = log_decay.float()[None, :, None, None]
-            kc = torch.exp(ld * (L - 1 - t[:L]).float()[None, None, :, None])
-            state = state * torch.exp(ld * L) + (k[:, :, c, :L] * kc).transpose(-1, -2) @ v[:, :, c, :L]
+            ld4 = log_decay.float()[None, :, None, None]
+            kd = torch.exp(ld4 * (L - 1 - t[:L]).float()[None, None, :, None])
+            state = state * torch.exp(ld4 * L) + (kc[:, :, :L] * kd).transpose(-1, -2) @ vc[:, :, :L]
         else:
-            state = state * chunk_decay + kv[:, :, c]
+            state = state * chunk_decay + (kc * k_carry).transpose(-1, -2) @ vc
     o = o + torch.stack(inter, dim=2)
     o = o.reshape(B, H, n * C, V)[:, :, :T] * scale
     return o.to(dtype), (state if output_final_state else None)
+
+
+def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, log_decay=None, chunk_size=64):
+    """What a layer runs: `recurrent_linear_attn` for a single token (decoding), `chunk_linear_attn` otherwise.
+
+    Shapes as `chunk_linear_attn`."""
+    if q.shape[2] == 1:
+        return recurrent_linear_attn(q, k, v, scale, initial_state, output_final_state, log_decay)
+    return chunk_linear_attn(q, k, v, scale, initial_state, output_final_state, log_decay, chunk_size=chunk_size)
+
+
+def append_ones(v: torch.Tensor) -> torch.Tensor:
+    """`[..., V]` -> `[..., V + 1]` with a last column of ones: linear attention over it accumulates the
+    normaliser `sum_j phi(q) . phi(k_j)` in the last output column."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def normalise(o: torch.Tensor, eps: float = NORMALISER_EPS) -> torch.Tensor:
+    """Linear attention's output over `append_ones(v)`, `[..., V + 1]`, divided by its last column: `[..., V]`
+    float32."""
+    o = o.float()
+    return o[..., :-1] / (o[..., -1:] + eps)

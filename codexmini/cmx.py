@@ -2,8 +2,8 @@
 
 Tensors are the model's weights, named as in the PyTorch model: float weights as `<name>` (fp32 or fp16) and
 quantized linear layers as `<name>.qweight` / `.scale` / `.zero` in the portable layout of
-`codexmini.models.quantized` (int8 per output channel; int4 two codes per byte, low nibble first, per-group scale
-and zero point). The safetensors metadata (all strings) holds:
+`codexmini.ops.layouts` (int8 per output channel; int4 two codes per byte, low nibble first, per-group scale and
+zero point). The safetensors metadata (all strings) holds:
 
     format        "codexmini-cmx"
     version       format version (an integer); readers refuse versions newer than they know
@@ -12,7 +12,8 @@ and zero point). The safetensors metadata (all strings) holds:
     tokenizer     tokenizer.json text;  chat_template  the chat template (may be empty)
     checksum      sha256 over every tensor's name, dtype, shape and bytes, in name order
 
-This module imports only torch, safetensors and the standard library: the runtime reads through it alone.
+This module imports only torch, safetensors, the standard library and `codexmini.ops` (the scheme and layer
+names): the runtime reads through it alone.
 Reading validates everything (container, format, version, checksum, config, scheme names, every tensor's shape
 against the config) and raises one `CmxError` with a clear message; nothing is unpickled.
 """
@@ -21,19 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .files import atomic_path
+from .ops.layouts import Scheme, check_group_size
+from .ops.names import FEATURE_MAPS, LAYER_TYPES
+
 FORMAT = "codexmini-cmx"
 VERSION = 1
-SCHEME_RE = re.compile(r"^(?:int8|int4_g(\d+)(_asym)?)$")
-LAYER_TYPES = ("softmax", "linear", "hybrid")
-FEATURE_MAPS = ("elu", "relu", "hedgehog", "taylor")
 EMBED = "model.embed_tokens"  # the one non-linear tensor that may be quantized (int8 rows)
 
 
@@ -138,17 +137,9 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
     """`safetensors.torch.save_file` to a temporary file beside `path`, then rename: never half-written."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False) -> CmxFile:
@@ -249,7 +240,7 @@ def expected_shapes(config: dict, schemes: dict[str, str]) -> dict[str, tuple[in
         elif scheme == "int8":
             out.update({name + ".qweight": (o, i), name + ".scale": (o,)})
         else:
-            g = int(SCHEME_RE.match(scheme).group(1))
+            g = Scheme(scheme).group_size
             out.update({name + ".qweight": (o, i // 2), name + ".scale": (o, i // g), name + ".zero": (o, i // g)})
     return out
 
@@ -270,8 +261,11 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
         raise CmxError(f"config has unknown layer types {bad} or feature map {config['feature_map']!r}")
     linears = _linear_shapes(config)
     for name, scheme in schemes.items():
-        m = SCHEME_RE.match(str(scheme))
-        if not m:
+        try:
+            s = Scheme(str(scheme))
+        except ValueError:
+            s = None
+        if s is None or s.bits not in (4, 8):  # a float layer has no entry in the file's schemes ("none" is not one)
             raise CmxError(f"unknown quantization scheme {scheme!r} for {name} (known: int8, int4_g<group>[_asym])")
         if name == EMBED and scheme == "int8" and not config.get("embedding_rank"):
             if config.get("tie_word_embeddings"):
@@ -280,8 +274,11 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
         if name not in linears:
             raise CmxError(f"scheme given for {name!r}, which is not a linear layer (or an int8 embedding table) "
                            "of this config")
-        if m.group(1) and linears[name][1] % int(m.group(1)):
-            raise CmxError(f"{name}: int4 group size {m.group(1)} does not divide its input width {linears[name][1]}")
+        if s.bits == 4:
+            try:
+                check_group_size(linears[name][1], s.group_size, name)
+            except ValueError as err:
+                raise CmxError(str(err)) from None
     want = expected_shapes(config, schemes)
     absent = sorted(set(want) - set(tensors))
     if absent:

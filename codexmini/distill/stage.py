@@ -1,0 +1,63 @@
+"""The distill stage (knowledge distillation, optionally quantization-aware) and the transfer stage (attention
+transfer for linearized layers)."""
+
+from __future__ import annotations
+
+from ..data import perplexity
+from ..models.qat import fake_quantized, plan_schemes
+from ..stages import Stage, register
+from .attention_transfer import TransferConfig, attention_transfer
+from .loop import DistillConfig, check_configs, distill
+
+
+def run_distill(model, cfg: DistillConfig, ctx):
+    trainer = ctx.config("trainer")
+    teacher = ctx.teacher if cfg.kd_ratio > 0 or cfg.hidden_weight > 0 else None
+
+    def train(m):
+        return distill(m, teacher, ctx.data.train, ctx.data.val, cfg, trainer, workdir=ctx.folder,
+                       tokenizer=ctx.tokenizer)
+
+    if not cfg.fake_quant:
+        return train(model)
+    q = ctx.config("quantize")
+    schemes = plan_schemes(model, q.rules, q.default, untie_head=q.untie_head, on_bad_group=q.on_bad_group)
+    with fake_quantized(model, schemes):
+        model, metrics = train(model)
+        # Perplexity as the quantize stage will see it (the fake-quantized weights), before they are removed.
+        metrics["val_ppl_fake_quant"] = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
+    return model, {**metrics, "fake_quant_schemes": len(schemes)}
+
+
+def distill_uses(cfg: DistillConfig | None) -> tuple[str, ...]:
+    # Quantization-aware distillation trains on the quantize section's grid, so that section keys it too.
+    return ("trainer", "data", "teacher", *(("quantize",) if cfg is not None and cfg.fake_quant else ()))
+
+
+def check_distill(cfg: DistillConfig, ctx) -> None:
+    check_configs(cfg, ctx.config("trainer"))
+    if cfg.fake_quant:
+        q = ctx.config("quantize")
+        plan_schemes(None, q.rules, q.default, untie_head=q.untie_head, on_bad_group=q.on_bad_group)
+
+
+def run_transfer(model, cfg: TransferConfig, ctx):
+    # Its own optimiser settings (fp32, no warmup; see transfer_trainer), not the distillation trainer's.
+    return attention_transfer(model, ctx.data.train, ctx.data.val, cfg, workdir=ctx.folder)
+
+
+def check_transfer(cfg: TransferConfig, ctx) -> None:
+    if cfg.steps < 0:
+        raise ValueError(f"transfer.steps must be >= 0, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"transfer.batch_size must be >= 1, got {cfg.batch_size}")
+    if not cfg.lr > 0 or cfg.lr == float("inf"):
+        raise ValueError(f"transfer.lr must be a positive number, got {cfg.lr}")
+    if cfg.train not in ("feature_maps", "attention"):
+        raise ValueError(f"transfer.train {cfg.train!r} is not one of feature_maps, attention")
+
+
+register(Stage(name="distill", run=run_distill, schema=DistillConfig, uses=distill_uses, check=check_distill,
+               help="knowledge distillation from the teacher (KD losses, QAT with distill.fake_quant)"))
+register(Stage(name="transfer", run=run_transfer, schema=TransferConfig, uses=("data",), check=check_transfer,
+               help="attention transfer: linearized layers learn to imitate softmax attention"))

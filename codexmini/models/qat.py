@@ -1,0 +1,125 @@
+"""Which quantization scheme each module gets (rules on module names), and quantization-aware training.
+
+Both the quantize stage (which rounds the weights) and a training stage under QAT (which trains through the same
+grid) need the plan, so it lives here, below the stages.
+
+While `fake_quantized(model, schemes)` is active, each named linear layer computes with `dequantize(quantize(W))`
+(the exact grid the quantize stage will use) and the gradient flows to the float W as if rounding were the
+identity. Leaving it restores plain float layers holding the trained weights, ready for the quantize stage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..ops.layouts import Scheme, check_group_size, fake_quant
+
+BAD_GROUP_ACTIONS = ("error", "int8")
+
+
+def _compile_rules(rules: list[dict]) -> list[tuple[re.Pattern, str]]:
+    compiled = []
+    for i, rule in enumerate(rules):
+        if set(rule) != {"pattern", "scheme"}:
+            raise ValueError(f"quantize.rules[{i}] must have exactly the keys pattern and scheme, got {sorted(rule)}")
+        Scheme(rule["scheme"])
+        try:
+            compiled.append((re.compile(rule["pattern"]), rule["scheme"]))
+        except re.error as err:
+            raise ValueError(f"quantize.rules[{i}].pattern {rule['pattern']!r} is not a regular expression: "
+                             f"{err}") from err
+    return compiled
+
+
+def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
+                    untie_head: bool = False) -> dict[str, str]:
+    """{module name: scheme} for every `nn.Linear`, first matching rule wins (`re.search` on the name).
+
+    `rules`: [{"pattern": "lm_head", "scheme": "int8"}, {"pattern": ".*", "scheme": "int4_g32"}].
+    """
+    compiled = _compile_rules(rules)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            # Embedding tables only by an explicit rule (the default is for linear layers), int8 only.
+            scheme = next((s for rx, s in compiled if rx.search(name) and rx.pattern not in (".*", ".+", "")),
+                          "none")
+            if scheme not in ("none", "int8"):
+                raise ValueError(f"{name}: embedding tables support int8 only, a rule gives {scheme!r}")
+            if scheme != "none" and tied and not untie_head:
+                raise ValueError(f"{name} is tied to the output head: quantizing it needs untie_head: true (the "
+                                 "head then gets its own scheme, or stays a float copy)")
+            if scheme != "none":
+                out[name] = scheme
+            continue
+        if not isinstance(mod, nn.Linear):
+            continue
+        scheme = next((s for rx, s in compiled if rx.search(name)), default)
+        if name == "lm_head" and tied and not untie_head:
+            scheme = "none"  # the tied head is the embedding: quantizing it unties it, only when asked
+        if scheme != "none":
+            out[name] = scheme
+    return out
+
+
+def plan_schemes(model: nn.Module | None, rules: list[dict], default: str, untie_head: bool = False,
+                 on_bad_group: str = "error") -> dict[str, str]:
+    """{module name: scheme} with group sizes checked against each layer's width before any work.
+
+    With `model=None` only the settings are checked (for `validate`, before a model exists).
+    """
+    Scheme(default)
+    _compile_rules(list(rules))
+    if on_bad_group not in BAD_GROUP_ACTIONS:
+        raise ValueError(f"quantize.on_bad_group {on_bad_group!r} is not one of {', '.join(BAD_GROUP_ACTIONS)}")
+    if model is None:
+        return {}
+    schemes = resolve_schemes(model, list(rules), default, untie_head)
+    for name, scheme in list(schemes.items()):
+        s = Scheme(scheme)
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Embedding) or s.bits != 4:
+            continue
+        try:
+            check_group_size(mod.in_features, s.group_size, name)
+        except ValueError:
+            if on_bad_group != "int8":
+                raise
+            schemes[name] = "int8"
+    return schemes
+
+
+class FakeQuant(nn.Module):
+    """A weight parametrization: forward value on the grid, gradient straight through."""
+
+    def __init__(self, scheme: str):
+        super().__init__()
+        self.scheme = scheme
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            q = fake_quant(w.detach().float(), self.scheme).to(w.dtype)
+        return w + (q - w).detach()
+
+
+@contextmanager
+def fake_quantized(model: nn.Module, schemes: dict[str, str]) -> Iterator[nn.Module]:
+    """Fake-quantize the named linear layers' weights for the duration of the block."""
+    done = []
+    try:
+        for name, scheme in schemes.items():
+            mod = model.get_submodule(name)
+            parametrize.register_parametrization(mod, "weight", FakeQuant(scheme))
+            done.append(mod)
+        yield model
+    finally:
+        for mod in done:
+            # Keep the trained float weights (the quantize stage rounds them afterwards).
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
