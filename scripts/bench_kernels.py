@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=200)
     args = p.parse_args()
     from codexmini.runtime import native
+    from codexmini.ops.layouts import unpack_int4
     from codexmini.runtime.kernels import dequantize
 
     ext = native.load()
@@ -58,7 +59,7 @@ def main() -> None:
         w = dequantize(t4, "w", "int4")
         q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         s8 = torch.rand(N, generator=g) * 0.01
-        codes = torch.stack([t4["w.qweight"] & 15, t4["w.qweight"] >> 4], -1).reshape(N, K).to(torch.int32)
+        codes = unpack_int4(t4["w.qweight"]).reshape(N, K).to(torch.int32)
         w4 = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = torch.stack([t4["w.scale"].t(), (8 - t4["w.zero"].float()).t() * t4["w.scale"].t()], -1).bfloat16()
         fns = [lambda: F.linear(x, w), lambda: torch._weight_int8pack_mm(xb, q8, s8.bfloat16()),

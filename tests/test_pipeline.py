@@ -39,3 +39,16 @@ def test_saved_folder_is_hashed_and_manifest_reads_back(tmp_path, tiny_tokenizer
     assert read_manifest(tmp_path / "stage") is None
     write_atomic(tmp_path / "stage" / "manifest.json", json.dumps({"key": "k"}))
     assert read_manifest(tmp_path / "stage") == {"key": "k"}
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, tiny_tokenizer):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_model_folder(CodexMiniForCausalLM(tiny_config()), tiny_tokenizer, tmp_path / "stage")
+        write_atomic(tmp_path / "stage" / "manifest.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "manifest.json"):
+        assert (tmp_path / "stage" / name).stat().st_mode & 0o777 == 0o644, name

@@ -91,6 +91,35 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- int8
+def grid(w: torch.Tensor, bits: int, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The round-to-nearest grid of each row of values: scale and zero point over the last dimension.
+
+    Args:
+        w: `[..., n]` float values sharing one grid per row (an int8 output channel, an int4 group).
+        bits: 8 (symmetric, codes -127..127, zero 0) or 4 (codes 0..15).
+        symmetric: int4 only: zero = 8 and codes 1..15 (0 exact), else a per-row zero point over 0..15.
+
+    Returns:
+        scale `[...]` and zero `[...]` (float32; the zero point is a whole number).
+    """
+    if bits == 8:
+        return w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0, torch.zeros(w.shape[:-1])
+    if symmetric:
+        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 7.0
+        return scale, torch.full_like(scale, 8.0)
+    # The grid keeps 0 representable (integer zero point in 0..15), so the range is widened to include it.
+    lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round `w` onto the grid (scale, zero broadcast against it): float codes, -127..127 (int8) or 0..15 (int4)."""
+    if bits == 8:
+        return torch.clamp(torch.round(w / scale), -127, 127)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 15)
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8, round to nearest.
 
@@ -100,10 +129,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         codes `[out, in]` int8 in -127..127, scale `[out]` float32.
     """
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    codes = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-    return codes, scale
+    scale, zero = grid(w.float(), 8)
+    return to_codes(w.float(), scale[:, None], zero[:, None], 8).to(torch.int8), scale
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,15 +167,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, symmetric: bool = True)
     out_features, in_features = w.shape
     check_group_size(in_features, group_size)
     g = w.float().reshape(out_features, in_features // group_size, group_size)
-    if symmetric:
-        scale = g.abs().amax(dim=-1).clamp(min=1e-12) / 7.0
-        zero = torch.full_like(scale, 8.0)
-    else:
-        # The grid keeps 0 representable (integer zero point in 0..15), so the range is widened to include it.
-        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
-    codes = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 15).to(torch.uint8)
+    scale, zero = grid(g, 4, symmetric)
+    codes = to_codes(g, scale[..., None], zero[..., None], 4).to(torch.uint8)
     return Int4Weight(pack_int4(codes.reshape(out_features, in_features)), scale, zero.to(torch.uint8),
                       group_size, in_features)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.layouts import Int4Weight, check_group_size, pack_int4
+from ..ops.layouts import Int4Weight, check_group_size, grid, pack_int4, to_codes
 
 
 class HessianAccumulator:
@@ -26,23 +26,6 @@ class HessianAccumulator:
 
     def value(self) -> torch.Tensor:
         return (self.H / max(self.n, 1)).float()
-
-
-def _grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point `[rows]` for the columns `w [rows, cols]` (the same rules as `numerics`)."""
-    if bits == 8:
-        return w.abs().amax(1).clamp(min=1e-12) / 127.0, torch.zeros(w.shape[0])
-    if symmetric:
-        return w.abs().amax(1).clamp(min=1e-12) / 7.0, torch.full((w.shape[0],), 8.0)
-    lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-    return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
-
-
-def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return torch.clamp(torch.round(w / scale), -127, 127)
-    return torch.clamp(torch.round(w / scale) + zero, 0, 15)
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
@@ -70,7 +53,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
     zero = torch.zeros(rows, n_groups)
     if act_order or bits == 8:
         for j in range(n_groups):
-            scale[:, j], zero[:, j] = _grid(W[:, j * g:(j + 1) * g], bits, symmetric)
+            scale[:, j], zero[:, j] = grid(W[:, j * g:(j + 1) * g], bits, symmetric)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
@@ -89,9 +72,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
             col = int(perm[i1 + i])
             grp = col // g
             if not act_order and bits == 4 and col % g == 0:
-                scale[:, grp], zero[:, grp] = _grid(W1[:, i:i + g], bits, symmetric)
+                scale[:, grp], zero[:, grp] = grid(W1[:, i:i + g], bits, symmetric)
             w = W1[:, i]
-            c = _round(w, scale[:, grp], zero[:, grp], bits)
+            c = to_codes(w, scale[:, grp], zero[:, grp], bits)
             q = c * scale[:, grp] if bits == 8 else (c - zero[:, grp]) * scale[:, grp]
             codes[:, col] = c
             err = (w - q) / Hinv1[i, i]
