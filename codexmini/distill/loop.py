@@ -39,9 +39,10 @@ class DistillConfig:
     on_policy_prompt_tokens: int = 32  # the block's first tokens are the prompt
     on_policy_new_tokens: int | None = None  # None: up to the block length
     on_policy_temperature: float = 1.0
-    # Offline teacher: top-k logits cached under this folder once, reused across epochs and runs (None = off).
+    # Offline teacher: its distributions cached under this folder once, reused across epochs and runs (None = off).
     teacher_cache: str | None = None
-    teacher_top_k: int = 64
+    teacher_cache_mode: str = "topk"  # topk (k largest logits) | sample (k unbiased draws; forward_kl at T=1)
+    teacher_top_k: int = 64  # k: logits kept (topk) or draws (sample) per position
     # Quantization-aware distillation: train through the quantize group's schemes, fake-quantized with a
     # straight-through estimator (applied around this loop by the distill stage; see codexmini.models.qat).
     fake_quant: bool = False
@@ -63,6 +64,10 @@ def check_configs(cfg: DistillConfig, trainer: TrainerConfig) -> None:
         raise ValueError(f"distill.on_policy_prompt_tokens must be >= 1, got {cfg.on_policy_prompt_tokens}")
     if cfg.on_policy_fraction > 0 and cfg.on_policy_temperature <= 0:
         raise ValueError(f"distill.on_policy_temperature must be > 0, got {cfg.on_policy_temperature}")
+    if cfg.teacher_cache is not None:
+        from .teacher_cache import check_cache_settings
+
+        check_cache_settings(cfg.teacher_cache_mode, cfg.teacher_top_k, cfg.loss, cfg.temperature)
     if cfg.teacher_cache is not None and cfg.hidden_weight > 0:
         raise ValueError("distill.teacher_cache keeps only the teacher's logits, but hidden_weight > 0 needs its "
                          "hidden states every step: set distill.teacher_cache=null or distill.hidden_weight=0")
@@ -159,7 +164,8 @@ def distill(student, teacher, train_blocks: torch.Tensor, val_blocks: torch.Tens
 
             shared["cache"] = TeacherLogitCache(cfg.teacher_cache, teacher, train_blocks, cfg.teacher_top_k,
                                                 student.config.vocab_size,
-                                                batch_size=max(trainer.batch_size // ctx.world, 1))
+                                                batch_size=max(trainer.batch_size // ctx.world, 1),
+                                                mode=cfg.teacher_cache_mode, seed=trainer.seed)
         # The lm_head module itself when there is one (the loss then takes its fused linear path).
         model = ctx.unwrapped
         shared["head"] = model.lm_head if getattr(model, "lm_head", None) is not None else model.logits
