@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
@@ -165,8 +166,9 @@ def cmd_generate_cmx(args) -> int:
     cfg = SamplingConfig(**{**values, "stop": args.stop or []})
     cfg.check()
     rt = _runtime(args)
+    pieces = rt.stream(args.prompt, cfg)  # checks the prompt (text, length) before anything is printed
     print(args.prompt, end="", flush=True)
-    for piece in rt.stream(args.prompt, cfg):
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
     return 0
@@ -182,6 +184,11 @@ def cmd_bench(args) -> int:
     if any(c < 1 for c in contexts) or args.decode_tokens < 1:
         raise ValueError("--contexts and --decode-tokens must be positive")
     rt = _runtime(args)
+    limit = rt.config.get("max_position_embeddings")
+    too_long = [c for c in contexts if isinstance(limit, int) and c + args.decode_tokens > limit]
+    if too_long:
+        raise ValueError(f"--contexts {','.join(map(str, too_long))} plus --decode-tokens {args.decode_tokens} exceed "
+                         f"the model's {limit} positions (max_position_embeddings)")
     rows = bench(rt, contexts, args.decode_tokens)
     print(f"{args.model_file}: {rt.config['num_hidden_layers']} layers "
           f"({', '.join(sorted(set(rt.config['layer_types'])))}), kernels={rt.kernels}, "
@@ -207,14 +214,15 @@ def _sampling_options(p) -> None:
     from .runtime.sampling import SamplingConfig
 
     defaults = SamplingConfig()
-    helps = {"temperature": "0 = greedy", "top_k": "0 = off", "stop": "stop string (repeatable)"}
+    helps = {"temperature": "0 = greedy", "top_k": "0 = off", "stop": "stop string (repeatable)",
+             "window_prompt": "a prompt longer than the model's positions: run only its last tokens (else refused)"}
     for f in dataclasses.fields(SamplingConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         if f.name == "stop":
             p.add_argument(flag, action="append", help=helps[f.name])
         elif isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=helps.get(f.name))
         else:
             kind = int if f.type in ("int", "int | None") else float
             p.add_argument(flag, type=kind, default=value, help=helps.get(f.name, f"default {value}"))
@@ -269,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="table and plot over a run's stages")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -297,11 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, CodexMiniError, HydraException,
-            OmegaConfBaseException) as err:
-        # Bad input (recipe name, key, value, path): a clear message instead of a traceback.
-        print(f"codexmini: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}",
-              file=sys.stderr)
-        if err.__cause__ is not None:
+            OmegaConfBaseException, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, FileExistsError)) and \
+                err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Bad input (recipe name, key, value, path), a damaged file or a full disk: a clear message instead of a
+        # traceback.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else \
+            err.strerror if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) else err
+        print(f"codexmini: error: {message}", file=sys.stderr)
+        if err.__cause__ is not None and not isinstance(err, OSError):
             print(f"  {err.__cause__}", file=sys.stderr)
         return 2
 

@@ -10,18 +10,22 @@ zero point). The safetensors metadata (all strings) holds:
     config        the model config as JSON (per-layer sizes and layer types)
     schemes       JSON {linear name: "int8" | "int4_g<group>[_asym]"} for the quantized layers
     tokenizer     tokenizer.json text;  chat_template  the chat template (may be empty)
-    checksum      sha256 over every tensor's name, dtype, shape and bytes, in name order
+    checksum      sha256 over every other metadata entry (name and value, in name order), then every tensor's
+                  name, dtype, shape and bytes, in name order (version 1 files: the tensors only)
 
 This module imports only torch, safetensors, the standard library and `codexmini.ops` (the scheme and layer
 names): the runtime reads through it alone.
-Reading validates everything (container, format, version, checksum, config, scheme names, every tensor's shape
-against the config) and raises one `CmxError` with a clear message; nothing is unpickled.
+Reading validates everything (container, format, version, every config value the runtime uses, scheme names,
+the tokenizer's JSON, every tensor's shape and dtype against the config, then the checksum) and raises one
+`CmxError` with a clear message, naming the key; nothing is unpickled. A hand-edited `rope_theta` that is still a
+valid value is caught by the checksum (version 2 covers the metadata); a damaged one by the value checks first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +36,9 @@ from .ops.layouts import Scheme, check_group_size
 from .ops.names import FEATURE_MAPS, LAYER_TYPES
 
 FORMAT = "codexmini-cmx"
-VERSION = 1
+VERSION = 2  # 2: the checksum covers the metadata too (1: tensors only; still read)
 EMBED = "model.embed_tokens"  # the one non-linear tensor that may be quantized (int8 rows)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CmxError(ValueError):
@@ -87,15 +92,27 @@ def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tupl
     return tensors, ranges
 
 
+def _metadata_digest(h, meta: dict[str, str]) -> None:
+    """Feed every metadata entry but the checksum itself into `h`: name and value, each length-prefixed (so no
+    two different metadata can hash alike), in name order."""
+    for key in sorted(k for k in meta if k != "checksum"):
+        for part in (key.encode(), str(meta[key]).encode("utf-8", errors="surrogatepass")):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+
+
 def _checksum_label(name: str, t: torch.Tensor) -> bytes:
     """What the checksum hashes before a tensor's bytes (its name, dtype and shape)."""
     return f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
 
 
-def _file_checksum(path: Path, tensors: dict[str, torch.Tensor], ranges: dict[str, tuple[int, int]]) -> str:
+def _file_checksum(path: Path, tensors: dict[str, torch.Tensor], ranges: dict[str, tuple[int, int]],
+                   meta: dict[str, str] | None = None) -> str:
     """`payload_checksum` computed with plain reads of the file: the same digest, without making the mapped
     tensors' pages resident in this process."""
     h = hashlib.sha256()
+    if meta is not None:
+        _metadata_digest(h, meta)
     buf = bytearray(16 << 20)
     with open(path, "rb", buffering=0) as fh:
         for name in sorted(tensors):
@@ -112,8 +129,12 @@ def _file_checksum(path: Path, tensors: dict[str, torch.Tensor], ranges: dict[st
     return h.hexdigest()
 
 
-def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
+def payload_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """The file's checksum: the metadata (all but `checksum`; version 2) then the tensors. `meta=None` gives a
+    version 1 checksum (tensors only)."""
     h = hashlib.sha256()
+    if meta is not None:
+        _metadata_digest(h, meta)
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(_checksum_label(name, t))
@@ -126,10 +147,12 @@ def write_cmx(path: str | Path, tensors: dict[str, torch.Tensor], config: dict, 
               tokenizer_json: str, chat_template: str = "") -> Path:
     """Validate and write a .cmx file atomically (temporary file + rename). Returns the path."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_metadata(config, schemes, tokenizer_json)
     check_contents(config, schemes, tensors)
-    meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True),
+    meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True, allow_nan=False),
             "schemes": json.dumps(schemes, sort_keys=True), "tokenizer": tokenizer_json,
-            "chat_template": chat_template or "", "checksum": payload_checksum(tensors)}
+            "chat_template": chat_template or ""}
+    meta["checksum"] = payload_checksum(tensors, meta)
     return save_safetensors_atomic(tensors, path, meta)
 
 
@@ -161,15 +184,17 @@ def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CmxError:
         raise
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad containers
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - safetensors raises its own types (a Rust panic is a BaseException)
         raise CmxError(f"{path}: not a readable .cmx file (truncated or not a safetensors container): {err}") from err
     if meta.get("format") != FORMAT:
         raise CmxError(f"{path}: not a codexmini .cmx file (format {meta.get('format')!r}); export one with "
                        "`codexmini export`")
-    try:
-        version = int(meta.get("version", ""))
-    except ValueError:
-        raise CmxError(f"{path}: bad format version {meta.get('version')!r}") from None
+    version_text = meta.get("version", "")
+    if not (isinstance(version_text, str) and version_text.isascii() and version_text.isdigit()):
+        raise CmxError(f"{path}: bad format version {version_text!r}")
+    version = int(version_text)
     if version > VERSION:
         raise CmxError(f"{path}: written in .cmx format version {version}, but this codexmini reads up to version "
                        f"{VERSION}; upgrade codexmini to load it")
@@ -179,18 +204,120 @@ def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False)
         if key not in meta:
             raise CmxError(f"{path}: metadata key {key!r} is missing")
     try:
-        config, schemes = json.loads(meta["config"]), json.loads(meta["schemes"])
-    except json.JSONDecodeError as err:
-        raise CmxError(f"{path}: config or schemes metadata is not valid JSON: {err}") from err
-    if verify_checksum and (payload_checksum(tensors) if ranges is None else _file_checksum(path, tensors, ranges)) \
-            != meta["checksum"]:
-        raise CmxError(f"{path}: checksum mismatch: the weights were modified or corrupted after export")
-    try:
+        config, schemes = _json(meta["config"], "config"), _json(meta["schemes"], "schemes")
+        check_metadata(config, schemes, meta["tokenizer"])
         check_contents(config, schemes, tensors)
     except CmxError as err:
         raise CmxError(f"{path}: {err}") from None
+    if verify_checksum:
+        signed = meta if version >= 2 else None
+        got = payload_checksum(tensors, signed) if ranges is None else _file_checksum(path, tensors, ranges, signed)
+        if got != meta["checksum"]:
+            raise CmxError(f"{path}: checksum mismatch: the file was modified or corrupted after export (its "
+                           "weights or its metadata); export it again")
     return CmxFile(path, version, config, schemes, meta["tokenizer"], meta.get("chat_template", ""), tensors,
                    meta["checksum"], ranges)
+
+
+def _json(text: str, key: str):
+    def no_constants(name):  # NaN / Infinity are not JSON; Python's parser would take them
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError) as err:
+        raise CmxError(f"metadata {key!r} is not valid JSON: {err}") from None
+
+
+def _int(config: dict, key: str, low: int = 1, optional: bool = False):
+    value = config.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise CmxError(f"config {key} = {value!r} must be an integer >= {low}")
+    return value
+
+
+def _positive(config: dict, key: str) -> float:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CmxError(f"config {key} = {value!r} must be a finite number > 0")
+    return value
+
+
+def check_metadata(config, schemes, tokenizer_json) -> None:
+    """Every config value the runtime uses, the schemes' form and the tokenizer's JSON; raises `CmxError` naming
+    the key. (Shapes against the tensors: `check_contents`.)"""
+    check_config(config, schemes)
+    check_tokenizer_json(tokenizer_json)
+
+
+def check_config(config, schemes) -> None:
+    """The config's values (types, ranges, known names, per-layer lists) and the schemes' form."""
+    if not isinstance(config, dict):
+        raise CmxError(f"metadata 'config' must be a JSON object, got {type(config).__name__}")
+    if not isinstance(schemes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in schemes.items()):
+        raise CmxError("metadata 'schemes' must be a JSON object of {layer name: scheme name} strings")
+    need = ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "layer_types", "layer_num_attention_heads",
+            "layer_num_key_value_heads", "layer_intermediate_sizes", "rms_norm_eps", "rope_theta", "feature_map")
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise CmxError(f"config lacks {missing}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        _int(config, key)
+    head_dim = _int(config, "head_dim", low=2)
+    if head_dim % 2:
+        raise CmxError(f"config head_dim = {head_dim} must be even (RoPE rotates pairs)")
+    _positive(config, "rope_theta")
+    _positive(config, "rms_norm_eps")
+    for key in ("sliding_window", "linear_chunk_size", "feature_dim", "embedding_rank", "max_position_embeddings"):
+        _int(config, key, optional=True)
+    if config.get("embedding_rank") is not None and config["embedding_rank"] >= config["hidden_size"]:
+        raise CmxError(f"config embedding_rank = {config['embedding_rank']} must be below hidden_size "
+                       f"{config['hidden_size']}")
+    for key in ("tie_word_embeddings", "linear_decay"):
+        if key in config and not isinstance(config[key], bool):
+            raise CmxError(f"config {key} = {config[key]!r} must be true or false")
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        ids = config.get(key)
+        ids = ids if isinstance(ids, list) and key == "eos_token_id" else [ids] if ids is not None else []
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in ids):
+            raise CmxError(f"config {key} = {config.get(key)!r} must be a token id"
+                           f"{', a list of them' if key == 'eos_token_id' else ''} or null")
+    n = config["num_hidden_layers"]
+    for key in ("layer_types", "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"):
+        if not isinstance(config[key], list) or len(config[key]) != n:
+            got = f"{len(config[key])} entries" if isinstance(config[key], list) else repr(config[key])
+            raise CmxError(f"config {key} must be a list with one entry per layer: num_hidden_layers is {n}, "
+                           f"it has {got}")
+    for i, t in enumerate(config["layer_types"]):
+        if t not in LAYER_TYPES:
+            raise CmxError(f"config layer_types[{i}] = {t!r} is not one of {', '.join(LAYER_TYPES)}")
+    if config["feature_map"] not in FEATURE_MAPS:
+        raise CmxError(f"config feature_map = {config['feature_map']!r} is not one of {', '.join(FEATURE_MAPS)}")
+    for key in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"):
+        for i, v in enumerate(config[key]):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CmxError(f"config {key}[{i}] = {v!r} must be an integer >= 1")
+    for i, (h, kv) in enumerate(zip(config["layer_num_attention_heads"], config["layer_num_key_value_heads"])):
+        if h % kv:
+            raise CmxError(f"config layer_num_key_value_heads[{i}] = {kv} must divide "
+                           f"layer_num_attention_heads[{i}] = {h}")
+    if "hybrid" in config["layer_types"] and config.get("sliding_window") is None:
+        raise CmxError("config sliding_window is missing (the hybrid layers' window)")
+
+
+def check_tokenizer_json(tokenizer_json) -> None:
+    """The tokenizer metadata parses as a tokenizer.json: a JSON object with a `model` object holding its vocab.
+    (The runtime builds the tokenizer from it with the `tokenizers` library, which this module does not import.)"""
+    if not isinstance(tokenizer_json, str):
+        raise CmxError("metadata 'tokenizer' must be a string (tokenizer.json)")
+    tok = _json(tokenizer_json, "tokenizer")
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("type", "BPE"), str) or \
+            not isinstance(model.get("vocab", {}), (dict, list)) or \
+            not isinstance(tok.get("added_tokens", []), list):
+        raise CmxError("metadata 'tokenizer' is not a tokenizer.json (it needs a 'model' object with its vocab)")
 
 
 def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
@@ -247,18 +374,7 @@ def expected_shapes(config: dict, schemes: dict[str, str]) -> dict[str, tuple[in
 
 def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Config fields, scheme names and every tensor's presence and shape; raises `CmxError`."""
-    need = ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "layer_types", "layer_num_attention_heads",
-            "layer_num_key_value_heads", "layer_intermediate_sizes", "rms_norm_eps", "rope_theta", "feature_map")
-    missing = [k for k in need if k not in config]
-    if missing:
-        raise CmxError(f"config lacks {missing}")
-    n = config["num_hidden_layers"]
-    for key in ("layer_types", "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"):
-        if len(config[key]) != n:
-            raise CmxError(f"config {key} has {len(config[key])} entries for {n} layers")
-    bad = [t for t in config["layer_types"] if t not in LAYER_TYPES]
-    if bad or config["feature_map"] not in FEATURE_MAPS:
-        raise CmxError(f"config has unknown layer types {bad} or feature map {config['feature_map']!r}")
+    check_config(config, schemes)
     linears = _linear_shapes(config)
     for name, scheme in schemes.items():
         try:
@@ -290,7 +406,10 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
         if tuple(tensors[name].shape) != tuple(shape):
             raise CmxError(f"tensor {name} has shape {tuple(tensors[name].shape)}, the config implies {tuple(shape)}")
         t = tensors[name]
-        if name.endswith(".qweight") and t.dtype not in (torch.int8, torch.uint8):
-            raise CmxError(f"tensor {name} has dtype {t.dtype}, expected int8/uint8 codes")
-        if not name.endswith((".qweight", ".zero")) and not t.is_floating_point():
-            raise CmxError(f"tensor {name} has dtype {t.dtype}, expected a float")
+        if name.endswith((".qweight", ".zero")):
+            owner = name.rsplit(".", 1)[0]
+            want_dtype = torch.int8 if schemes.get(owner) == "int8" else torch.uint8  # int4 codes: two per byte
+            if t.dtype != want_dtype:
+                raise CmxError(f"tensor {name} has dtype {t.dtype}, expected {want_dtype} codes")
+        elif t.dtype not in FLOAT_DTYPES:
+            raise CmxError(f"tensor {name} has dtype {t.dtype}, expected float32, float16 or bfloat16")

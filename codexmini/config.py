@@ -20,14 +20,14 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, make_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from . import stages as registry
-from .data.corpus import DataConfig
+from .data import DataConfig
 from .train import TrainerConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -42,12 +42,78 @@ TARGETS: dict[str, str] = {
 }
 
 
-def allow_target(path: str, description: str = "") -> None:
-    """Let configs name the callable at `path` (module.attr) as a `_target_` (for plugins' own teacher loaders)."""
+# What `validate` runs for a target besides binding its signature, with the target's arguments (defaults filled
+# in): `TARGET_CHECKS[path](kwargs)` raises ValueError / FileNotFoundError naming the key;
+# `TARGET_ARCHITECTURES[path](kwargs)` gives the teacher's transformers config without loading its weights (or
+# None when that cannot be known cheaply), so the student's layers and widths are checked before any work.
+TARGET_CHECKS: dict[str, Callable[[dict], None]] = {}
+TARGET_ARCHITECTURES: dict[str, Callable[[dict], Any]] = {}
+
+
+def allow_target(path: str, description: str = "", check: Callable[[dict], None] | None = None,
+                 architecture: Callable[[dict], Any] | None = None) -> None:
+    """Let configs name the callable at `path` (module.attr) as a `_target_` (for plugins' own teacher loaders),
+    optionally with a pre-flight `check` of its arguments and an `architecture` reader (see TARGET_CHECKS)."""
     module, _, attr = path.rpartition(".")
     if not module or not attr.isidentifier():
         raise ValueError(f"target {path!r} must be 'package.module.function'")
     TARGETS[path] = description
+    if check is not None:
+        TARGET_CHECKS[path] = check
+    if architecture is not None:
+        TARGET_ARCHITECTURES[path] = architecture
+
+
+def _check_load_teacher(kw: dict) -> None:
+    from .models.teacher import check_teacher_spec
+
+    check_teacher_spec(kw.get("spec"), kw.get("dtype", "float32"), kw.get("quantization"))
+
+
+def _load_teacher_architecture(kw: dict):
+    from .models.teacher import teacher_config
+
+    return teacher_config(kw["spec"])
+
+
+_TINY_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _check_tiny_random_teacher(kw: dict) -> None:
+    for name in (*_TINY_SIZES, "vocab_size"):
+        value = kw.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"teacher.{name} must be an integer >= 1, got {value!r}")
+    from .data.tokenizer import SPECIAL_TOKENS
+
+    least = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds the 256 bytes and the special tokens
+    if kw["vocab_size"] < least:
+        raise ValueError(f"teacher.vocab_size must be >= {least} (256 bytes + special tokens), got {kw['vocab_size']}")
+    if kw["hidden_size"] % kw["num_attention_heads"]:
+        raise ValueError(f"teacher.hidden_size ({kw['hidden_size']}) must be a multiple of "
+                         f"teacher.num_attention_heads ({kw['num_attention_heads']})")
+    if kw["num_attention_heads"] % kw["num_key_value_heads"]:
+        raise ValueError(f"teacher.num_key_value_heads ({kw['num_key_value_heads']}) must divide "
+                         f"teacher.num_attention_heads ({kw['num_attention_heads']})")
+    if (kw["hidden_size"] // kw["num_attention_heads"]) % 2:
+        raise ValueError("teacher.hidden_size / teacher.num_attention_heads (the head size) must be even for RoPE")
+    for name in ("pretrain_steps", "seed"):
+        value = kw.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"teacher.{name} must be an integer >= 0, got {value!r}")
+
+
+def _tiny_random_architecture(kw: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=kw["vocab_size"], max_position_embeddings=4096, tie_word_embeddings=True,
+                       **{k: kw[k] for k in _TINY_SIZES})
+
+
+allow_target("codexmini.models.teacher.load_teacher", TARGETS["codexmini.models.teacher.load_teacher"],
+             _check_load_teacher, _load_teacher_architecture)
+allow_target("codexmini.train.pretrain.tiny_random_teacher", TARGETS["codexmini.train.pretrain.tiny_random_teacher"],
+             _check_tiny_random_teacher, _tiny_random_architecture)
 
 
 @dataclass
@@ -228,7 +294,52 @@ def compose(recipe: str, overrides: Sequence[str] = (), config_dirs: Sequence[st
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-        return hydra_compose(config_name=path.stem, overrides=[f"hydra.searchpath=[{searchpath}]", *overrides])
+        cfg = hydra_compose(config_name=path.stem, overrides=[f"hydra.searchpath=[{searchpath}]", *overrides])
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"{path.stem}: {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return cfg
+
+
+def unknown_keys(cfg) -> list[str]:
+    """Keys a composed config holds that its schema does not have, one message each naming the key.
+
+    Hydra's `+key=value` adds a key even to a typed section (it opens the struct flag for it), so a typo such as
+    `+model.keep_layerz=2` would otherwise be stored and ignored, or reach a dataclass as an unexpected argument.
+    Every section typed by a dataclass schema is compared with its fields, recursively (the stage list's entries
+    too); free-form sections (`teacher`, a stage's `overrides`) are dicts and checked elsewhere (the teacher's
+    keys against its loader's signature).
+    """
+    from omegaconf import DictConfig, ListConfig
+
+    out: list[str] = []
+
+    def walk(node, where: str) -> None:
+        if node._is_none() or node._is_missing():
+            return
+        if isinstance(node, ListConfig):
+            for i in range(len(node)):
+                walk(node._get_node(i), f"{where}[{i}]")
+            return
+        if not isinstance(node, DictConfig) or node._is_interpolation():
+            return
+        schema = node._metadata.object_type
+        known = {f.name: f for f in fields(schema)} if schema is not None and is_dataclass(schema) else None
+        for key in node.keys():
+            name = f"{where}.{key}" if where else str(key)
+            if known is not None and key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+                hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+                out.append(f"unknown key {name}: {'the run config' if not where else where} has no such "
+                           f"setting{hint}")
+                continue
+            if known is not None:
+                value = node._get_node(key)
+                if isinstance(value, (DictConfig, ListConfig)):
+                    walk(value, name)
+
+    walk(cfg, "")
+    return out
 
 
 def _check_yaml(path: Path) -> None:
@@ -272,9 +383,9 @@ def resolve_target(node) -> tuple[Any, dict]:
     return fn, data
 
 
-def check_target_signature(node, provided: tuple[str, ...] = ()) -> None:
+def check_target_signature(node, provided: tuple[str, ...] = (), section: str | None = None) -> None:
     """Bind a `_target_` node's keys (plus arguments the pipeline provides) to the callable's signature and check
-    plain values against its annotations."""
+    plain values against its annotations. `section`: the config section the node is, to name keys with."""
     fn, kwargs = resolve_target(node)
     try:
         inspect.signature(fn).bind_partial(**kwargs, **{k: None for k in provided})
@@ -284,8 +395,17 @@ def check_target_signature(node, provided: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(fn)
     for key, value in kwargs.items():
         if key in hints and not _matches(value, hints[key]):
-            raise ValueError(f"{key} = {value!r} has the wrong type for {fn.__qualname__} (expects "
+            name = f"{section}.{key}" if section else key
+            raise ValueError(f"{name} = {value!r} has the wrong type for {fn.__qualname__} (expects "
                              f"{_type_name(hints[key])})")
+
+
+def target_arguments(node) -> tuple[str, dict]:
+    """(target path, its keyword arguments with the callable's defaults filled in) for a checked `_target_` node."""
+    fn, kwargs = resolve_target(node)
+    bound = inspect.signature(fn).bind_partial(**kwargs)
+    bound.apply_defaults()
+    return f"{fn.__module__}.{fn.__qualname__}", dict(bound.arguments)
 
 
 _PLAIN = (str, int, float, bool, type(None))

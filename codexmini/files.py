@@ -8,6 +8,7 @@ the rest of a team sharing the machine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -51,12 +52,45 @@ def new_dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+# Free bytes below which a failed write is put down to a full disk: writers that are not Python's own file objects
+# report it their own way (torch.save: "unexpected pos 139136 vs 139024"; safetensors: "os error 28").
+FULL_DISK_BYTES = 1 << 20
+_NO_SPACE = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+
+
+def no_space_error(err: BaseException, path: str | Path) -> OSError | None:
+    """An OSError(ENOSPC) saying "no space left on device while writing <path>" when a failed write of `path` was
+    caused by a full disk (or quota), whatever the writer raised; None when the disk is not the cause.
+
+    Call it while the failed write's partial file still exists: a writer's own cryptic error is recognised by the
+    free space left on the filesystem then."""
+    if isinstance(err, OSError) and err.errno is not None:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)  # the OS said what it was
+    else:
+        full = any(s in str(err).lower() for s in _NO_SPACE) or _free_bytes(Path(path)) < FULL_DISK_BYTES
+    if not full:
+        return None
+    if isinstance(err, OSError) and str(err.strerror or "").startswith("no space left on device while writing"):
+        return err
+    return OSError(errno.ENOSPC, f"no space left on device while writing {path}; free some space and try again")
+
+
+def _free_bytes(path: Path) -> int:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return FULL_DISK_BYTES
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
 
     The file that lands on `path` has mode `0o666 & ~umask`, whatever the writer did to the temporary file
-    (mkstemp creates it 0600; a writer that itself writes atomically replaces it with its own mode).
+    (mkstemp creates it 0600; a writer that itself writes atomically replaces it with its own mode). A write that
+    fails because the disk is full raises OSError(ENOSPC) saying so and naming `path` (see `no_space_error`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +100,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
+    except Exception as err:
+        full = no_space_error(err, path)  # while the partial temporary file still takes its space
+        if full is not None and full is not err:
+            raise full from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -97,6 +136,12 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
             if entry.is_dir() and not entry.is_symlink() and target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)  # os.replace cannot put a folder onto a non-empty one
             os.replace(entry, target)
+    except Exception as err:
+        full = no_space_error(err, folder)  # while the partial files still take their space
+        if full is not None:  # named by the folder: the temporary one inside it is about to go
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {folder}; free some space and "
+                                        "try again") from err
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -25,6 +25,7 @@ def collect(run_dir: Path) -> list[dict]:
             "tokens/s": met.get("runtime_tokens_per_s") or met.get("generate_tokens_per_s"),
             "wall s": m.get("wall_time_s"), "teacher_val_ppl": met.get("teacher_val_ppl"),
             "sample": met.get("sample"), "new_model": "model.safetensors" in (m.get("outputs") or {}),
+            "domains": met.get("domains"), "teacher_domains": met.get("teacher_domains"),
         })
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no completed stages (no manifest.json in its sub-folders)")
@@ -52,7 +53,34 @@ def render(rows: list[dict]) -> str:
     sample = next((r["sample"] for r in reversed(rows) if r.get("sample")), None)
     if sample is not None:
         out.append(f"last sample: {sample!r}")
+    domains = render_domains(rows)
+    if domains:
+        out += ["", domains]
     return "\n".join(out)
+
+
+def render_domains(rows: list[dict]) -> str:
+    """Per-domain perplexity as a ratio to the teacher's, and KL divergence from the teacher, stage by stage: what
+    a student forgets outside its training data shows here (empty when the run has one domain)."""
+    teacher = next((r["teacher_domains"] for r in rows if r.get("teacher_domains")), None) or {}
+    names = sorted({d for r in rows for d in (r.get("domains") or {})})
+    if len(names) < 2:
+        return ""
+    head = ["stage", *(f"{d} ppl/teacher" for d in names), *(f"{d} KL" for d in names)]
+    table = []
+    for r in rows:
+        dom = r.get("domains") or {}
+        if not dom:
+            continue
+        ratios = [_fmt(dom[d]["ppl"] / teacher[d]["ppl"]) if d in dom and d in teacher else _fmt(None) for d in names]
+        kls = [_fmt(dom[d].get("kl")) if d in dom else _fmt(None) for d in names]
+        table.append([r["stage"], *ratios, *kls])
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    lines = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(t) for t in table]
+    if teacher:
+        lines.append("teacher ppl: " + ", ".join(f"{d} {teacher[d]['ppl']:.2f}" for d in names if d in teacher))
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -67,7 +95,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     # Only stages that wrote a model of their own (eval / generate reuse the previous one).
     pts = [(r["file MB"], r["val ppl"], r["stage"]) for r in rows if r["new_model"] and r["file MB"] and r["val ppl"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    per_domain = _domain_series(rows)
+    fig, axes = plt.subplots(1, 2 if per_domain else 1, figsize=(12 if per_domain else 6, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
     teacher = next((r["teacher_val_ppl"] for r in rows if r.get("teacher_val_ppl")), None)
     if teacher:
@@ -79,11 +109,32 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
     ax.set_title("size vs perplexity across stages")
+    if per_domain:
+        stages, series = per_domain
+        ax = axes[0][1]
+        for name, ratios in series.items():
+            ax.plot(range(len(stages)), ratios, "o-", label=name)
+        ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("perplexity / teacher's")
+        ax.set_title("per domain (held out)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def _domain_series(rows: list[dict]):
+    """(stage names, {domain: perplexity ratio to the teacher per stage}) when a run measures several domains."""
+    teacher = next((r["teacher_domains"] for r in rows if r.get("teacher_domains")), None) or {}
+    staged = [r for r in rows if r.get("domains")]
+    names = sorted({d for r in staged for d in r["domains"] if d in teacher})
+    if len(names) < 2:
+        return None
+    series = {d: [r["domains"][d]["ppl"] / teacher[d]["ppl"] if d in r["domains"] else float("nan") for r in staged]
+              for d in names}
+    return [r["stage"] for r in staged], series
 
 
 def report(run_dir: str | Path) -> str:

@@ -1,6 +1,5 @@
 """Every YAML composes and validates; bad keys, types and targets fail with clear messages."""
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -11,8 +10,12 @@ from codexmini.pipeline import validate
 
 RECIPES = sorted(RECIPE_DIR.rglob("*.yaml"))
 GROUP_OPTIONS = sorted(CONFIG_DIR.rglob("*.yaml"))
-# Group options that need a value the user must give.
-REQUIRED = {"teacher/hf": ["teacher.spec=HuggingFaceTB/SmolLM2-135M"]}
+# Group options that need a value the user must give, or one that fits tiny_smoke (a 4-layer teacher, a 3-layer
+# student, 64-token blocks): validate checks them against the teacher's shape, and unchanged they would fail.
+REQUIRED = {"teacher/hf": ["teacher.spec=HuggingFaceTB/SmolLM2-135M"],
+            "distill/gkd_on_policy": ["distill.on_policy_prompt_tokens=16"],
+            "model/smollm2_20l": ["teacher=smollm2"],
+            "prune/depth": ["prune.drop_layers=1"]}
 
 
 def test_there_are_yamls_to_check():

@@ -19,7 +19,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "codexmini"
 LEVELS = {"ops": 0, "files": 0, "errors": 0, "stages": 0, "": 0, "cmx": 0.5,
-          "models": 1, "data": 1, "runtime": 1, "train": 2, "config": 4, "pipeline": 5, "report": 5, "cli": 6}
+          "models": 1, "data": 1, "runtime": 1, "train": 2, "serve": 2, "config": 4, "pipeline": 5, "report": 5,
+          "cli": 6}
 STAGE_LEVEL = 3
 STDLIB = set(sys.stdlib_module_names)
 # What a group may import from outside codexmini (None: anything installed).

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..train import Batch, Hooks, TrainContext, TrainerConfig, check_trainer_config, fit
+from ..train.config import check_int, check_number
 from .hidden import HIDDEN_LOSSES, HiddenProjector, hidden_state_loss, layer_map
 from .losses import LOSSES, chunked_kd_loss
 
@@ -49,24 +50,37 @@ class DistillConfig:
 
 
 def check_configs(cfg: DistillConfig, trainer: TrainerConfig) -> None:
-    """Refuse bad values before any model is touched."""
+    """Refuse bad values before any model is touched; every message names its `distill.` key."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"distill.loss {cfg.loss!r} is not one of {LOSSES}")
-    if not 0 <= cfg.kd_ratio <= 1:
-        raise ValueError(f"distill.kd_ratio must be in [0, 1], got {cfg.kd_ratio}")
-    if cfg.hidden_weight < 0:
-        raise ValueError(f"distill.hidden_weight must be >= 0, got {cfg.hidden_weight}")
+    # A temperature of 0 divides the logits by zero: the run would train to NaN.
+    check_number("distill.temperature", cfg.temperature, positive=True)
+    for name in ("kd_ratio", "beta", "alpha", "on_policy_fraction"):
+        check_number(f"distill.{name}", getattr(cfg, name), low=0, high=1)
+    check_int("distill.chunk_size", cfg.chunk_size, low=1)
+    check_number("distill.hidden_weight", cfg.hidden_weight, low=0)
     if cfg.hidden_loss not in HIDDEN_LOSSES:
         raise ValueError(f"distill.hidden_loss {cfg.hidden_loss!r} is not one of {HIDDEN_LOSSES}")
-    if not 0 <= cfg.on_policy_fraction <= 1:
-        raise ValueError(f"distill.on_policy_fraction must be in [0, 1], got {cfg.on_policy_fraction}")
-    if cfg.on_policy_fraction > 0 and cfg.on_policy_prompt_tokens < 1:
-        raise ValueError(f"distill.on_policy_prompt_tokens must be >= 1, got {cfg.on_policy_prompt_tokens}")
-    if cfg.on_policy_fraction > 0 and cfg.on_policy_temperature <= 0:
-        raise ValueError(f"distill.on_policy_temperature must be > 0, got {cfg.on_policy_temperature}")
-    if cfg.teacher_cache is not None:
-        from .teacher_cache import check_cache_settings
+    for name in ("hidden_student_layers", "hidden_teacher_layers"):
+        layers = getattr(cfg, name)
+        if layers is not None:
+            for i, layer in enumerate(layers):
+                check_int(f"distill.{name}[{i}]", layer, low=0)
+            if len(set(layers)) != len(layers) and name == "hidden_student_layers":
+                raise ValueError(f"distill.{name} {list(layers)} lists a layer twice")
+    check_int("distill.on_policy_prompt_tokens", cfg.on_policy_prompt_tokens, low=1)
+    if cfg.on_policy_new_tokens is not None:
+        check_int("distill.on_policy_new_tokens", cfg.on_policy_new_tokens, low=1, none="or null")
+    check_number("distill.on_policy_temperature", cfg.on_policy_temperature, positive=True)
+    check_int("distill.teacher_top_k", cfg.teacher_top_k, low=1)
+    if cfg.teacher_cache is not None and not str(cfg.teacher_cache).strip():
+        raise ValueError("distill.teacher_cache must be a folder path or null, got an empty string")
+    from .teacher_cache import CACHE_MODES, check_cache_settings
 
+    if cfg.teacher_cache_mode not in CACHE_MODES:  # refused even while the cache is off: it is a typo either way
+        raise ValueError(f"distill.teacher_cache_mode {cfg.teacher_cache_mode!r} is not one of "
+                         f"{', '.join(CACHE_MODES)}")
+    if cfg.teacher_cache is not None:
         check_cache_settings(cfg.teacher_cache_mode, cfg.teacher_top_k, cfg.loss, cfg.temperature)
     if cfg.teacher_cache is not None and cfg.hidden_weight > 0:
         raise ValueError("distill.teacher_cache keeps only the teacher's logits, but hidden_weight > 0 needs its "

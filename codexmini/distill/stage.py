@@ -7,6 +7,7 @@ from ..data import perplexity
 from ..models.qat import fake_quantized, plan_schemes
 from ..stages import Stage, register
 from .attention_transfer import TransferConfig, attention_transfer
+from ..train.config import SEED_MAX, check_int, check_number
 from .loop import DistillConfig, check_configs, distill
 
 
@@ -36,6 +37,10 @@ def distill_uses(cfg: DistillConfig | None) -> tuple[str, ...]:
 
 def check_distill(cfg: DistillConfig, ctx) -> None:
     check_configs(cfg, ctx.config("trainer"))
+    block = getattr(ctx.config("data"), "block_size", None)
+    if cfg.on_policy_fraction > 0 and isinstance(block, int) and cfg.on_policy_prompt_tokens >= block:
+        raise ValueError(f"distill.on_policy_prompt_tokens ({cfg.on_policy_prompt_tokens}) must be shorter than "
+                         f"data.block_size ({block}): the rest of each block is what the student samples")
     if cfg.fake_quant:
         q = ctx.config("quantize")
         plan_schemes(None, q.rules, q.default, untie_head=q.untie_head, on_bad_group=q.on_bad_group)
@@ -47,14 +52,12 @@ def run_transfer(model, cfg: TransferConfig, ctx):
 
 
 def check_transfer(cfg: TransferConfig, ctx) -> None:
-    if cfg.steps < 0:
-        raise ValueError(f"transfer.steps must be >= 0, got {cfg.steps}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"transfer.batch_size must be >= 1, got {cfg.batch_size}")
-    if not cfg.lr > 0 or cfg.lr == float("inf"):
-        raise ValueError(f"transfer.lr must be a positive number, got {cfg.lr}")
+    check_int("transfer.steps", cfg.steps, low=0)
+    check_int("transfer.batch_size", cfg.batch_size, low=1)
+    check_number("transfer.lr", cfg.lr, positive=True)
     if cfg.train not in ("feature_maps", "attention"):
         raise ValueError(f"transfer.train {cfg.train!r} is not one of feature_maps, attention")
+    check_int("transfer.seed", cfg.seed, low=0, high=SEED_MAX)
 
 
 register(Stage(name="distill", run=run_distill, schema=DistillConfig, uses=distill_uses, check=check_distill,

@@ -61,6 +61,128 @@ def resolve_teacher(spec: str | Path) -> TeacherSource:
     return TeacherSource(text, None, "hub")
 
 
+def check_teacher_spec(spec: str | Path, dtype: str = "float32", quantization: str | None = None) -> None:
+    """What `validate` checks of a `load_teacher` spec without loading it: the path exists (a hub id is not looked
+    up), the dtype and the bitsandbytes mode are known. Raises FileNotFoundError / ValueError naming them."""
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise ValueError(f"teacher.spec must be a hub id, a folder, a .gguf file or a packaged name, got {spec!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"teacher.dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if quantization is not None:
+        try:
+            check_bnb_mode(quantization)
+        except ValueError as err:
+            raise ValueError(f"teacher.quantization: {err}") from None
+    source = resolve_teacher(spec)
+    if source.kind == "folder":  # the weights' headers only: a truncated file shows there
+        bad = unreadable_weights(Path(source.location))
+        if bad:
+            raise ValueError(f"teacher.spec: {bad}; download or save the teacher again")
+
+
+def teacher_config(spec: str | Path):
+    """The teacher's architecture (a transformers config) read without its weights: the config.json of a folder,
+    the metadata of a GGUF file. None for a hub id (nothing is downloaded to find out) or a GGUF file whose
+    metadata lacks the sizes. Raises FileNotFoundError for a path that does not exist."""
+    source = resolve_teacher(spec)
+    if source.kind == "hub":
+        return None
+    if source.gguf_file is None:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(source.location)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"teacher {spec}: {Path(source.location) / 'config.json'} cannot be read ({err})") \
+                from None
+    meta = gguf_metadata(Path(source.location) / source.gguf_file)
+    arch = meta.get("general.architecture")
+    need = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+            "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count"}
+    if not isinstance(arch, str) or any(f"{arch}.{k}" not in meta for k in need.values()):
+        return None
+    from transformers import LlamaConfig
+
+    fields = {name: int(meta[f"{arch}.{key}"]) for name, key in need.items()}
+    heads = fields["num_attention_heads"]
+    fields["num_key_value_heads"] = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    if head_dim:
+        fields["head_dim"] = int(head_dim)
+    vocab = meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens")
+    fields["vocab_size"] = int(vocab) if vocab else 32000
+    fields["max_position_embeddings"] = int(meta.get(f"{arch}.context_length", 2048))
+    fields["rms_norm_eps"] = float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+    return LlamaConfig(**fields)
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """The key/value metadata of a GGUF file (versions 2 and 3), read from its header with the standard library:
+    no tensor data is touched. An array is given as its length (the tokenizer's 49k strings are not kept)."""
+    import struct
+
+    path = Path(path)
+    out: dict = {}
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: the GGUF header is truncated")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            n = read("<Q")
+            if n > 1 << 24:
+                raise ValueError(f"{path}: a GGUF metadata string of {n} bytes; the header is damaged")
+            return f.read(n).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, n = read("<I"), read("<Q")
+                if inner in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+                else:
+                    for _ in range(n):
+                        value(inner)
+                return n
+            raise ValueError(f"{path}: unknown GGUF metadata type {kind}; the header is damaged")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = read("<I")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = string()
+            out[key] = value(read("<I"))
+    return out
+
+
+def unreadable_weights(folder: Path) -> str | None:
+    """'<file> is truncated or damaged (<reason>)' for the first safetensors file of a folder that its library
+    cannot open, None when all open."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{path} is truncated or damaged ({err})"
+    return None
+
+
 def load_teacher(spec: str | Path, *, dtype: str = "float32", quantization: str | None = None,
                  device: str | torch.device = "cpu"):
     """Load a teacher and its tokenizer, in eval mode with gradients off.
@@ -99,7 +221,11 @@ def load_teacher(spec: str | Path, *, dtype: str = "float32", quantization: str 
         if source.kind == "hub":
             raise OSError(f"could not load teacher {spec!r} from the hub ({err}). Without network access, pass a "
                           "local folder, a .gguf file or a packaged teacher name") from err
-        raise
+        raise _damaged(spec, source, err) from err
+    except Exception as err:  # noqa: BLE001 - a damaged file surfaces as the library's own error type
+        if source.kind == "hub":
+            raise
+        raise _damaged(spec, source, err) from err
     if source.gguf_file:
         model = _plain_copy(model)
     if quantization is None:
@@ -108,6 +234,14 @@ def load_teacher(spec: str | Path, *, dtype: str = "float32", quantization: str 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _damaged(spec, source: TeacherSource, err: Exception) -> ValueError:
+    """A teacher folder or GGUF file that does not load: name the file and what to do."""
+    bad = None if source.gguf_file else unreadable_weights(Path(source.location))
+    what = bad or f"{Path(source.location) / (source.gguf_file or '')} does not load ({type(err).__name__}: {err})"
+    return ValueError(f"teacher {spec}: {what}. The file may be truncated or damaged (an interrupted download or "
+                      "copy): download or save it again")
 
 
 def _plain_copy(model):

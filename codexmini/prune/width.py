@@ -79,10 +79,10 @@ def check_config(cfg: PruneConfig, config: CodexMiniConfig | None = None) -> Non
         raise ValueError(f"prune.budget_dims {cfg.budget_dims} must be a non-empty subset of {DIMS}")
     if cfg.param_budget and any(getattr(cfg, d) for d in DIMS):
         raise ValueError("set either prune.param_budget or per-dimension ratios (heads / mlp / hidden), not both")
-    if cfg.round_to < 1:
-        raise ValueError(f"prune.round_to must be >= 1, got {cfg.round_to}")
-    if cfg.drop_layers < 0:
-        raise ValueError(f"prune.drop_layers must be >= 0, got {cfg.drop_layers}")
+    for name, low in (("round_to", 1), ("drop_layers", 0), ("calibration_blocks", 1), ("seed", 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"prune.{name} must be an integer >= {low}, got {value!r}")
     if config is None:
         return
     if cfg.drop_layers >= config.num_hidden_layers:
@@ -90,7 +90,12 @@ def check_config(cfg: PruneConfig, config: CodexMiniConfig | None = None) -> Non
     if (cfg.hidden or "hidden" in cfg.budget_dims and cfg.param_budget) and config.embedding_rank:
         raise ValueError("hidden-size pruning of a factored embedding (embedding_rank) is not supported; prune "
                          "prune.hidden before factoring the embedding")
-    target_sizes(config, cfg)  # raises on an impossible shape
+    for dim in DIMS:  # one dimension at a time, so the message names the ratio that leaves nothing
+        if getattr(cfg, dim):
+            try:
+                target_sizes(config, cfg, {d: getattr(cfg, d) if d == dim else 0.0 for d in DIMS})
+            except ValueError as err:
+                raise ValueError(f"prune.{dim} = {getattr(cfg, dim)}: {err}") from None
 
 
 def _keep(n: int, ratio: float, round_to: int = 1, what: str = "") -> int:

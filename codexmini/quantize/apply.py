@@ -41,17 +41,26 @@ class QuantizeConfig:
 
 
 def check_config(cfg: QuantizeConfig) -> None:
+    """Refuse bad settings before any calibration pass; every message names its `quantize.` key."""
     if cfg.method not in METHODS:
         raise ValueError(f"quantize.method {cfg.method!r} is not one of {METHODS}")
-    plan_schemes(None, list(cfg.rules), cfg.default, cfg.untie_head, cfg.on_bad_group)  # schemes and rules
-    if not 0 < cfg.damp < 1:
-        raise ValueError(f"quantize.damp must be in (0, 1), got {cfg.damp}")
-    if cfg.calibration_blocks < 1:
-        raise ValueError(f"quantize.calibration_blocks must be >= 1, got {cfg.calibration_blocks}")
-    if cfg.block_size < 1:
-        raise ValueError(f"quantize.block_size must be >= 1, got {cfg.block_size}")
-    if cfg.awq_grid < 1:
-        raise ValueError(f"quantize.awq_grid must be >= 1, got {cfg.awq_grid}")
+    try:
+        plan_schemes(None, list(cfg.rules), cfg.default, cfg.untie_head, cfg.on_bad_group)  # schemes and rules
+    except ValueError as err:
+        raise ValueError(str(err) if "quantize." in str(err) else f"quantize.default / quantize.rules: {err}") \
+            from None
+    for i, scheme in enumerate([cfg.default, *(r["scheme"] for r in cfg.rules)]):
+        group = Scheme(scheme).group_size
+        if group is not None and (group < 2 or group % 2):
+            key = "quantize.default" if i == 0 else f"quantize.rules[{i - 1}].scheme"
+            raise ValueError(f"{key} {scheme!r}: an int4 group size must be an even number >= 2")
+    damp = cfg.damp
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:  # NaN fails too
+        raise ValueError(f"quantize.damp must be in (0, 1), got {damp}")
+    for name in ("calibration_blocks", "block_size", "awq_grid"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"quantize.{name} must be an integer >= 1, got {value!r}")
 
 
 def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:

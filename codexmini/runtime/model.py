@@ -31,6 +31,7 @@ from ..ops.layouts import dequantize_int8
 from ..ops.linear_attn import NORMALISER_EPS, append_ones, linear_attn, normalise
 from ..ops.norm import rms_norm
 from ..ops.rope import apply_rope, rotary_cos_sin
+from .inputs import check_prompt_length, check_token_ids, load_tokenizer, max_positions
 from .kernels import (CmxConcatLinear, CmxInt4Linear, CmxInt8Linear, make_fused_linear, make_linear, resolve_act,
                       resolve_mode)
 
@@ -215,6 +216,32 @@ class Layer:
                 o = self._attend(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], st)
                 rows.append(o.transpose(0, 1).reshape(1, self.h * self.hd))
         return self._mlp(_by_rows(self.o, torch.cat(rows), x), _by_rows)
+
+    def forward_segments(self, x: torch.Tensor, cos, sin, segments: list[tuple[int, int, dict]]) -> torch.Tensor:
+        """Several sequences' prompt chunks at once: rows `a:b` of x `[T, d]` continue the state of their segment
+        `(a, b, st)`, each row at its own position (cos / sin `[T, D]`). The linear layers take all T rows in one
+        call (a prompt's kernel dequantizes each weight tile once for every sequence); attention runs per segment,
+        as `forward` runs it on that sequence's chunk alone."""
+        T, ext = x.shape[0], self.ext
+        a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
+        fused = ext is not None and self.qkv is not None
+        if fused:
+            qkv = self.qkv(a)
+            ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
+            q, k, v = (t.reshape(T, -1, self.hd).transpose(0, 1) for t in qkv.split(self.split_qkv, dim=-1))
+        else:
+            q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
+            q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
+            k = apply_rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
+            v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
+        rows = []
+        for i, j, st in segments:
+            if fused and self.type == "softmax" and j - i == 1:  # what `forward` does with one token
+                rows.append(self._softmax_decode(qkv[i:j], st))
+            else:
+                rows.append(self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1)
+                            .reshape(j - i, self.h * self.hd))
+        return self._mlp(self.o(torch.cat(rows), x))
 
     def _mlp(self, h: torch.Tensor, by_rows=None) -> torch.Tensor:
         """The MLP block after attention (`h` = the residual stream with attention added); `by_rows`: how the
@@ -414,8 +441,6 @@ class Runtime:
         (AVX-512 BF16, AMX, Arm BF16: about 1.5x the prefill speed; fp32 elsewhere); for "native", bf16 (torch's
         CPU int kernels are fast only with bf16 inputs). "float32" gives results equal to the dequantized
         reference. Everything else (norms, attention, float layers) runs in fp32."""
-        from tokenizers import Tokenizer
-
         if threads:
             torch.set_num_threads(threads)
         if prefill_chunk < 1:
@@ -427,7 +452,7 @@ class Runtime:
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
         c = f.config
         dt = self.act_dtype = resolve_act(kernels, act_dtype)
-        self.tokenizer = Tokenizer.from_str(f.tokenizer_json)
+        self.tokenizer = load_tokenizer(f.tokenizer_json, path)
         self.chat_template = f.chat_template
         t = f.tensors
         self.embed_scale = None
@@ -478,9 +503,9 @@ class Runtime:
 
         A long prompt runs `prefill_chunk` tokens at a time (each chunk continues the caches / states the previous
         one left), so prefill activations stay bounded whatever the prompt length."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        if ids.numel() == 0:
-            raise ValueError("Runtime.forward: no token ids to run")
+        ids = check_token_ids(ids, self.config["vocab_size"])
+        if ids.numel() > 1:  # a prompt must fit the model's positions (decoding past them is the caller's call)
+            check_prompt_length(ids.numel(), max_positions(self.config), session.pos)
         if ids.numel() > 1:  # a prompt: size the KV caches once for all of it and 256 decoded tokens
             for layer, st in zip(self.layers, session.layers):
                 layer.reserve(st, session.pos + ids.numel() + 256)
@@ -490,6 +515,35 @@ class Runtime:
         for chunk in chunks:
             logits = self._forward(chunk, session, False)
         return logits
+
+    @torch.inference_mode()
+    def prefill_batch(self, chunks: list[list[int]], sessions: list[Session]) -> torch.Tensor:
+        """Prompt chunks of several sessions (`chunks[i]` continues `sessions[i]`) in one forward; returns the
+        logits after each chunk `[B, V]`, row i equal to `forward(chunks[i], sessions[i])` up to the order of
+        additions in the matmuls. A prompt's int kernel dequantizes every weight tile once per call whatever the
+        rows, which for short prompts costs more than the multiplications: one call for several prompts pays it
+        once (`Layer.forward_segments`)."""
+        if not chunks or len(chunks) != len(sessions) or not all(len(c) for c in chunks):
+            raise ValueError(f"prefill_batch: {len(chunks)} non-empty chunks for {len(sessions)} sessions")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("prefill_batch: a session appears twice (each chunk continues its own sequence)")
+        ids = torch.as_tensor([t for c in chunks for t in c], dtype=torch.long)
+        cos, sin = rotary_cos_sin(torch.cat([torch.arange(s.pos, s.pos + len(c)) for c, s in zip(chunks, sessions)]),
+                                  self.head_dim, self.rope_theta)
+        ends = torch.tensor([len(c) for c in chunks]).cumsum(0)
+        bounds = list(zip([0] + ends[:-1].tolist(), ends.tolist()))
+        for c, s in zip(chunks, sessions):
+            if len(c) > 1:  # as `forward` does for a prompt: the caches sized once for it and 256 decoded tokens
+                for layer, st in zip(self.layers, s.layers):
+                    layer.reserve(st, s.pos + len(c) + 256)
+        x = dequantize_int8(self.embed[ids], self.embed_scale[ids]) if self.embed_scale is not None else \
+            self.embed[ids].float()
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_segments(x, cos, sin, [(a, b, s.layers[i]) for (a, b), s in zip(bounds, sessions)])
+        for c, s in zip(chunks, sessions):
+            s.pos += len(c)
+            s.tokens.extend(int(t) for t in c)
+        return self.head(rms_norm(x[ends - 1], self.norm, self.eps))
 
     @torch.inference_mode()
     def decode_batch(self, ids: list[int], sessions: list[Session]) -> torch.Tensor:
@@ -504,7 +558,7 @@ class Runtime:
             raise ValueError(f"decode_batch: {len(ids)} token ids for {len(sessions)} sessions")
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("decode_batch: a session appears twice (each row continues its own sequence)")
-        t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        t = check_token_ids(ids, self.config["vocab_size"])
         cos, sin = rotary_cos_sin(torch.tensor([s.pos for s in sessions]), self.head_dim, self.rope_theta)
         x = dequantize_int8(self.embed[t], self.embed_scale[t]) if self.embed_scale is not None else \
             self.embed[t].float()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import sha256_file
+from ..files import no_space_error, sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RESERVED = {"model", "optimizer", "scheduler", "rng", "state"}
@@ -58,24 +58,41 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler
     bad = [n for n in modules if n in _RESERVED or not re.fullmatch(r"[A-Za-z0-9_]+", n)]
     if bad:
         raise ValueError(f"extra module names {bad} must be plain identifiers other than {sorted(_RESERVED)}")
-    for stale in ckpt_dir.glob(".step_*.tmp"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    stale_checkpoint_temporaries(ckpt_dir)
     final, tmp = ckpt_dir / f"step_{step}", ckpt_dir / f".step_{step}.tmp"
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    for name, module in modules.items():
-        save_model(module, str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-    # state.json is written last: a folder without it (or whose files no longer match it) is never resumed from.
-    (tmp / "state.json").write_text(json.dumps({"step": step, "files": files, "state": state or {}}, indent=1))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        for name, module in modules.items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+        # state.json is written last: a folder without it (or whose files no longer match it) is never resumed
+        # from.
+        (tmp / "state.json").write_text(json.dumps({"step": step, "files": files, "state": state or {}}, indent=1))
+    except Exception as err:
+        # torch.save on a full disk says "unexpected pos 139136 vs 139024": say what it is, while the partial
+        # files still take their space (that is how it is recognised), then drop them.
+        full = no_space_error(err, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None and full is not err:
+            raise OSError(full.errno, f"no space left on device while writing the step {step} checkpoint in "
+                                      f"{ckpt_dir}; free some space and try again") from err
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for _, old in _steps(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def stale_checkpoint_temporaries(ckpt_dir: str | Path) -> None:
+    """Remove the temporary folders of saves a killed run left behind (`.step_N.tmp/`, full-size). Only one
+    process writes a run's checkpoints (the pipeline locks the run folder), so none of them is being written."""
+    for stale in Path(ckpt_dir).glob(".step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -104,7 +121,10 @@ def checkpoint_problem(path: str | Path) -> str | None:
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest intact checkpoint under `ckpt_dir` (damaged newer ones are skipped with a warning), or None."""
+    """The newest intact checkpoint under `ckpt_dir` (damaged newer ones are skipped with a warning), or None.
+    Stale temporary folders of interrupted saves are removed first."""
+    if Path(ckpt_dir).is_dir():
+        stale_checkpoint_temporaries(ckpt_dir)
     for _, path in reversed(_steps(Path(ckpt_dir))):
         problem = checkpoint_problem(path)
         if problem is None:

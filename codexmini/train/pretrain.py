@@ -32,7 +32,7 @@ def tiny_random_teacher(data: DataConfig | dict | None = None, hidden_size: int 
                       pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(cfg)
     if pretrain_steps:
-        bundle = build_data(data, tokenizer)
+        bundle = build_data(data.without_teacher(), tokenizer)
         trainer = TrainerConfig(max_steps=pretrain_steps, batch_size=8, lr=3e-3, warmup_steps=5,
                                 eval_every=pretrain_steps, checkpoint_every=pretrain_steps, seed=seed,
                                 log_with="none")

@@ -81,7 +81,8 @@ class MetricsLog:
     def __init__(self, accelerator, workdir: Path | None, tracker: str | None, config: dict | None = None):
         self.accelerator, self.tracker = accelerator, tracker
         main = accelerator.is_main_process
-        self.file = (workdir / "metrics.jsonl").open("a") if workdir is not None and main else None
+        self.path = workdir / "metrics.jsonl" if workdir is not None and main else None
+        self.file = None
         if tracker is not None:
             # TensorBoard's run name is its folder: <workdir>/tensorboard/.
             project = "tensorboard" if tracker == "tensorboard" else "codexmini"
@@ -89,6 +90,8 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         """`record` holds "step" and scalar values."""
+        if self.path is not None and self.file is None:
+            self.file = _reopen(self.path, record["step"])
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -99,6 +102,27 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+        self.path = None
         if self.tracker is not None:
             self.accelerator.end_training()
             self.tracker = None
+
+
+def _reopen(path: Path, first_step: int):
+    """metrics.jsonl opened for appending from `first_step` on. A resumed run logs again the steps it redoes after
+    its checkpoint (a killed run may have logged some of them, and its last line may be cut short): the records
+    from `first_step` on, and any unreadable line, are dropped first, so every step appears once and in order.
+    The file is rewritten atomically, so a kill now leaves either the old or the new one."""
+    if path.is_file():
+        from ..files import write_atomic
+
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < first_step:
+                kept.append(line)
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    return path.open("a")

@@ -84,9 +84,9 @@ def test_killed_run_resumes_bit_for_bit(blocks, tmp_path):
     assert metrics["val_loss"] == ref_metrics["val_loss"]
     assert metrics["loss_curve"] == ref_metrics["loss_curve"][3:]
     assert counter == ref_counter == {"micro_batches": 8}  # stage state came back from the checkpoint
-    # Both runs log every step; the resumed log continues the interrupted one.
+    # Both runs log every step; the resumed log continues the interrupted one without repeating a step.
     steps = [line.split(",")[0] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [f'{{"step": {s}' for s in [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]]
+    assert steps == [f'{{"step": {s}' for s in [1, 2, 3, 4, 5, 6, 7, 8]]
 
 
 def test_batch_hook_rewrites_micro_batches_and_counts_tokens(blocks):

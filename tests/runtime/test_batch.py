@@ -1,0 +1,175 @@
+"""The runtime's fast paths for serving against their slow references: a batched decode step equals each session
+decoded alone; a session forked from a checkpoint (or cut back) equals recomputing its tokens from scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codexmini.export.to_cmx import export_cmx
+from codexmini.quantize import QuantizeConfig, quantize_model
+from codexmini.runtime import Runtime
+from codexmini.runtime.model import DECODE_ROWS
+from tests.runtime.test_runtime import VARIANTS, _model
+
+
+def _prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 300, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _decode_pair(rt, prompts, steps):
+    """Greedy decoding of every prompt: batched (one `decode_batch` per step) and one session at a time."""
+    batched, alone = [rt.new_session() for _ in prompts], [rt.new_session() for _ in prompts]
+    lb = torch.stack([rt.forward(p, s) for p, s in zip(prompts, batched)])
+    la = torch.stack([rt.forward(p, s) for p, s in zip(prompts, alone)])
+    tokens_b, tokens_a, worst = [], [], 0.0
+    for _ in range(steps):
+        ids_b, ids_a = lb.argmax(-1).tolist(), la.argmax(-1).tolist()
+        tokens_b.append(ids_b)
+        tokens_a.append(ids_a)
+        lb = rt.decode_batch(ids_b, batched)
+        la = torch.stack([rt.forward([t], s) for t, s in zip(ids_a, alone)])
+        worst = max(worst, (lb - la).abs().max().item())
+    return tokens_b, tokens_a, worst, batched, alone
+
+
+@pytest.mark.parametrize("kernels", ["auto", "native"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batched_decode_equals_decoding_alone(variant, kernels, tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(**VARIANTS[variant]), tiny_tokenizer, tmp_path / "m.cmx"), kernels=kernels)
+    prompts = _prompts(2 * DECODE_ROWS + 1)  # the int kernels' row limit crossed
+    tokens_b, tokens_a, worst, batched, alone = _decode_pair(rt, prompts, 24)  # past the hybrid window
+    assert tokens_b == tokens_a
+    assert worst < 1e-4
+    assert [s.pos for s in batched] == [s.pos for s in alone] and [s.tokens for s in batched] == \
+        [s.tokens for s in alone]
+
+
+def test_batched_decode_of_an_int_model_is_exact(tiny_tokenizer, tmp_path):
+    """Every linear layer and the head in int kernels: each row of a batch is computed exactly as alone."""
+    model = _model(layer_types=["softmax", "hybrid"], feature_map="hedgehog", tie_word_embeddings=False)
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32",
+                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
+    if rt.kernels != "cmx":
+        pytest.skip("codexmini's kernels did not build here")
+    tokens_b, tokens_a, worst, _, _ = _decode_pair(rt, _prompts(2 * DECODE_ROWS + 2, seed=5), 12)
+    assert tokens_b == tokens_a and worst == 0.0
+
+
+def test_sessions_join_and_leave_between_steps(tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(**VARIANTS["mixed_taylor"]), tiny_tokenizer, tmp_path / "m.cmx"))
+    a, b, c = rt.new_session(), rt.new_session(), rt.new_session()
+    ref_a, ref_c = rt.new_session(), rt.new_session()
+    for s in (a, ref_a):
+        rt.forward([5, 6, 7], s)
+    for s in (c, ref_c):
+        rt.forward([9, 10], s)
+    rt.forward([11, 12, 13, 14], b)
+    rt.decode_batch([20, 21], [a, b])
+    rt.decode_batch([22, 23, 24], [a, b, c])  # c joins
+    got = rt.decode_batch([25, 26], [c, a])  # b leaves, the order changes
+    want_a = [rt.forward([t], ref_a) for t in (20, 22, 26)][-1]
+    want_c = [rt.forward([t], ref_c) for t in (24, 25)][-1]
+    torch.testing.assert_close(got, torch.stack([want_c, want_a]), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_batch_refuses_bad_input(tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx"))
+    s = rt.new_session()
+    rt.forward([5, 6], s)
+    with pytest.raises(ValueError, match="appears twice"):
+        rt.decode_batch([1, 2], [s, s])
+    with pytest.raises(ValueError, match="2 token ids for 1 sessions"):
+        rt.decode_batch([1, 2], [s])
+
+
+@pytest.mark.parametrize("kernels", ["auto", "native"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fork_from_a_checkpoint_equals_recomputing(variant, kernels, tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(**VARIANTS[variant]), tiny_tokenizer, tmp_path / "m.cmx"), kernels=kernels)
+    ids = torch.randint(4, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    s = rt.new_session()
+    rt.forward(ids[:13], s)
+    ck = rt.checkpoint(s)
+    for t in ids[13:30]:  # decoded token by token: the hybrid window wraps in its ring buffer
+        rt.forward([t], s)
+    ck_ring = rt.checkpoint(s)
+    rt.forward(ids[30:35], s)
+    want = rt.forward(ids, rt.new_session(), all_logits=True)
+    for pos, checkpoint in ((13, ck), (30, ck_ring)):
+        f = rt.fork(s, pos, checkpoint)
+        assert f.pos == pos and f.tokens == ids[:pos]
+        torch.testing.assert_close(rt.forward(ids[pos:], f, all_logits=True), want[pos:], atol=2e-4, rtol=1e-4)
+    # at the session's own end no checkpoint is needed; the original is untouched by its forks
+    f = rt.fork(s, 35)
+    torch.testing.assert_close(rt.forward(ids[35:], f, all_logits=True), want[35:], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(rt.forward(ids[35:], s, all_logits=True), want[35:], atol=2e-4, rtol=1e-4)
+    assert rt.fork(s, 0).pos == 0
+
+
+def test_softmax_caches_cut_anywhere_linear_states_need_a_checkpoint(tiny_tokenizer, tmp_path):
+    ids = list(range(10, 40))
+    soft = Runtime(export_cmx(_model(**VARIANTS["softmax"]), tiny_tokenizer, tmp_path / "s.cmx"))
+    s = soft.new_session()
+    soft.forward(ids, s)
+    want = soft.forward(ids, soft.new_session(), all_logits=True)
+    for pos in (1, 7, 29):
+        torch.testing.assert_close(soft.forward(ids[pos:], soft.fork(s, pos), all_logits=True), want[pos:],
+                                   atol=2e-4, rtol=1e-4)
+    lin = Runtime(export_cmx(_model(**VARIANTS["linear_elu_decay"]), tiny_tokenizer, tmp_path / "l.cmx"))
+    s = lin.new_session()
+    lin.forward(ids[:10], s)
+    ck = lin.checkpoint(s)
+    lin.forward(ids[10:], s)
+    with pytest.raises(ValueError, match="cannot be cut back"):
+        lin.fork(s, 7)
+    with pytest.raises(ValueError, match="checkpoint is at 10 tokens, not 7"):
+        lin.fork(s, 7, ck)
+    with pytest.raises(ValueError, match="outside"):
+        lin.fork(s, 31)
+    assert ck.nbytes() > 0 and ck.pos == 10
+
+
+def test_a_checkpoint_is_a_copy(tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(**VARIANTS["hybrid_hedgehog"]), tiny_tokenizer, tmp_path / "m.cmx"))
+    s = rt.new_session()
+    rt.forward(list(range(5, 20)), s)
+    ck = rt.checkpoint(s)
+    before = [{k: v.clone() for k, v in layer.items()} if layer else None for layer in ck.layers]
+    for t in range(20, 40):
+        rt.forward([t], s)
+    for was, now in zip(before, ck.layers):
+        assert (was is None) == (now is None)
+        if was:
+            assert all(torch.equal(was[k], now[k]) for k in was)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "native"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batched_prefill_equals_each_prompt_alone(variant, kernels, tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(**VARIANTS[variant]), tiny_tokenizer, tmp_path / "m.cmx"), kernels=kernels)
+    chunks = _prompts(6, seed=3) + [[7]]  # a one-token chunk too
+    batched = [rt.new_session() for _ in chunks]
+    for i, s in enumerate(batched[:3]):  # some sessions already hold tokens (a prompt's later chunk)
+        rt.forward(list(range(10, 14 + 5 * i)), s)
+    alone = [rt.fork(s, s.pos) for s in batched]
+    got = rt.prefill_batch(chunks, batched)
+    want = torch.stack([rt.forward(c, s) for c, s in zip(chunks, alone)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # and decoding goes on from identical states
+    ids = want.argmax(-1).tolist()
+    torch.testing.assert_close(rt.decode_batch(ids, batched), torch.stack([rt.forward([t], s) for t, s in
+                                                                           zip(ids, alone)]), atol=1e-4, rtol=1e-4)
+    assert [s.tokens for s in batched] == [s.tokens for s in alone]
+
+
+def test_prefill_batch_refuses_bad_input(tiny_tokenizer, tmp_path):
+    rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx"))
+    s = rt.new_session()
+    with pytest.raises(ValueError, match="appears twice"):
+        rt.prefill_batch([[1], [2]], [s, s])
+    with pytest.raises(ValueError, match="non-empty"):
+        rt.prefill_batch([[1], []], [s, rt.new_session()])
