@@ -37,7 +37,7 @@ from . import __version__
 from . import stages as registry
 from .config import (ARCH_FIELDS, MODEL_INITS, ModelConfig, SCRATCH_FIELDS, TARGET_ARCHITECTURES, TARGET_CHECKS,
                      check_target_signature, groups, instantiate, target_arguments, unknown_keys)
-from .data import DataConfig, build_data, evaluate_domains, perplexity
+from .data import DataConfig, build_data, check_data_config, evaluate_domains, perplexity
 from .errors import RunLocked, StageFailed
 from .files import no_space_error, sha256_file, staged_folder, write_atomic
 from .models import CodexMiniConfig, CodexMiniForCausalLM
@@ -450,17 +450,10 @@ def _base_problems(cfg: DictConfig) -> list[str]:
 
 
 def _data_problems(cfg: DictConfig) -> list[str]:
-    """The data section: its package's own check where it has one, and whether a path source exists."""
-    from . import data as data_package
-
+    """The data section, by its package's own check (paths, columns, formats, sizes)."""
     out = []
     try:
-        data_cfg = _section(cfg, "data")
-        check = getattr(data_package, "check_data_config", None)
-        if check is not None:
-            check(data_cfg)
-        elif getattr(data_cfg, "source", "stdlib") != "stdlib":
-            data_package.source_files(data_cfg)
+        check_data_config(_section(cfg, "data"))
     except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         out.append(message if message.startswith("data") else f"data.source: {message}")

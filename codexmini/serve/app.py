@@ -244,13 +244,19 @@ def build_app(models: dict[str, str | Path], config: ServeConfig | None = None, 
         server.authorize(request)
         return _model_card(server.model(name))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def begin(request: Request):
+        """What every generation request does first: note its arrival, check the key, read the body, find the
+        model it names."""
         arrival = time.monotonic()
         server.authorize(request)
         body = await _read_json(request)
         served = server.model(requested_model(body))
         request.state.model = served.name
+        return arrival, body, served
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrival, body, served = await begin(request)
         req = parse_completion(body, served.vocab_size)
         if isinstance(req.prompt, str):
             ids = await asyncio.to_thread(served.encode, req.prompt)
@@ -272,11 +278,7 @@ def build_app(models: dict[str, str | Path], config: ServeConfig | None = None, 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        arrival = time.monotonic()
-        server.authorize(request)
-        body = await _read_json(request)
-        served = server.model(requested_model(body))
-        request.state.model = served.name
+        arrival, body, served = await begin(request)
         req = parse_chat(body, served.vocab_size)
         if served.template is None:
             raise ApiError(400, served.template_problem or "this model has no chat template", "model",
