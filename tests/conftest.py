@@ -49,6 +49,24 @@ def tiny_config(**overrides):
     return CodexMiniConfig(**fields)
 
 
+def perturb_linear_parts(module):
+    """Move feature-map weights and decays off their initial values (identity maps, fixed decays), so parity tests
+    see non-trivial ones; in place, returns `module`."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "feature_map" in name or "decay" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+def tiny_model(**overrides):
+    """The seeded tiny student (`tiny_config(**overrides)`) in eval mode, with non-trivial linear-attention parts."""
+    from codexmini import CodexMiniForCausalLM
+
+    torch.manual_seed(0)
+    return perturb_linear_parts(CodexMiniForCausalLM(tiny_config(**overrides)).eval())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

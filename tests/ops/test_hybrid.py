@@ -7,7 +7,7 @@ import torch
 from codexmini.ops.hybrid import hybrid_attn, naive_hybrid_attn, older_keys, window_softmax
 from codexmini.ops.linear_attn import append_ones
 from codexmini.ops.rope import rotary_cos_sin
-from tests.conftest import tiny_config
+from tests.conftest import perturb_linear_parts, tiny_config
 
 B, H, D, F = 2, 4, 8, 12
 
@@ -99,11 +99,7 @@ def test_model_hybrid_layer_equals_the_naive_reference(feature_map, decay):
     torch.manual_seed(0)
     cfg = tiny_config(layer_types=["hybrid", "softmax"], feature_map=feature_map, linear_decay=decay,
                       sliding_window=8, linear_chunk_size=8)
-    layer = HybridAttention(cfg, 0).eval()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if "feature_map" in name or "decay" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    layer = perturb_linear_parts(HybridAttention(cfg, 0).eval())
     T = 29
     x = torch.randn(2, T, cfg.hidden_size)
     cos, sin = rotary_cos_sin(torch.arange(T)[None].expand(2, T), cfg.head_dim, cfg.rope_theta)

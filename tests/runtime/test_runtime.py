@@ -5,12 +5,11 @@ import sys
 import pytest
 import torch
 
-from codexmini import CodexMiniForCausalLM
 from codexmini.cmx import CmxError, read_cmx
 from codexmini.export.to_cmx import export_cmx
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime, SamplingConfig
-from tests.conftest import tiny_config
+from tests.conftest import tiny_model
 
 VARIANTS = {
     "softmax": dict(layer_types=["softmax", "softmax"]),
@@ -23,15 +22,7 @@ VARIANTS = {
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    fields = dict(vocab_size=300, sliding_window=8, linear_chunk_size=8)
-    fields.update(kw)
-    model = CodexMiniForCausalLM(tiny_config(**fields)).eval()
-    with torch.no_grad():  # non-trivial feature maps and decays
-        for name, p in model.named_parameters():
-            if "feature_map" in name or "decay" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return tiny_model(**kw)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import threading
 import time
 
 import pytest
-import torch
 
-from tests.conftest import CODE, tiny_config
+from tests.conftest import CODE, tiny_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m.role }}\n{{ m.content }}<|eos|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
@@ -22,17 +21,7 @@ LAYERS = {"softmax": dict(layer_types=["softmax", "softmax"]),
 
 
 def make_model(**kw):
-    from codexmini import CodexMiniForCausalLM
-
-    torch.manual_seed(0)
-    fields = dict(vocab_size=300, sliding_window=8, linear_chunk_size=8, max_position_embeddings=4096)
-    fields.update(kw)
-    model = CodexMiniForCausalLM(tiny_config(**fields)).eval()
-    with torch.no_grad():  # non-trivial feature maps and decays, as tests/runtime does
-        for name, p in model.named_parameters():
-            if "feature_map" in name or "decay" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return tiny_model(**{"max_position_embeddings": 4096, **kw})
 
 
 @pytest.fixture(scope="session")
