@@ -45,6 +45,7 @@ from .models.from_teacher import student_config_from_teacher, student_from_teach
 from .models.quantized import weight_count
 from .ops.names import FEATURE_MAPS, LAYER_TYPES
 from .prune.depth import select_layers
+from .prune.width import uniform_sizes
 from .train import check_trainer_config
 from .train.checkpoint import stale_checkpoint_temporaries
 from .train.config import SEED_MAX, check_int
@@ -543,26 +544,15 @@ def _student_config(cfg: DictConfig, teacher_arch) -> tuple[CodexMiniConfig | No
         # The model config names its own fields; in a run config they are model.* keys.
         names = "|".join(f.name for f in fields(ModelConfig))
         return None, [re.sub(rf"(?<![\w.])({names})\b", r"model.\1", str(err))]
-    if m.keep_layers is not None and not _uniform(student_config_from_teacher(teacher_arch)):
+    if m.keep_layers is not None and not uniform_sizes(student_config_from_teacher(teacher_arch)):
         return None, out  # the kept layers' sizes differ by which layers block influence picks
     return student, out
 
 
-def _uniform(config: CodexMiniConfig) -> bool:
-    return all(len(set(config_value)) == 1 for config_value in (
-        config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_sizes))
-
-
 def _shape_problems(cfg: DictConfig, student: CodexMiniConfig) -> list[str]:
-    """Follow the student's widths through the listed stages, where they are known before running: pruning by
-    ratio sets them (`target_sizes`), a parameter budget or depth pruning of a heterogeneous model chooses them
-    while running (the walk stops there), and every stage that quantizes (or trains fake-quantized) is checked
-    against them: a group size that does not divide a width fails here with `on_bad_group=error`."""
-    from .models.qat import plan_schemes
-    from .prune.width import PruneConfig, pruned_config, target_sizes
-    from .prune.width import check_config as check_prune
-    from .quantize.apply import QuantizeConfig
-
+    """Follow the student's config through the listed stages with each stage's `shapes` hook, as far as it is
+    known before running, and collect what the stages find against it (a group size that does not divide a width
+    fails here with `on_bad_group=error`)."""
     out, config = [], student
     known = registry.stages()
     for i, spec in enumerate(cfg.stages):
@@ -574,39 +564,10 @@ def _shape_problems(cfg: DictConfig, student: CodexMiniConfig) -> list[str]:
             own, ctx = stage_context(stage, stage_cfg, None)
         except Exception:  # noqa: BLE001 - reported by validate already
             break
-        where = f"stages[{i}] ({spec.stage})"
-        if "quantize" in stage.sections(own):
-            q = own if stage.section_name == "quantize" else ctx.config("quantize")
-            if isinstance(q, QuantizeConfig):
-                try:
-                    plan_schemes(_meta_model(config), list(q.rules), q.default, q.untie_head, q.on_bad_group)
-                except (ValueError, TypeError, KeyError) as err:
-                    out.append(f"{where}: quantize.default / quantize.rules: {err} (or set quantize.on_bad_group="
-                               "int8 to keep such layers at int8)")
-        if isinstance(own, QuantizeConfig):
-            config = None  # later stages see a quantized model
-        elif isinstance(own, PruneConfig):
-            try:
-                check_prune(own, config)
-            except ValueError as err:
-                out.append(f"{where}: {err}")
-                config = None
-                continue
-            if own.param_budget or (own.drop_layers and not _uniform(config)):
-                config = None
-            else:
-                try:
-                    config = pruned_config(config, target_sizes(config, own))
-                except ValueError as err:
-                    out.append(f"{where}: prune: {err}")
-                    config = None
+        if stage.shapes is not None:
+            config, problems = stage.shapes(own, ctx, config)
+            out += [f"stages[{i}] ({spec.stage}): {p}" for p in problems]
     return out
-
-
-def _meta_model(config: CodexMiniConfig):
-    """The model a config makes, on the meta device: its modules and shapes, no memory, no weights."""
-    with torch.device("meta"):
-        return CodexMiniForCausalLM(config)
 
 
 # --------------------------------------------------------------------------- the run

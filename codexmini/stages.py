@@ -13,6 +13,9 @@ A stage lives in its own package and declares itself in that package's `stage.py
   redoes the stage). A callable `uses(cfg) -> tuple` may depend on the stage's own settings.
 * `check(cfg, ctx)`: a pre-flight check run by `validate` (and so before any work) that raises `ValueError`
   naming the key.
+* `shapes(cfg, ctx, config)`: what the stage does to the student's config, known before running (pruning by
+  ratio sets widths, quantizing fixes them), with the problems it finds against it (a group size that does not
+  divide a width): `validate` walks the recipe's stages with it.
 
 Built-in stages are the `stage.py` modules of codexmini's subpackages, found by looking, not by a list. Stages in
 other installed packages declare an entry point in the group `codexmini.stages` that names a module to import.
@@ -47,6 +50,9 @@ class Stage:
     section: str | None = None  # the run-config section holding `schema` (default: the stage's name)
     uses: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     check: Callable[[Any, Any], None] | None = None
+    # shapes(cfg, ctx, config) -> (config after the stage or None where only running tells, problems): lets
+    # `validate` follow the student's widths through the recipe and check them before any work (None: unchanged).
+    shapes: Callable[[Any, Any, Any], tuple[Any, list[str]]] | None = None
     produces_model: bool = True  # False: the stage reports (export, eval) and the next stage gets its input
     help: str = ""
     config_dir: str | None = None  # a folder of config groups shipped beside the stage, added to the search path

@@ -4,7 +4,7 @@ transfer for linearized layers)."""
 from __future__ import annotations
 
 from ..data import perplexity
-from ..models.qat import fake_quantized, plan_schemes
+from ..models.qat import fake_quantized, plan_problems, plan_schemes
 from ..stages import Stage, register
 from .attention_transfer import TransferConfig, attention_transfer
 from ..train.config import SEED_MAX, check_int, check_number
@@ -60,7 +60,13 @@ def check_transfer(cfg: TransferConfig, ctx) -> None:
     check_int("transfer.seed", cfg.seed, low=0, high=SEED_MAX)
 
 
+def distill_shapes(cfg: DistillConfig, ctx, config):
+    # Training keeps the widths; under QAT the quantize section's grid must fit them.
+    return config, plan_problems(config, ctx.config("quantize")) if cfg.fake_quant else []
+
+
 register(Stage(name="distill", run=run_distill, schema=DistillConfig, uses=distill_uses, check=check_distill,
+               shapes=distill_shapes,
                help="knowledge distillation from the teacher (KD losses, QAT with distill.fake_quant)"))
 register(Stage(name="transfer", run=run_transfer, schema=TransferConfig, uses=("data",), check=check_transfer,
                help="attention transfer: linearized layers learn to imitate softmax attention"))

@@ -96,6 +96,21 @@ def plan_schemes(model: nn.Module | None, rules: list[dict], default: str, untie
     return schemes
 
 
+def plan_problems(config, q) -> list[str]:
+    """Problems of quantize section `q`'s plan for a model made from `config` (built on the meta device: its
+    modules and widths, no weights), before any model exists; [] when the plan fits."""
+    from .modeling import CodexMiniForCausalLM
+
+    with torch.device("meta"):
+        model = CodexMiniForCausalLM(config)
+    try:
+        plan_schemes(model, list(q.rules), q.default, q.untie_head, q.on_bad_group)
+    except (ValueError, TypeError, KeyError) as err:
+        return [f"quantize.default / quantize.rules: {err} (or set quantize.on_bad_group=int8 to keep such layers "
+                "at int8)"]
+    return []
+
+
 class FakeQuant(nn.Module):
     """A weight parametrization: forward value on the grid, gradient straight through."""
 

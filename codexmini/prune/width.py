@@ -108,6 +108,12 @@ def _keep(n: int, ratio: float, round_to: int = 1, what: str = "") -> int:
     return min(keep, n)
 
 
+def uniform_sizes(config: CodexMiniConfig) -> bool:
+    """Every layer has the same heads, KV heads and MLP width (so which layers are kept does not change them)."""
+    return all(len(set(sizes)) == 1 for sizes in (
+        config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_sizes))
+
+
 def target_sizes(config: CodexMiniConfig, cfg: PruneConfig, ratios: dict | None = None) -> dict:
     """The per-layer sizes after pruning with `ratios` ({dim: fraction removed}, default the config's)."""
     ratios = ratios or {d: getattr(cfg, d) for d in DIMS}

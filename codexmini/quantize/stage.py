@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..data import perplexity
+from ..models.qat import plan_problems
 from ..stages import Stage, register
 from .apply import QuantizeConfig, check_config, plan, quantize_model
 
@@ -23,5 +24,9 @@ def check(cfg: QuantizeConfig, ctx) -> None:
     check_config(cfg)
 
 
-register(Stage(name="quantize", run=run_quantize, schema=QuantizeConfig, uses=("data",), check=check,
+def shapes(cfg: QuantizeConfig, ctx, config):
+    return None, plan_problems(config, cfg)  # later stages see a quantized model: not followed further
+
+
+register(Stage(name="quantize", run=run_quantize, schema=QuantizeConfig, uses=("data",), check=check, shapes=shapes,
                help="int8 / int4 weights (RTN, GPTQ, AWQ)"))
