@@ -1,14 +1,16 @@
 """The `.cmx` on-device checkpoint: one self-describing file, a safetensors container.
 
 Tensors are the model's weights, named as in the PyTorch model: float weights as `<name>` (fp32 or fp16) and
-quantized linear layers as `<name>.qweight` / `.scale` / `.zero` in the portable layout of
-`codexmini.ops.layouts` (int8 per output channel; int4 two codes per byte, low nibble first, per-group scale and
-zero point). The safetensors metadata (all strings) holds:
+quantized linear layers (and the token table) as `<name>.qweight` / `.scale` (fp16) / `.zero` (asymmetric group
+schemes only) in the portable layout of `codexmini.ops.layouts` (int8 per output channel; int4 / int3 / int2 in
+groups along each row). A tied head is the token table, stored once, quantized or not. The safetensors metadata
+(all strings) holds:
 
     format        "codexmini-cmx"
     version       format version (an integer); readers refuse versions newer than they know
     config        the model config as JSON (per-layer sizes and layer types)
-    schemes       JSON {linear name: "int8" | "int4_g<group>[_asym]"} for the quantized layers
+    schemes       JSON {linear name (or model.embed_tokens): "int8" | "int<b>_g<group>[_asym]"} for the quantized
+                  tensors
     tokenizer     tokenizer.json text;  chat_template  the chat template (may be empty)
     checksum      sha256 over every other metadata entry (name and value, in name order), then every tensor's
                   name, dtype, shape and bytes, in name order (version 1 files: the tensors only)
@@ -36,8 +38,10 @@ from .ops.layouts import Scheme, check_group_size
 from .ops.names import FEATURE_MAPS, LAYER_TYPES
 
 FORMAT = "codexmini-cmx"
-VERSION = 2  # 2: the checksum covers the metadata too (1: tensors only; still read)
-EMBED = "model.embed_tokens"  # the one non-linear tensor that may be quantized (int8 rows)
+# 3: fp16 scales, no zero tensor for symmetric group schemes (their zero is implied), int3 / int2 schemes, a
+# quantized table that is also the tied head; 2: the checksum covers the metadata too (1: tensors only). All read.
+VERSION = 3
+EMBED = "model.embed_tokens"  # the one non-linear tensor that may be quantized
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -206,7 +210,7 @@ def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False)
     try:
         config, schemes = _json(meta["config"], "config"), _json(meta["schemes"], "schemes")
         check_metadata(config, schemes, meta["tokenizer"])
-        check_contents(config, schemes, tensors)
+        check_contents(config, schemes, tensors, version)
     except CmxError as err:
         raise CmxError(f"{path}: {err}") from None
     if verify_checksum:
@@ -335,16 +339,26 @@ def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def expected_shapes(config: dict, schemes: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """Every tensor the file must hold, with its shape, from the config and the schemes."""
+def _quant_shapes(name: str, scheme: str, out: int, inp: int, version: int) -> dict[str, tuple[int, ...]]:
+    s = Scheme(scheme)
+    if s.bits == 8:
+        return {name + ".qweight": (out, inp), name + ".scale": (out,)}
+    shapes = {name + ".qweight": (out, s.packed_cols(inp)), name + ".scale": (out, inp // s.group_size)}
+    if s.stores_zero or version < 3:  # before version 3 symmetric int4 stored its (constant) zero too
+        shapes[name + ".zero"] = (out, inp // s.group_size)
+    return shapes
+
+
+def expected_shapes(config: dict, schemes: dict[str, str], version: int = VERSION) -> dict[str, tuple[int, ...]]:
+    """Every tensor the file must hold, with its shape, from the config, the schemes and the format version."""
     d, v, hd = config["hidden_size"], config["vocab_size"], config["head_dim"]
     out: dict[str, tuple[int, ...]] = {}
     rank = config.get("embedding_rank")
     if rank:
         out["model.embed_tokens.embed.weight"] = (v, rank)
         out["model.embed_tokens.proj.weight"] = (d, rank)
-    elif schemes.get(EMBED) == "int8":
-        out[EMBED + ".qweight"], out[EMBED + ".scale"] = (v, d), (v,)
+    elif EMBED in schemes:
+        out.update(_quant_shapes(EMBED, schemes[EMBED], v, d, version))
     else:
         out[EMBED + ".weight"] = (v, d)
     out["model.norm.weight"] = (d,)
@@ -364,15 +378,12 @@ def expected_shapes(config: dict, schemes: dict[str, str]) -> dict[str, tuple[in
         scheme = schemes.get(name)
         if scheme is None:
             out[name + ".weight"] = (o, i)
-        elif scheme == "int8":
-            out.update({name + ".qweight": (o, i), name + ".scale": (o,)})
         else:
-            g = Scheme(scheme).group_size
-            out.update({name + ".qweight": (o, i // 2), name + ".scale": (o, i // g), name + ".zero": (o, i // g)})
+            out.update(_quant_shapes(name, scheme, o, i, version))
     return out
 
 
-def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]) -> None:
+def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor], version: int = VERSION) -> None:
     """Config fields, scheme names and every tensor's presence and shape; raises `CmxError`."""
     check_config(config, schemes)
     linears = _linear_shapes(config)
@@ -381,21 +392,24 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
             s = Scheme(str(scheme))
         except ValueError:
             s = None
-        if s is None or s.bits not in (4, 8):  # a float layer has no entry in the file's schemes ("none" is not one)
-            raise CmxError(f"unknown quantization scheme {scheme!r} for {name} (known: int8, int4_g<group>[_asym])")
-        if name == EMBED and scheme == "int8" and not config.get("embedding_rank"):
-            if config.get("tie_word_embeddings"):
-                raise CmxError("an int8 embedding table cannot also be the tied output head; untie it")
-            continue
-        if name not in linears:
-            raise CmxError(f"scheme given for {name!r}, which is not a linear layer (or an int8 embedding table) "
-                           "of this config")
-        if s.bits == 4:
+        if s is None or s.bits not in (2, 3, 4, 8) or (version < 3 and s.bits in (2, 3)):
+            raise CmxError(f"unknown quantization scheme {scheme!r} for {name} (known: int8, "
+                           f"{'int<b>_g<group>[_asym] for b = 4, 3, 2' if version >= 3 else 'int4_g<group>[_asym]'})")
+        if name == EMBED and not config.get("embedding_rank"):
+            if version < 3 and (scheme != "int8" or config.get("tie_word_embeddings")):
+                raise CmxError(f"a version {version} file holds only an untied int8 embedding table")
+            width = config["hidden_size"]
+        elif name in linears:
+            width = linears[name][1]
+        else:
+            raise CmxError(f"scheme given for {name!r}, which is not a linear layer (or the embedding table) of "
+                           "this config")
+        if s.group_size is not None:
             try:
-                check_group_size(linears[name][1], s.group_size, name)
+                check_group_size(width, s.group_size, name, s.bits)
             except ValueError as err:
                 raise CmxError(str(err)) from None
-    want = expected_shapes(config, schemes)
+    want = expected_shapes(config, schemes, version)
     absent = sorted(set(want) - set(tensors))
     if absent:
         raise CmxError(f"tensors missing: {absent[:5]}{' ...' if len(absent) > 5 else ''}")
@@ -408,7 +422,7 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
         t = tensors[name]
         if name.endswith((".qweight", ".zero")):
             owner = name.rsplit(".", 1)[0]
-            want_dtype = torch.int8 if schemes.get(owner) == "int8" else torch.uint8  # int4 codes: two per byte
+            want_dtype = torch.int8 if schemes.get(owner) == "int8" and name.endswith(".qweight") else torch.uint8
             if t.dtype != want_dtype:
                 raise CmxError(f"tensor {name} has dtype {t.dtype}, expected {want_dtype} codes")
         elif t.dtype not in FLOAT_DTYPES:

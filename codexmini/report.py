@@ -26,6 +26,8 @@ def collect(run_dir: Path) -> list[dict]:
             "wall s": m.get("wall_time_s"), "teacher_val_ppl": met.get("teacher_val_ppl"),
             "sample": met.get("sample"), "new_model": "model.safetensors" in (m.get("outputs") or {}),
             "domains": met.get("domains"), "teacher_domains": met.get("teacher_domains"),
+            "schemes": (met.get("quantize") or {}).get("schemes"),
+            "allocation": (met.get("quantize") or {}).get("allocation"),
         })
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no completed stages (no manifest.json in its sub-folders)")
@@ -56,7 +58,35 @@ def render(rows: list[dict]) -> str:
     domains = render_domains(rows)
     if domains:
         out += ["", domains]
+    schemes = render_schemes(rows)
+    if schemes:
+        out += ["", schemes]
     return "\n".join(out)
+
+
+def render_schemes(rows: list[dict]) -> str:
+    """Which scheme each quantized tensor got, counted per scheme and per kind of tensor (q/k/v/o, MLP, table),
+    with a size budget's totals when the schemes were allocated."""
+    lines = []
+    for r in rows:
+        if not r.get("schemes"):
+            continue
+        kinds: dict[str, dict[str, int]] = {}
+        for name, scheme in r["schemes"].items():
+            kind = name.rsplit(".", 1)[-1] if name.startswith("model.layers.") else name
+            kinds.setdefault(kind, {}).setdefault(scheme, 0)
+            kinds[kind][scheme] += 1
+        all_schemes = sorted({s for k in kinds.values() for s in k})
+        lines.append(f"schemes of {r['stage']}:")
+        lines.append("| tensor | " + " | ".join(all_schemes) + " |")
+        lines.append("|---|" + "---|" * len(all_schemes))
+        for kind in sorted(kinds):
+            lines.append(f"| {kind} | " + " | ".join(str(kinds[kind].get(s, "")) for s in all_schemes) + " |")
+        a = r.get("allocation")
+        if a:
+            lines.append(f"allocated within {a['budget_mb']:.2f} MB for these tensors: {a['quantized_mb']:.2f} MB, "
+                         f"estimated loss increase {a['estimated_loss_increase']:.4g}")
+    return "\n".join(lines)
 
 
 def render_domains(rows: list[dict]) -> str:

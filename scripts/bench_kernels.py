@@ -1,8 +1,16 @@
-"""One-row matmul (decoding) kernels side by side: fp32 `F.linear` (the baseline), torch's packed int8 / int4 CPU
-kernels (bf16 activations, their fast path) and codexmini's own kernels (fp32 or int8 activations), on the weight
-shapes of a SmolLM2-135M layer and a 2048x2048 matrix. Median of `--repeats` calls, speed-up against fp32.
+"""One-row matmul (decoding) kernels side by side, median of `--repeats` calls.
 
-    .venv/bin/python scripts/bench_kernels.py          # about a minute
+Table 1: fp32 `F.linear` (the baseline), torch's packed int8 / int4 CPU kernels (bf16 activations, their fast path)
+and codexmini's own kernels (fp32 or int8 activations), on the weight shapes of a SmolLM2-135M layer and a 2048x2048
+matrix; speed-up against fp32.
+
+Table 2: codexmini's group-quantized kernels (q4_linear / q3_linear / q2_linear) at SmolLM2-135M's shapes (q/o 576x576,
+gate/up 1536x576, down 576x1536, the vocabulary head 49152x576), group 32: int4 as older files store it (fp32 scales,
+a zero tensor) and the portable layout's int4 / int3 / int2 (fp16 scales, symmetric: no zero tensor); microseconds
+per call and GB/s of weight bytes read (codes, scales and zero points).
+
+    .venv/bin/python scripts/bench_kernels.py                  # about a minute
+    .venv/bin/python scripts/bench_kernels.py --table lowbit   # table 2 only
 """
 
 from __future__ import annotations
@@ -18,33 +26,31 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+SMOLLM2 = [(576, 576, "q/o"), (1536, 576, "gate/up"), (576, 1536, "down"), (49152, 576, "head (vocab)")]
 
-def median_us(fn, repeats: int) -> float:
-    for _ in range(10):
+
+def median_us(fn, repeats: int, budget_s: float = 2.0) -> float:
+    """Median of `repeats` timed calls (fewer when a call is slow: about `budget_s` seconds in all)."""
+    for _ in range(5):
         fn()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    n = max(5, min(repeats, int(budget_s / max(one, 1e-9))))
     times = []
-    for _ in range(repeats):
+    for _ in range(n):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=200)
-    args = p.parse_args()
-    from codexmini.runtime import native
-    from codexmini.ops.layouts import unpack_int4
-    from codexmini.runtime.kernels import dequantize
+def one_row_table(ext, repeats: int) -> None:
+    from codexmini.ops.layouts import dequantize, unpack_int4
 
-    ext = native.load()
     g = torch.Generator().manual_seed(0)
     shapes = [(960, 576, "q/k/v fused"), (3072, 576, "gate/up fused"), (576, 1536, "down"),
               (2048, 2048, "square"), (49152, 576, "head (vocab)")]
-    print(f"# one-row matmul, median of {args.repeats} calls, threads={torch.get_num_threads()}, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, codexmini kernels: "
-          f"{ext.isa() if ext else 'not built: ' + str(native.load_error())}\n")
     cols = ["fp32 F.linear", "torch int8 (bf16 act)", "torch int4 g32 (bf16 act)"]
     if ext:
         cols += ["cmx int8 (fp32 act)", "cmx int8 (int8 act)", "cmx int4 g32 (fp32 act)", "cmx int4 g32 (int8 act)"]
@@ -53,23 +59,68 @@ def main() -> None:
     for N, K, name in shapes:
         x = torch.randn(1, K, generator=g)
         xb = x.bfloat16()
-        t4 = {"w.qweight": torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
-              "w.scale": torch.rand(N, K // 32, generator=g) * 0.01,
-              "w.zero": torch.randint(0, 16, (N, K // 32), dtype=torch.uint8, generator=g)}
-        w = dequantize(t4, "w", "int4")
+        q4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+        s4 = torch.rand(N, K // 32, generator=g) * 0.01
+        z4 = torch.randint(0, 16, (N, K // 32), dtype=torch.uint8, generator=g)
+        w = dequantize("int4_g32_asym", q4, s4, z4)
         q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         s8 = torch.rand(N, generator=g) * 0.01
-        codes = unpack_int4(t4["w.qweight"]).reshape(N, K).to(torch.int32)
+        codes = unpack_int4(q4).reshape(N, K).to(torch.int32)
         w4 = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = torch.stack([t4["w.scale"].t(), (8 - t4["w.zero"].float()).t() * t4["w.scale"].t()], -1).bfloat16()
+        sz = torch.stack([s4.t(), (8 - z4.float()).t() * s4.t()], -1).bfloat16().contiguous()
         fns = [lambda: F.linear(x, w), lambda: torch._weight_int8pack_mm(xb, q8, s8.bfloat16()),
-               lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz.contiguous())]
+               lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz)]
         if ext:
             fns += [lambda: ext.q8_linear(x, q8, s8, None, False), lambda: ext.q8_linear(x, q8, s8, None, True),
-                    lambda: ext.q4_linear(x, t4["w.qweight"], t4["w.scale"], t4["w.zero"], None, False),
-                    lambda: ext.q4_linear(x, t4["w.qweight"], t4["w.scale"], t4["w.zero"], None, True)]
-        us = [median_us(f, args.repeats) for f in fns]
+                    lambda: ext.q4_linear(x, q4, s4, z4, None, False), lambda: ext.q4_linear(x, q4, s4, z4, None, True)]
+        us = [median_us(f, repeats) for f in fns]
         print(f"| {N}x{K} {name} | " + " | ".join(f"{u:.1f}" for u in us) + f" | {us[0] / min(us[1:]):.1f}x |")
+
+
+def low_bit_table(ext, repeats: int) -> None:
+    from codexmini.ops.layouts import pack_bits
+
+    g = torch.Generator().manual_seed(1)
+    empty = torch.empty(0, dtype=torch.uint8)
+    print("| shape | kernel | weight KiB | fp32 act µs | GB/s | int8 act µs | GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for N, K, name in SMOLLM2:
+        x = torch.randn(1, K, generator=g)
+        scale = torch.randn(N, K // 32, generator=g) * 0.01
+        layers = [("int4 g32, fp32 scales + zero", 4, scale, torch.randint(0, 16, scale.shape, dtype=torch.uint8,
+                                                                          generator=g))]
+        layers += [(f"int{b} g32, fp16 scales, sym", b, scale.half(), empty) for b in (4, 3, 2)]
+        for label, bits, s, z in layers:
+            q = pack_bits(torch.randint(0, 1 << bits, (N, K), generator=g), bits)
+            nbytes = q.numel() + s.numel() * s.element_size() + z.numel()
+            linear = getattr(ext, f"q{bits}_linear")
+            us = [median_us(lambda: linear(x, q, s, z, None, act), repeats) for act in (False, True)]
+            print(f"| {N}x{K} {name} | {label} | {nbytes / 1024:.0f} | {us[0]:.1f} | {nbytes / us[0] / 1e3:.1f} | "
+                  f"{us[1]:.1f} | {nbytes / us[1] / 1e3:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--table", choices=["all", "onerow", "lowbit"], default="all")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    args = p.parse_args()
+    from codexmini.runtime import native
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ext = native.load()
+    print(f"# one-row matmul, median of up to {args.repeats} calls, threads={torch.get_num_threads()}, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, codexmini kernels: "
+          f"{ext.isa() if ext else 'not built: ' + str(native.load_error())}\n")
+    if args.table in ("all", "onerow"):
+        one_row_table(ext, args.repeats)
+        print()
+    if args.table in ("all", "lowbit"):
+        if ext is None:
+            print("(codexmini's kernels are not built here: no low-bit table)")
+        else:
+            low_bit_table(ext, args.repeats)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def model_tensors(model, dtype: str = "float32") -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         if owner in quant:
-            # Codes and zero points as they are; scales stay fp32 (they are few and set the grid).
-            out[name] = t if not t.is_floating_point() else t.float()
+            # Codes and zero points as they are; scales in fp16 (the quantizers made their values fp16-exact).
+            out[name] = t if not t.is_floating_point() else t.half()
         else:
             out[name] = t.to(FLOAT_DTYPES[dtype]) if t.is_floating_point() else t
     return out

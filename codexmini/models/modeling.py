@@ -156,12 +156,15 @@ class CodexMiniForCausalLM(CodexMiniPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: CodexMiniConfig):
-        if config.embedding_rank:
-            # A factored, tied head reuses the embedding factors in forward; there is no lm_head to tie.
+        # A factored, tied head reuses the embedding factors in forward, and a quantized tied table is its own head
+        # (`QuantEmbedding.unembed`): there is no lm_head to tie in either case.
+        no_head = config.tie_word_embeddings and (
+            config.embedding_rank or "model.embed_tokens" in (config.quantization_scheme or {}))
+        if config.embedding_rank or no_head:
             self._tied_weights_keys = {}
         super().__init__(config)
         self.model = CodexMiniModel(config)
-        if config.embedding_rank and config.tie_word_embeddings:
+        if no_head:
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -37,25 +37,28 @@ def _compile_rules(rules: list[dict]) -> list[tuple[re.Pattern, str]]:
     return compiled
 
 
+EMBED = "model.embed_tokens"  # the token table: quantized by `embedding` (or a rule naming it), tied head included
+
+
 def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
-                    untie_head: bool = False) -> dict[str, str]:
-    """{module name: scheme} for every `nn.Linear`, first matching rule wins (`re.search` on the name).
+                    untie_head: bool = False, embedding: str = "none") -> dict[str, str]:
+    """{module name: scheme} for every `nn.Linear`, first matching rule wins (`re.search` on the name), and for the
+    token embedding table `model.embed_tokens`: a rule naming it (catch-all patterns do not) or `embedding`.
 
     `rules`: [{"pattern": "lm_head", "scheme": "int8"}, {"pattern": ".*", "scheme": "int4_g32"}].
+    A tied head is the table: it follows the table's scheme (one quantized matrix serves lookups and the head)
+    unless `untie_head`, which gives the head its own scheme from the rules / default.
     """
     compiled = _compile_rules(rules)
+    Scheme(embedding)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):
-            # Embedding tables only by an explicit rule (the default is for linear layers), int8 only.
+            if name != EMBED:  # a factored table's inner lookup stays float
+                continue
             scheme = next((s for rx, s in compiled if rx.search(name) and rx.pattern not in (".*", ".+", "")),
-                          "none")
-            if scheme not in ("none", "int8"):
-                raise ValueError(f"{name}: embedding tables support int8 only, a rule gives {scheme!r}")
-            if scheme != "none" and tied and not untie_head:
-                raise ValueError(f"{name} is tied to the output head: quantizing it needs untie_head: true (the "
-                                 "head then gets its own scheme, or stays a float copy)")
+                          embedding)
             if scheme != "none":
                 out[name] = scheme
             continue
@@ -63,32 +66,34 @@ def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
             continue
         scheme = next((s for rx, s in compiled if rx.search(name)), default)
         if name == "lm_head" and tied and not untie_head:
-            scheme = "none"  # the tied head is the embedding: quantizing it unties it, only when asked
+            scheme = "none"  # the tied head is the table (quantized with it, or float with it)
         if scheme != "none":
             out[name] = scheme
     return out
 
 
 def plan_schemes(model: nn.Module | None, rules: list[dict], default: str, untie_head: bool = False,
-                 on_bad_group: str = "error") -> dict[str, str]:
+                 on_bad_group: str = "error", embedding: str = "none") -> dict[str, str]:
     """{module name: scheme} with group sizes checked against each layer's width before any work.
 
     With `model=None` only the settings are checked (for `validate`, before a model exists).
     """
     Scheme(default)
+    Scheme(embedding)
     _compile_rules(list(rules))
     if on_bad_group not in BAD_GROUP_ACTIONS:
         raise ValueError(f"quantize.on_bad_group {on_bad_group!r} is not one of {', '.join(BAD_GROUP_ACTIONS)}")
     if model is None:
         return {}
-    schemes = resolve_schemes(model, list(rules), default, untie_head)
+    schemes = resolve_schemes(model, list(rules), default, untie_head, embedding)
     for name, scheme in list(schemes.items()):
         s = Scheme(scheme)
-        mod = model.get_submodule(name)
-        if isinstance(mod, nn.Embedding) or s.bits != 4:
+        if s.group_size is None:
             continue
+        mod = model.get_submodule(name)
+        width = mod.embedding_dim if isinstance(mod, nn.Embedding) else mod.in_features
         try:
-            check_group_size(mod.in_features, s.group_size, name)
+            check_group_size(width, s.group_size, name, s.bits)
         except ValueError:
             if on_bad_group != "int8":
                 raise
@@ -104,7 +109,7 @@ def plan_problems(config, q) -> list[str]:
     with torch.device("meta"):
         model = CodexMiniForCausalLM(config)
     try:
-        plan_schemes(model, list(q.rules), q.default, q.untie_head, q.on_bad_group)
+        plan_schemes(model, list(q.rules), q.default, q.untie_head, q.on_bad_group, q.embedding)
     except (ValueError, TypeError, KeyError) as err:
         return [f"quantize.default / quantize.rules: {err} (or set quantize.on_bad_group=int8 to keep such layers "
                 "at int8)"]

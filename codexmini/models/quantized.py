@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.layouts import Int4Weight, Scheme, check_group_size, dequantize, dequantize_int8
+from ..ops.layouts import GroupWeight, Scheme, check_group_size, dequantize
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with int8 or int4 weights in the portable layout (dequantized in forward)."""
+    """A linear layer with int8 or group-quantized (int4 / int3 / int2) weights in the portable layout: `qweight`,
+    a float16 `scale` and, for asymmetric schemes only, `zero` (dequantized in forward)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, bias: bool = False):
         super().__init__()
@@ -25,34 +26,44 @@ class QuantLinear(nn.Module):
         s = self.scheme
         if s.bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-            self.register_buffer("scale", torch.ones(out_features))
-        elif s.bits == 4:
+            self.register_buffer("scale", torch.ones(out_features, dtype=torch.float16))
+        elif s.group_size is not None:
             g = s.group_size
-            check_group_size(in_features, g)
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-            self.register_buffer("scale", torch.ones(out_features, in_features // g))
-            self.register_buffer("zero", torch.full((out_features, in_features // g), 8, dtype=torch.uint8))
+            check_group_size(in_features, g, bits=s.bits)
+            self.register_buffer("qweight", torch.zeros(out_features, s.packed_cols(in_features), dtype=torch.uint8))
+            self.register_buffer("scale", torch.ones(out_features, in_features // g, dtype=torch.float16))
+            if s.stores_zero:
+                self.register_buffer("zero", torch.zeros((out_features, in_features // g), dtype=torch.uint8))
         else:
-            raise ValueError("QuantLinear needs an int8 or int4 scheme")
+            raise ValueError("QuantLinear needs an int8 or a group (int4 / int3 / int2) scheme")
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_codes(cls, scheme: str, codes, bias: torch.Tensor | None = None) -> QuantLinear:
-        """From `(int8 codes, scale)` or an `Int4Weight`."""
-        if isinstance(codes, Int4Weight):
-            out, inp = codes.packed.shape[0], codes.in_features
-            m = cls(inp, out, scheme, bias is not None)
-            m.qweight.copy_(codes.packed)
-            m.scale.copy_(codes.scale)
-            m.zero.copy_(codes.zero)
+        """From `(int8 codes, scale)` or a `GroupWeight`."""
+        if isinstance(codes, GroupWeight):
+            m = cls(codes.in_features, codes.packed.shape[0], scheme, bias is not None)
+            m.load_codes(codes)
         else:
             q, scale = codes
             m = cls(q.shape[1], q.shape[0], scheme, bias is not None)
-            m.qweight.copy_(q)
-            m.scale.copy_(scale)
+            m.load_codes(codes)
         if bias is not None:
             m.bias.data.copy_(bias)
         return m
+
+    def load_codes(self, codes) -> None:
+        """Copy `(int8 codes, scale)` or a `GroupWeight` into this module's buffers."""
+        if isinstance(codes, GroupWeight):
+            if codes.bits != self.scheme.bits:
+                raise ValueError(f"{codes.bits}-bit codes for a {self.scheme.name} layer")
+            self.qweight.copy_(codes.packed)
+            self.scale.copy_(codes.scale)
+            if self.scheme.stores_zero:
+                self.zero.copy_(codes.zero)
+        else:
+            self.qweight.copy_(codes[0])
+            self.scale.copy_(codes[1])
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight `[out, in]`."""
@@ -69,27 +80,27 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
 
-class QuantEmbedding(nn.Module):
-    """An embedding table in int8, one scale per row (the int8 layout of `QuantLinear`, rows = tokens).
-
-    Lookups dequantize only the rows they read."""
+class QuantEmbedding(QuantLinear):
+    """An embedding table in a quantized layout (int8 rows or groups along each row): a `QuantLinear` whose
+    outputs are the tokens. Lookups dequantize only the rows they read; a tied output head (`unembed`) computes
+    with the same quantized matrix, so the table is stored once, as llama.cpp keeps one `token_embd`."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str = "int8"):
-        super().__init__()
-        if scheme != "int8":
-            raise ValueError(f"embedding tables support the int8 scheme only, got {scheme!r}")
-        self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, Scheme(scheme)
-        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(num_embeddings))
+        super().__init__(embedding_dim, num_embeddings, scheme)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_int8(F.embedding(ids, self.qweight), self.scale[ids])
+        flat = ids.reshape(-1)
+        rows = dequantize(self.scheme, self.qweight[flat], self.scale[flat],
+                          self.zero[flat] if self.scheme.stores_zero else None)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scale)
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied head: `hidden @ table^T` through the quantized table."""
+        return QuantLinear.forward(self, hidden)
 
-    def storage_bits(self) -> int:
-        return sum(b.numel() * b.element_size() * 8 for b in self.buffers())
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, scheme={self.scheme.name}"
 
 
 def install_quant_linears(model: nn.Module, schemes: dict[str, str]) -> None:
@@ -113,5 +124,5 @@ def install_quant_linears(model: nn.Module, schemes: dict[str, str]) -> None:
 def weight_count(model: nn.Module) -> int:
     """Parameters of the float model: float parameters plus the logical weights of every `QuantLinear`."""
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    n += sum(m.num_embeddings * m.embedding_dim for m in model.modules() if isinstance(m, QuantEmbedding))
+    # a QuantEmbedding is a QuantLinear (rows = tokens): counted once, by its logical shape
     return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))

@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al. 2022): quantize a linear layer's weight column by column, spreading each column's rounding
 error over the columns not yet quantized through the inverse Hessian of the layer's calibration inputs.
 
-The output uses the same grid and packed layout as round-to-nearest (`numerics`), so everything downstream (the
+The output uses the same grids and packed layout as round-to-nearest (`codexmini.ops.layouts`), so everything downstream (the
 quantized module, the export, the runtime) is shared; only the integer codes differ.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.layouts import Int4Weight, check_group_size, grid, pack_int4, to_codes
+from ..ops.layouts import GroupWeight, check_group_size, grid, pack_bits, search_grid, to_codes
 
 
 class HessianAccumulator:
@@ -29,19 +29,29 @@ class HessianAccumulator:
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
-                  symmetric: bool = True, damp: float = 0.01, act_order: bool = False, block_size: int = 128):
+                  symmetric: bool = True, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+                  search: bool = False):
     """GPTQ on `weight [out, in]` with Hessian `H [in, in]`.
 
-    Returns int8 `(codes, scale)` or an `Int4Weight`, exactly like `quantize_int8` / `quantize_int4`.
+    Returns int8 `(codes, scale)` or a `GroupWeight` (bits 4 / 3 / 2), exactly like `quantize_rtn`.
+    With `search`, each group's grid is `search_grid`'s, its errors weighted by the Hessian's diagonal (the mean
+    squared input of each column: the importance matrix), instead of the round-to-nearest range.
     With `act_order`, columns are processed by decreasing Hessian diagonal, and group scales are fixed from the
     original weights beforehand ("static groups") so the stored layout keeps contiguous groups.
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    if bits == 4:
-        check_group_size(cols, group_size)
-    g = group_size if bits == 4 else cols
+    if bits != 8:
+        check_group_size(cols, group_size, bits=bits)
+    g = group_size if bits != 8 else cols
     H = H.clone().float()
+    importance = torch.diag(H).clone()
+
+    def group_grid(values, first_col):
+        if search and bits != 8:
+            return search_grid(values, bits, symmetric, importance[first_col:first_col + g])
+        return grid(values, bits, symmetric)
+
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -53,7 +63,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
     zero = torch.zeros(rows, n_groups)
     if act_order or bits == 8:
         for j in range(n_groups):
-            scale[:, j], zero[:, j] = grid(W[:, j * g:(j + 1) * g], bits, symmetric)
+            scale[:, j], zero[:, j] = group_grid(W[:, j * g:(j + 1) * g], j * g)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
@@ -71,8 +81,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             grp = col // g
-            if not act_order and bits == 4 and col % g == 0:
-                scale[:, grp], zero[:, grp] = grid(W1[:, i:i + g], bits, symmetric)
+            if not act_order and bits != 8 and col % g == 0:
+                scale[:, grp], zero[:, grp] = group_grid(W1[:, i:i + g], col)
             w = W1[:, i]
             c = to_codes(w, scale[:, grp], zero[:, grp], bits)
             q = c * scale[:, grp] if bits == 8 else (c - zero[:, grp]) * scale[:, grp]
@@ -82,5 +92,5 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if bits == 8:
-        return codes.to(torch.int8), scale[:, 0].contiguous()
-    return Int4Weight(pack_int4(codes.to(torch.uint8)), scale, zero.to(torch.uint8), g, cols)
+        return codes.to(torch.int8), scale[:, 0].half()
+    return GroupWeight(pack_bits(codes.to(torch.uint8), bits), scale.half(), zero.to(torch.uint8), g, cols, bits)

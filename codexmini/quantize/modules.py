@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models.quantized import QuantEmbedding, QuantLinear
+from ..models.quantized import QuantLinear
 
 
 def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -18,13 +18,9 @@ def model_bits_per_weight(model: nn.Module) -> float:
     bits, weights = 0, 0
     seen = set()
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear):  # a QuantEmbedding too
             bits += mod.storage_bits()
             weights += mod.in_features * mod.out_features
-            continue
-        if isinstance(mod, QuantEmbedding):
-            bits += mod.storage_bits()
-            weights += mod.num_embeddings * mod.embedding_dim
             continue
         for p in mod.parameters(recurse=False):
             if id(p) in seen:

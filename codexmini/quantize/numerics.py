@@ -15,8 +15,9 @@ __all__ = ["Int4Weight", "bits_per_weight", "check_group_size", "dequantize_int4
            "pack_int4", "quantize_int4", "quantize_int8", "quantize_rtn", "unpack_int4"]
 
 
-def bits_per_weight(q: Int4Weight) -> float:
-    """Storage cost of an int4 weight per weight, including scales (fp32) and zero points (one byte each)."""
+def bits_per_weight(q: Int4Weight, symmetric: bool = True) -> float:
+    """Storage cost of a group-quantized weight per weight: codes, fp16 scales and (asymmetric schemes only) one
+    byte per zero point."""
     n = q.packed.shape[0] * q.in_features
-    total_bits = q.packed.numel() * 8 + q.scale.numel() * 32 + q.zero.numel() * 8
+    total_bits = q.packed.numel() * 8 + q.scale.numel() * 16 + (0 if symmetric else q.zero.numel() * 8)
     return total_bits / n

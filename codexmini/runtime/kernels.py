@@ -2,15 +2,17 @@
 
 - float: `F.linear` on fp32 weights (fp16 files are widened at load).
 - int8 ("native"): `torch._weight_int8pack_mm` on the int8 codes with per-channel scales.
-- int4 ("native"): `torch._weight_int4pack_mm_for_cpu` on torch's packed int4 layout, with per-group
+- int4 ("native"; int3 / int2 are dequantized in this mode): `torch._weight_int4pack_mm_for_cpu` on torch's
+  packed int4 layout, with per-group
   (scale, zero) pairs; our `(code - zero_u8) * scale` becomes torch's `(code - 8) * scale + (8 - zero_u8) * scale`.
-- "cmx": codexmini's own kernels (`csrc/cmx_kernels.cpp`, built on first use by `native.load()`): they read the
-  portable layout as stored (no repacking: the weights in memory are the file's) and take fp32 activations, so
-  they equal the dequantized reference up to the order of fp32 additions. One-row inputs (decoding) run a SIMD
-  GEMV; longer ones dequantize a tile of rows at a time and multiply with MKL (with the fast activations, in bf16
-  where the CPU multiplies bf16 natively).
+- "cmx": codexmini's own kernels (`csrc/cmx_kernels.cpp`, built on first use by `native.load()`) for int8 and
+  int4 / int3 / int2 groups: they read the portable layout as stored, fp16 scales included (no repacking: the
+  weights in memory are the file's), and take fp32 activations, so they equal the dequantized reference up to the
+  order of fp32 additions. Decode rows (up to 4) run a SIMD GEMV that reads each weight row once for all of them;
+  longer inputs dequantize a tile of rows at a time and multiply with MKL (in bf16 where the CPU multiplies bf16
+  natively).
 - "auto" (the runtime's default): "cmx" where the kernels build, else "native".
-- "dequant": int8 / int4 weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
+- "dequant": int weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
   without the memory saving).
 
 torch's int kernels take a fast path only with bf16 activations (on this 2-core AVX2 machine, 1x2048 @ 2048x2048:
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.layouts import Int4Weight, dequantize_int4, dequantize_int8, unpack_int4
+from ..ops.layouts import Scheme, dequantize as dequantize_layout, implied_zero, unpack_int4
 
 KERNEL_MODES = ("auto", "cmx", "native", "dequant")
 # What the int kernels are fed: "auto" is each mode's fast choice (cmx: int8, native: bfloat16); "float32" is exact.
@@ -43,13 +45,15 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 def dequantize(tensors: dict, name: str, scheme: str) -> torch.Tensor:
     """The fp32 weight of quantized layer `name` from its .cmx tensors: `ops.layouts`' dequantization (the reference
-    for every kernel) on the file's tensors. An int4 layer's group size is read off its shapes (which `read_cmx`
-    checked against its scheme)."""
-    q, scale = tensors[name + ".qweight"], tensors[name + ".scale"]
-    if scheme == "int8":
-        return dequantize_int8(q, scale)
-    cols = q.shape[1] * 2
-    return dequantize_int4(Int4Weight(q, scale, tensors[name + ".zero"], cols // scale.shape[1], cols))
+    for every kernel) on the file's tensors. The group size is read off the shapes (which `read_cmx` checked
+    against the scheme); a symmetric scheme's zero is implied unless the file (version 2 and older) stores it."""
+    return dequantize_layout(scheme, tensors[name + ".qweight"], tensors[name + ".scale"], tensors.get(name + ".zero"))
+
+
+def zero_of(tensors: dict, name: str, scheme: str) -> torch.Tensor:
+    """A group layer's zero points: stored (asymmetric, or an older file) or the implied middle code."""
+    zero = tensors.get(name + ".zero")
+    return zero if zero is not None else implied_zero(Scheme(scheme), tensors[name + ".scale"])
 
 
 class FloatLinear:
@@ -105,28 +109,39 @@ class Int4Linear:
 
 
 class CmxInt8Linear:
-    """int8 through codexmini's kernel: the file's codes and scales as they are. `int8_act`: one-row inputs are
-    quantized to int8 per 32 columns and multiplied in integers (else fp32, equal to the dequantized reference)."""
+    """int8 through codexmini's kernel: the file's codes and (fp16 or fp32) scales as they are. `int8_act`: decode
+    rows are quantized to int8 per 32 columns and multiplied in integers (else fp32, equal to the dequantized
+    reference)."""
 
     def __init__(self, ext, codes: torch.Tensor, scale: torch.Tensor, int8_act: bool = False):
         # unaligned loads only: the file's tensors are used in place (no copy)
-        self.ext, self.codes, self.scale, self.int8_act = ext, codes.contiguous(), scale.float().contiguous(), int8_act
-        self.nbytes = self.codes.numel() + self.scale.numel() * 4
+        self.ext, self.codes, self.scale, self.int8_act = ext, codes.contiguous(), _kernel_scale(scale), int8_act
+        self.nbytes = self.codes.numel() + self.scale.numel() * self.scale.element_size()
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self.ext.q8_linear(x.float().contiguous(), self.codes, self.scale, residual, self.int8_act)
 
 
-class CmxInt4Linear:
-    """int4 through codexmini's kernel: the file's packed codes, scales and zero points as they are."""
+class CmxGroupLinear:
+    """int4 / int3 / int2 groups through codexmini's kernels: the file's packed codes, scales (fp16 or fp32) and,
+    for asymmetric layers, zero points as they are; a symmetric layer passes an empty zero (the implied middle
+    code)."""
 
-    def __init__(self, ext, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, int8_act: bool = False):
-        self.ext, self.int8_act = ext, int8_act
-        self.packed, self.scale, self.zero = packed.contiguous(), scale.float().contiguous(), zero.contiguous()
-        self.nbytes = self.packed.numel() + self.scale.numel() * 4 + self.zero.numel()
+    def __init__(self, ext, bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 int8_act: bool = False):
+        self.ext, self.bits, self.int8_act = ext, bits, int8_act
+        self.packed, self.scale = packed.contiguous(), _kernel_scale(scale)
+        self.zero = zero.contiguous() if zero is not None else torch.empty(0, dtype=torch.uint8)
+        self.nbytes = self.packed.numel() + self.scale.numel() * self.scale.element_size() + self.zero.numel()
+        self._call = getattr(ext, f"q{bits}_linear")
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ext.q4_linear(x.float().contiguous(), self.packed, self.scale, self.zero, residual, self.int8_act)
+        return self._call(x.float().contiguous(), self.packed, self.scale, self.zero, residual, self.int8_act)
+
+
+def _kernel_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scales as the cmx kernels read them in place: fp16 or fp32 (bf16, which no file writes, widened)."""
+    return scale.contiguous() if scale.dtype in (torch.float16, torch.float32) else scale.float().contiguous()
 
 
 def resolve_mode(mode: str) -> str:
@@ -166,22 +181,22 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
     if mode == "dequant":
         return FloatLinear(dequantize(tensors, name, scheme))
     q = tensors[name + ".qweight"]
-    group = q.shape[1] * 2 // tensors[name + ".scale"].shape[1] if scheme != "int8" else None
+    s = Scheme(scheme)
+    group = s.group_size
     if mode == "cmx":
         from . import native
 
         ext = native.load()
-        if scheme == "int8":
+        if s.bits == 8:
             return CmxInt8Linear(ext, q, tensors[name + ".scale"], act == "int8")
-        if group % ext.block() == 0:
-            return CmxInt4Linear(ext, q, tensors[name + ".scale"], tensors[name + ".zero"], act == "int8")
-        return FloatLinear(dequantize(tensors, name, scheme))
-    if group is not None and (group not in INT4_KERNEL_GROUPS or q.shape[0] % 16):  # what torch's int4 kernel takes
-        return FloatLinear(dequantize(tensors, name, scheme))
+        # every valid group size runs (a multiple of ext.block(bits) takes the SIMD code)
+        return CmxGroupLinear(ext, s.bits, q, tensors[name + ".scale"], tensors.get(name + ".zero"), act == "int8")
+    if s.bits in (2, 3) or (group is not None and (group not in INT4_KERNEL_GROUPS or q.shape[0] % 16)):
+        return FloatLinear(dequantize(tensors, name, scheme))  # what torch's int kernels do not take
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act]
     if scheme == "int8":
         return Int8Linear(q, tensors[name + ".scale"].float(), dtype)
-    return Int4Linear(q, tensors[name + ".scale"], tensors[name + ".zero"], dtype)
+    return Int4Linear(q, tensors[name + ".scale"], zero_of(tensors, name, scheme), dtype)
 
 
 class CmxConcatLinear:
@@ -192,8 +207,8 @@ class CmxConcatLinear:
         self.parts, self.int8_act = parts, parts[0].int8_act
         self.nbytes = sum(p.nbytes for p in parts)
         ext = parts[0].ext
-        if isinstance(parts[0], CmxInt4Linear):
-            self._call = ext.q4_linear_cat
+        if isinstance(parts[0], CmxGroupLinear):
+            self._call = getattr(ext, f"q{parts[0].bits}_linear_cat")
             self._args = ([p.packed for p in parts], [p.scale for p in parts], [p.zero for p in parts])
         else:
             self._call = ext.q8_linear_cat
@@ -220,8 +235,9 @@ def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str 
         return FloatConcatLinear([FloatLinear(tensors[n + ".weight"]) for n in names])
     if resolve_mode(mode) == "cmx":
         parts = [make_linear(tensors, n, scheme, mode, act) for n in names]
-        if all(isinstance(p, (CmxInt4Linear, CmxInt8Linear)) for p in parts):
+        if all(isinstance(p, (CmxGroupLinear, CmxInt8Linear)) for p in parts):
             return CmxConcatLinear(parts)
-    parts = (".qweight", ".scale") + (() if scheme == "int8" else (".zero",))
-    fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in parts}
+    fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in (".qweight", ".scale")}
+    if scheme != "int8":
+        fused["fused.zero"] = torch.cat([zero_of(tensors, n, scheme) for n in names], dim=0)
     return make_linear(fused, "fused", scheme, mode, act)

@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cmx import CmxFile, read_cmx
+from ..cmx import EMBED, CmxFile, read_cmx
 from ..ops.feature_maps import feature_map, feature_map_dim
 from ..ops.hybrid import hybrid_attn
-from ..ops.layouts import dequantize_int8
+from ..ops.layouts import dequantize
 from ..ops.linear_attn import NORMALISER_EPS, append_ones, linear_attn, normalise
 from ..ops.norm import rms_norm
 from ..ops.rope import apply_rope, rotary_cos_sin
 from .inputs import check_prompt_length, check_token_ids, load_tokenizer, max_positions
-from .kernels import (CmxConcatLinear, CmxInt4Linear, CmxInt8Linear, make_fused_linear, make_linear, resolve_act,
+from .kernels import (CmxConcatLinear, CmxGroupLinear, CmxInt8Linear, make_fused_linear, make_linear, resolve_act,
                       resolve_mode)
 
 # codexmini's int kernels take up to this many rows as decoding (each row computed exactly as it is alone); more
@@ -73,7 +73,7 @@ def _by_rows(call, x: torch.Tensor, residual: torch.Tensor | None = None, kernel
     """`call(x[, residual])` on pieces of at most `DECODE_ROWS` rows when `kernel` (default: `call`) is one of
     codexmini's int kernels (see `DECODE_ROWS`); in one call otherwise (float and torch kernels take any rows)."""
     rest = () if residual is None else (residual,)
-    if x.shape[0] <= DECODE_ROWS or not isinstance(kernel or call, (CmxInt4Linear, CmxInt8Linear, CmxConcatLinear)):
+    if x.shape[0] <= DECODE_ROWS or not isinstance(kernel or call, (CmxGroupLinear, CmxInt8Linear, CmxConcatLinear)):
         return call(x, *rest)
     return torch.cat([call(x[i:i + DECODE_ROWS], *(r[i:i + DECODE_ROWS] for r in rest))
                       for i in range(0, x.shape[0], DECODE_ROWS)])
@@ -455,21 +455,27 @@ class Runtime:
         self.tokenizer = load_tokenizer(f.tokenizer_json, path)
         self.chat_template = f.chat_template
         t = f.tensors
-        self.embed_scale = None
+        self.embed_scheme = f.schemes.get(EMBED)
+        tied = c.get("tie_word_embeddings")
         if c.get("embedding_rank"):
             self.embed = (t["model.embed_tokens.embed.weight"].float() @ t["model.embed_tokens.proj.weight"].float()
                           .t()).contiguous()
-        elif f.schemes.get("model.embed_tokens") == "int8":
-            self.embed = self._rows(f, "model.embed_tokens.qweight")  # int8 rows, dequantized as looked up
-            self.embed_scale = t["model.embed_tokens.scale"].float()
+        elif self.embed_scheme is not None:
+            # quantized rows, dequantized as looked up; their scales (and zero points) are small and stay mapped
+            self.embed = self._rows(f, EMBED + ".qweight")
+            self.embed_scale, self.embed_zero = t[EMBED + ".scale"], t.get(EMBED + ".zero")
         else:
             # kept as stored: decoding only looks rows up (a tied head reads the whole matrix: it stays mapped)
-            self.embed = t["model.embed_tokens.weight"] if c.get("tie_word_embeddings") else \
-                self._rows(f, "model.embed_tokens.weight")
+            self.embed = t[EMBED + ".weight"] if tied else self._rows(f, EMBED + ".weight")
         self.norm = t["model.norm.weight"].float()
-        # A tied head is the embedding matrix (widened to fp32 for the matmul); an untied one has its own kernel.
-        self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt) \
-            if not c.get("tie_word_embeddings") else make_linear({"lm_head.weight": self.embed}, "lm_head", None)
+        # A tied head is the table: the quantized table through its int kernel, or the float one widened to fp32;
+        # an untied head has its own kernel.
+        if not tied:
+            self.head = make_linear(t, "lm_head", f.schemes.get("lm_head"), kernels, dt)
+        elif self.embed_scheme is not None:
+            self.head = make_linear(t, EMBED, self.embed_scheme, kernels, dt)
+        else:
+            self.head = make_linear({"lm_head.weight": self.embed}, "lm_head", None)
         self.layers = [Layer(f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
         self.head_dim, self.rope_theta, self.eps = c["head_dim"], c["rope_theta"], c["rms_norm_eps"]
         eos = c.get("eos_token_id")
@@ -488,6 +494,14 @@ class Runtime:
         if f.ranges is None or not hasattr(os, "preadv") or t.dim() != 2:
             return t
         return FileRows(f.path, f.ranges[name][0], t.shape, t.dtype)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings `[n, hidden]` in fp32: rows of the table, dequantized when it is quantized."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if self.embed_scheme is None:
+            return self.embed[ids].float()
+        zero = self.embed_zero[ids] if self.embed_zero is not None else None
+        return dequantize(self.embed_scheme, self.embed[ids], self.embed_scale[ids], zero)
 
     # ----------------------------------------------------------------------- forward
     def new_session(self) -> Session:
@@ -536,8 +550,7 @@ class Runtime:
             if len(c) > 1:  # as `forward` does for a prompt: the caches sized once for it and 256 decoded tokens
                 for layer, st in zip(self.layers, s.layers):
                     layer.reserve(st, s.pos + len(c) + 256)
-        x = dequantize_int8(self.embed[ids], self.embed_scale[ids]) if self.embed_scale is not None else \
-            self.embed[ids].float()
+        x = self.lookup(ids)
         for i, layer in enumerate(self.layers):
             x = layer.forward_segments(x, cos, sin, [(a, b, s.layers[i]) for (a, b), s in zip(bounds, sessions)])
         for c, s in zip(chunks, sessions):
@@ -560,8 +573,7 @@ class Runtime:
             raise ValueError("decode_batch: a session appears twice (each row continues its own sequence)")
         t = check_token_ids(ids, self.config["vocab_size"])
         cos, sin = rotary_cos_sin(torch.tensor([s.pos for s in sessions]), self.head_dim, self.rope_theta)
-        x = dequantize_int8(self.embed[t], self.embed_scale[t]) if self.embed_scale is not None else \
-            self.embed[t].float()
+        x = self.lookup(t)
         for i, layer in enumerate(self.layers):
             x = layer.forward_rows(x, cos, sin, [s.layers[i] for s in sessions])
         for s, tok in zip(sessions, t.tolist()):
@@ -599,8 +611,7 @@ class Runtime:
     def _forward(self, ids: torch.Tensor, session: Session, all_logits: bool) -> torch.Tensor:
         T = ids.numel()
         cos, sin = rotary_cos_sin(torch.arange(session.pos, session.pos + T), self.head_dim, self.rope_theta)
-        x = dequantize_int8(self.embed[ids], self.embed_scale[ids]) if self.embed_scale is not None else \
-            self.embed[ids].float()
+        x = self.lookup(ids)
         for layer, st in zip(self.layers, session.layers):
             x = layer.forward(x, cos, sin, st)
         session.pos += T

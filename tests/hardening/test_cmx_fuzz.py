@@ -63,7 +63,7 @@ def _same_model(got, original) -> bool:
 def test_the_checksum_covers_every_metadata_entry(tiny_cmx, tmp_path):
     """Valid values, hand-edited (the issue's rope_theta moved logits by up to 5.6): refused as modified."""
     meta, tensors = _contents(tiny_cmx)
-    assert meta["version"] == str(VERSION) == "2"
+    assert meta["version"] == str(VERSION) == "3"
     config = json.loads(meta["config"])
     tokenizer = json.loads(meta["tokenizer"])
     tokenizer["added_tokens"] = tokenizer.get("added_tokens", [])[:-1]
@@ -83,20 +83,35 @@ def test_the_checksum_covers_every_metadata_entry(tiny_cmx, tmp_path):
                 read_cmx(path, mmap=mmap)
         with pytest.raises(CmxError, match="checksum mismatch"):
             Runtime(path)
-    # Read back unedited, and the format/version entries are signed too: a damaged "2" read as "1" is refused.
+    # Read back unedited, and the format/version entries are signed too: a damaged "3" read as "2" or "1" is
+    # refused (by the checksum, or before it by the older version's layout).
     assert _same_model(read_cmx(tiny_cmx), read_cmx(tiny_cmx, mmap=True))
-    downgraded = save_safetensors_atomic(tensors, tmp_path / "v1.cmx", {**meta, "version": "1"})
-    with pytest.raises(CmxError, match="checksum mismatch"):
-        read_cmx(downgraded)
+    for old in ("2", "1"):
+        downgraded = save_safetensors_atomic(tensors, tmp_path / f"v{old}.cmx", {**meta, "version": old})
+        with pytest.raises(CmxError, match="checksum mismatch|tensors missing|version . file holds"):
+            read_cmx(downgraded)
+
+
+def _legacy_layout(meta, tensors):
+    """The tensors as format versions 1 and 2 stored them: fp32 scales, a zero tensor for symmetric int4 too."""
+    old = {k: (v.float() if k.endswith(".scale") else v) for k, v in tensors.items()}
+    for name, scheme in json.loads(meta["schemes"]).items():
+        if scheme != "int8" and name + ".zero" not in old:
+            old[name + ".zero"] = torch.full(tensors[name + ".scale"].shape, 8, dtype=torch.uint8)
+    return old
 
 
 def test_version_1_files_still_load(tiny_cmx, tmp_path):
     meta, tensors = _contents(tiny_cmx)
+    tensors = _legacy_layout(meta, tensors)
     v1 = save_safetensors_atomic(tensors, tmp_path / "v1.cmx",
                                  {**meta, "version": "1", "checksum": payload_checksum(tensors)})
     f = read_cmx(v1, mmap=True)
-    assert f.version == 1 and _same_model(f, read_cmx(tiny_cmx))
-    Runtime(v1)
+    assert f.version == 1 and f.schemes == read_cmx(tiny_cmx).schemes
+    ids = torch.arange(3, 40)
+    a, b = Runtime(tiny_cmx, act_dtype="float32"), Runtime(v1, act_dtype="float32")
+    torch.testing.assert_close(b.forward(ids, b.new_session(), all_logits=True),
+                               a.forward(ids, a.new_session(), all_logits=True), atol=1e-5, rtol=1e-5)
     flipped = {**tensors, "model.norm.weight": tensors["model.norm.weight"] + 1}
     bad = save_safetensors_atomic(flipped, tmp_path / "v1bad.cmx", {**meta, "version": "1"})
     with pytest.raises(CmxError, match="checksum mismatch"):

@@ -112,6 +112,10 @@ TABLE: dict[str, list] = {
     "quantize.damp": [0.0, 1.0, NAN],
     "quantize.block_size": [0],
     "quantize.awq_grid": [0],
+    "quantize.embedding": ["int5_g32", "int3_g12", "fp8"],
+    "quantize.target_mb": [0, -3.0, NAN, (40.0, {"quantize.target_bits": 4.0})],
+    "quantize.target_bits": [0, NAN],
+    "quantize.candidates": [[], ["none"], ["int4_g32", "int9"]],
     # export
     "export.dtype": ["bfloat8"],
     "export.kernels": ["fast"],
@@ -144,6 +148,7 @@ NO_RANGE = {
     "distill.fake_quant": "a bool",
     "quantize.untie_head": "a bool",
     "quantize.act_order": "a bool",
+    "quantize.search": "a bool",
     "export.gguf": "a bool",
     "data.text_field": "any column name (checked against the files' columns where a quick look can tell)",
     "data.file_glob": "any glob",

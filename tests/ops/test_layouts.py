@@ -1,22 +1,26 @@
-"""The portable int layouts: scheme names, int4 packing, and dequantize(quantize(w)) error bounds per scheme."""
+"""The portable int layouts: scheme names, int4 / int3 / int2 packing, fp16 scales, the grid search, and
+dequantize(quantize(w)) error bounds per scheme."""
 
 import pytest
 import torch
 
-from codexmini.ops.layouts import (Int4Weight, Scheme, dequantize, dequantize_int4, dequantize_int8, fake_quant,
-                                   pack_int4, quantize_int4, quantize_int8, quantize_rtn, unpack_int4)
+from codexmini.ops.layouts import (GroupWeight, Int4Weight, Scheme, dequantize, dequantize_group, dequantize_int4,
+                                   dequantize_int8, fake_quant, grid, pack_bits, pack_int4, quantize_group,
+                                   quantize_int4, quantize_int8, quantize_rtn, search_grid, unpack_bits, unpack_int4)
 
 
-@pytest.mark.parametrize("name, bits, group, symmetric", [("int8", 8, None, True), ("int4_g32", 4, 32, True),
-                                                          ("int4_g128_asym", 4, 128, False), ("none", 32, None, True)])
-def test_scheme_names_parse(name, bits, group, symmetric):
+@pytest.mark.parametrize("name, bits, group, symmetric, bpw", [
+    ("int8", 8, None, True, 8.0), ("int4_g32", 4, 32, True, 4.5), ("int4_g128_asym", 4, 128, False, 4.1875),
+    ("int3_g32", 3, 32, True, 3.5), ("int2_g16_asym", 2, 16, False, 3.5), ("none", 32, None, True, 32.0)])
+def test_scheme_names_parse(name, bits, group, symmetric, bpw):
     s = Scheme(name)
-    assert (s.bits, s.group_size, s.symmetric) == (bits, group, symmetric)
+    assert (s.bits, s.group_size, s.symmetric, s.bits_per_weight()) == (bits, group, symmetric, bpw)
+    assert s.stores_zero == (group is not None and not symmetric)
 
 
-@pytest.mark.parametrize("name", ["int4", "int3", "int4_g", "int4_g32_sym", "INT8", "fp8", ""])
+@pytest.mark.parametrize("name", ["int4", "int3", "int4_g", "int4_g32_sym", "INT8", "fp8", "int5_g32", "int1_g8", ""])
 def test_unknown_scheme_names_are_refused_with_the_choices(name):
-    with pytest.raises(ValueError, match="is not one of int8, int4_g<group>"):
+    with pytest.raises(ValueError, match="is not one of int8, int<bits>_g<group>"):
         Scheme(name)
 
 
@@ -54,10 +58,17 @@ def test_int4_round_trip_is_within_half_a_step_per_group(symmetric, group_size):
     codes = unpack_int4(q.packed)
     assert int(codes.max()) <= 15
     if symmetric:
-        assert torch.all(q.zero == 8) and int(codes.min()) >= 1  # grid -7..7: 0 is never used
+        # 16 levels -8..7 (Q4_0's grid): each group's largest-magnitude weight lands exactly on code 0
+        assert torch.all(q.zero == 8)
+        g = w.reshape(16, -1, group_size)
+        extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        torch.testing.assert_close(-8 * q.scale.float(), extreme, rtol=1e-3, atol=0)
+    assert q.scale.dtype == torch.float16
     w_hat = dequantize_int4(q)
     err = (w_hat - w).abs().reshape(16, -1, group_size)
-    assert (err <= q.scale[..., None] / 2 + 1e-6).all()
+    step = q.scale.float().abs()[..., None] * 1.002 + 1e-6
+    # within half a step, but for values beyond the grid's short end (symmetric: up to one step, as in Q4_0)
+    assert (err <= step / 2).all() if not symmetric else (err <= step).all() and (err <= step / 2).float().mean() > .9
     # a zero weight is exactly representable in either mode
     z = w.clone()
     z[:, 0] = 0
@@ -75,7 +86,9 @@ def test_dequantize_by_scheme_equals_the_per_layout_functions():
                                    atol=0, rtol=0)
         torch.testing.assert_close(fake_quant(w, name), dequantize_int4(q), atol=0, rtol=0)
     with pytest.raises(ValueError, match="needs the zero points"):
-        dequantize("int4_g32", q.packed, q.scale)
+        dequantize("int4_g16_asym", q.packed, q.scale)
+    q = quantize_rtn(w, "int4_g32")  # symmetric: the zero is implied
+    torch.testing.assert_close(dequantize("int4_g32", q.packed, q.scale), dequantize_int4(q), atol=0, rtol=0)
     with pytest.raises(ValueError, match="does not quantize"):
         quantize_rtn(w, "none")
 
@@ -96,8 +109,16 @@ def test_bad_int4_inputs_are_refused():
         pack_int4(torch.full((2, 2), 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="group_size 32 does not divide its input width 48"):
         quantize_int4(torch.randn(4, 48), 32)
-    with pytest.raises(ValueError, match="even number >= 2"):
+    with pytest.raises(ValueError, match="multiple of 2"):
         quantize_int4(torch.randn(4, 48), 3)
+    with pytest.raises(ValueError, match="int3 group_size must be a multiple of 8"):
+        quantize_group(torch.randn(4, 48), 3, 12)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_bits(torch.zeros(2, 12, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="0..3"):
+        pack_bits(torch.full((2, 8), 4, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="float16's range"):
+        quantize_int8(torch.full((2, 4), 1e8))
 
 
 def test_asymmetric_beats_symmetric_on_shifted_weights():
@@ -105,3 +126,56 @@ def test_asymmetric_beats_symmetric_on_shifted_weights():
     sym = (dequantize_int4(quantize_int4(w, 32, True)) - w).pow(2).mean()
     asym = (dequantize_int4(quantize_int4(w, 32, False)) - w).pow(2).mean()
     assert asym < sym / 2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_low_bit_packing_round_trips_and_follows_the_documented_layout(bits):
+    codes = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (5, 64 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bits(packed, bits), codes)
+    c = [int(v) for v in codes[0, :8]]
+    if bits == 2:  # element 4j+k in bits 2k..2k+1
+        assert int(packed[0, 0]) == c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6
+    if bits == 3:  # low two bits as int2 (16 bytes for 64 columns), then the high bit of each element
+        assert int(packed[0, 0]) == (c[0] & 3) | (c[1] & 3) << 2 | (c[2] & 3) << 4 | (c[3] & 3) << 6
+        assert int(packed[0, 16]) == sum((v >> 2) << k for k, v in enumerate(c))
+
+
+@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g32_asym", "int3_g32", "int3_g16_asym", "int2_g32_asym",
+                                    "int2_g8"])
+def test_group_schemes_round_trip_within_half_a_step(scheme):
+    s = Scheme(scheme)
+    w = torch.randn(24, 128) * 0.02 + (0 if s.symmetric else 0.01)
+    q = quantize_rtn(w, scheme)
+    assert isinstance(q, GroupWeight) and q.bits == s.bits and q.packed.shape == (24, s.packed_cols(128))
+    err = (dequantize_group(q) - w).abs().reshape(24, -1, s.group_size)
+    step = q.scale.float().abs()[..., None] * 1.002 + 1e-7
+    if s.symmetric:  # the grid's short end clips by up to one step
+        assert (err <= step).all() and (err <= step / 2).float().mean() > 0.8
+    else:
+        assert (err <= step / 2).all()
+    z = w.clone()
+    z[:, 5] = 0
+    assert torch.all(fake_quant(z, scheme)[:, 5] == 0)  # 0 stays exact
+    torch.testing.assert_close(dequantize(scheme, q.packed, q.scale, q.zero if s.stores_zero else None),
+                               dequantize_group(q), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, True), (2, False)])
+def test_grid_search_never_loses_to_round_to_nearest_and_follows_the_importance(bits, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(64, 8, 32)
+    imp = torch.rand(8, 32) ** 4  # a few columns matter most
+    err = {}
+    for name, (scale, zero) in {"rtn": grid(w, bits, symmetric),
+                                "plain": search_grid(w, bits, symmetric),
+                                "weighted": search_grid(w, bits, symmetric, imp)}.items():
+        from codexmini.ops.layouts import to_codes
+        codes = to_codes(w, scale[..., None], zero[..., None], bits)
+        d = (w - (codes - zero[..., None]) * scale[..., None]).pow(2)
+        err[name] = (float(d.sum()), float((d * imp).sum()))
+        assert torch.equal(scale, scale.half().float())  # fp16-exact scales
+    assert err["plain"][0] <= err["rtn"][0] * 0.97  # a real gain in plain squared error
+    assert err["weighted"][1] < err["plain"][1]  # and the weights steer it
+    assert err["weighted"][1] <= err["rtn"][1]

@@ -17,4 +17,5 @@ def test_the_stage_uses_the_one_implementation_in_ops():
 
 def test_bits_per_weight_counts_scales_and_zeros():
     q = quantize_int4(torch.randn(8, 128), 32)
-    assert bits_per_weight(q) == pytest.approx(4 + (32 + 8) / 32)
+    assert bits_per_weight(q) == pytest.approx(4 + 16 / 32)  # fp16 scales, the symmetric zero implied
+    assert bits_per_weight(q, symmetric=False) == pytest.approx(4 + (16 + 8) / 32)

@@ -130,8 +130,10 @@ def test_fake_quant_training_uses_the_grid_and_leaves_float_weights(calib):
     from codexmini.models.qat import fake_quantized
 
     model = _model()
-    schemes = plan(model, QuantizeConfig(method="rtn", default="int4_g32"))
-    rtn, _ = quantize_model(_model(), QuantizeConfig(method="rtn", default="int4_g32"))
+    # QAT trains through the round-to-nearest grid: the quantize stage's without its grid search
+    cfg = QuantizeConfig(method="rtn", default="int4_g32", embedding="none", search=False)
+    schemes = plan(model, cfg)
+    rtn, _ = quantize_model(_model(), cfg)
     with fake_quantized(model, schemes):
         with torch.no_grad():
             torch.testing.assert_close(model(calib).logits, rtn(calib).logits, atol=1e-5, rtol=1e-5)
@@ -186,7 +188,7 @@ def test_untie_head_quantizes_the_tied_head_and_keeps_float_lookups(calib, tmp_p
     model = _model(tie_word_embeddings=True)
     emb = model.model.embed_tokens.weight.detach().clone()
     cfg = QuantizeConfig(method="rtn", default="int4_g32", rules=[{"pattern": "^lm_head$", "scheme": "int8"}],
-                         untie_head=True)
+                         untie_head=True, embedding="none")
     model, report = quantize_model(model, cfg)
     assert report["schemes"]["lm_head"] == "int8" and not model.config.tie_word_embeddings
     assert isinstance(model.lm_head, QuantLinear)
@@ -198,8 +200,9 @@ def test_untie_head_quantizes_the_tied_head_and_keeps_float_lookups(calib, tmp_p
         torch.testing.assert_close(back(calib).logits, model(calib).logits)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16_asym", "int3_g32"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_int8_embedding_table_by_rule(tied, calib, tmp_path):
+def test_quantized_embedding_table_is_the_tied_head_or_a_table_beside_it(tied, scheme, calib, tmp_path):
     from codexmini.models.quantized import QuantEmbedding
 
     model = _model(tie_word_embeddings=tied)
@@ -207,21 +210,35 @@ def test_int8_embedding_table_by_rule(tied, calib, tmp_path):
     head = model.lm_head.weight.detach().clone()  # the embedding itself when tied
     with torch.no_grad():
         float_logits = model(calib).logits
-    rules = [{"pattern": "embed_tokens", "scheme": "int8"}]
-    if tied:
-        with pytest.raises(ValueError, match="needs untie_head"):
-            quantize_model(_model(tie_word_embeddings=True), QuantizeConfig(method="rtn", rules=rules))
-    cfg = QuantizeConfig(method="rtn", default="none", rules=rules, untie_head=tied)
+    cfg = QuantizeConfig(method="rtn", default="none", embedding=scheme)
     model, report = quantize_model(model, cfg)
-    assert isinstance(model.model.embed_tokens, QuantEmbedding) and report["schemes"]["model.embed_tokens"] == "int8"
-    assert not model.config.tie_word_embeddings
-    torch.testing.assert_close(model.lm_head.weight, head)  # the head stays float (a copy of the table if tied)
-    torch.testing.assert_close(model.model.embed_tokens.dequantized_weight(), emb, atol=emb.abs().max() / 200,
-                               rtol=0)
+    table = model.model.embed_tokens
+    assert isinstance(table, QuantEmbedding) and report["schemes"]["model.embed_tokens"] == scheme
+    assert model.config.tie_word_embeddings == tied
+    if tied:  # one quantized matrix serves lookups and the head
+        assert model.lm_head is None and "lm_head" not in report["schemes"]
+        assert not any(n.startswith("lm_head") for n in model.state_dict())
+    else:
+        torch.testing.assert_close(model.lm_head.weight, head)  # an untied head is left as it was
+    # one step of each grid (a symmetric grid's short end clips by up to one step)
+    step = {"int8": 1 / 120, "int4_g32": 1 / 7, "int4_g16_asym": 1 / 10, "int3_g32": 1 / 3}[scheme]
+    torch.testing.assert_close(table.dequantized_weight(), emb, atol=float(emb.abs().max()) * step, rtol=0)
+    ids = torch.tensor([[3, 7, 3], [49, 0, 1]])
+    torch.testing.assert_close(table(ids), table.dequantized_weight()[ids], atol=0, rtol=0)  # rows alone
     with torch.no_grad():
         logits = model(calib).logits
-    assert (logits - float_logits).abs().max() < 0.05 * float_logits.abs().max()
+    assert (logits - float_logits).abs().max() < 8 * step * float_logits.abs().max()
     model.save_pretrained(tmp_path)
     back = CodexMiniForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(back.model.embed_tokens, QuantEmbedding) and (back.lm_head is None) == tied
     with torch.no_grad():
         torch.testing.assert_close(back(calib).logits, logits)
+
+
+def test_untied_head_beside_a_quantized_table_keeps_its_float_copy(calib):
+    model = _model(tie_word_embeddings=True)
+    head = model.lm_head.weight.detach().clone()
+    model, report = quantize_model(model, QuantizeConfig(method="rtn", default="none", embedding="int8",
+                                                         untie_head=True))
+    assert not model.config.tie_word_embeddings and "lm_head" not in report["schemes"]
+    torch.testing.assert_close(model.lm_head.weight, head)

@@ -58,24 +58,27 @@ def test_tiny_smoke_writes_complete_stages_with_manifests(smoke_run):
     # Distillation moved the student towards the teacher.
     assert healed["metrics"]["val_ppl"] < init["metrics"]["val_ppl"]
     assert healed["config"]["trainer"]["max_steps"] == 6  # the per-stage override
-    # QAT heal: trained through the int4 grid; then GPTQ int4 on every linear layer, the head untied at int8.
+    # QAT heal: trained through the int4 grid; then GPTQ int4 on every linear layer, the tied table (the head) int8.
     assert healed["config"]["distill"]["fake_quant"] and "quantize" in healed["config"]
     assert healed["metrics"]["val_ppl_fake_quant"] > 1
     q = _manifest(run_dir / "05-quantize")
     assert q["metrics"]["scheme_counts"] == {"int4_g32": 21, "int8": 1} and q["metrics"]["quantize"]["method"] == "gptq"
-    assert q["metrics"]["quantize"]["schemes"]["lm_head"] == "int8"
+    assert q["metrics"]["quantize"]["schemes"]["model.embed_tokens"] == "int8"
+    assert "lm_head" not in q["metrics"]["quantize"]["schemes"]
     assert q["metrics"]["val_ppl_before"] == pytest.approx(healed["metrics"]["val_ppl"], rel=1e-4)
     assert q["metrics"]["val_ppl"] == pytest.approx(healed["metrics"]["val_ppl_fake_quant"], rel=0.05)
     assert q["metrics"]["file_bytes"] < 0.6 * healed["metrics"]["file_bytes"]
     saved = json.loads((run_dir / "05-quantize" / "config.json").read_text())
-    # The untied head is its own matrix now: vocab x hidden more weights than the tied model, in int8.
-    assert not saved["tie_word_embeddings"]
-    assert q["metrics"]["parameters"] == healed["metrics"]["parameters"] + saved["vocab_size"] * saved["hidden_size"]
+    # The head is still the table, stored once (quantized): no more weights than the float model.
+    assert saved["tie_word_embeddings"]
+    assert q["metrics"]["parameters"] == healed["metrics"]["parameters"]
     assert saved["quantization_scheme"]["model.layers.0.mlp.down_proj"] == "int4_g32"
     # Export: one .cmx file the runtime loads, computing what PyTorch computes, with a sample and its speed.
     e = _manifest(run_dir / "06-export")["metrics"]
     # The same tensors as the quantized folder, plus the tokenizer and config in the metadata.
-    assert (run_dir / "06-export" / "model.cmx").stat().st_size == e["file_bytes"] < 1.1 * q["metrics"]["file_bytes"]
+    tokenizer_bytes = (run_dir / "05-quantize" / "tokenizer.json").stat().st_size
+    assert (run_dir / "06-export" / "model.cmx").stat().st_size == e["file_bytes"] < \
+        q["metrics"]["file_bytes"] + tokenizer_bytes + 32 * 1024
     assert e["runtime_max_abs_logit_diff"] < 1e-3 and e["runtime_tokens_per_s"] > 1
     assert isinstance(e["sample"], str) and e["val_ppl"] == pytest.approx(q["metrics"]["val_ppl"])
     sample = _manifest(run_dir / "08-generate")["metrics"]["sample"]
@@ -168,3 +171,22 @@ def test_cli_generate_and_bench_on_the_exported_file(smoke_run, capsys):
     out = capsys.readouterr().out
     assert "| 8 |" in out and "| 64 |" in out and "decode tok/s" in out
     assert main(["generate", cmx]) == 2  # no --prompt: a clear error
+
+
+def test_size_budget_through_the_quantize_and_export_commands(smoke_run, tmp_path, capsys):
+    """`quantize=budget`: the file the export writes fits `quantize.target_mb` (tokenizer and header included),
+    the manifest shows the allocation, the report the schemes."""
+    run_dir, _ = smoke_run
+    heal = run_dir / "04-heal"
+    target = (heal / "model.safetensors").stat().st_size / 2 / 1e6  # the fp16 size: room for the tiny header
+    assert main(["quantize", str(heal), "--recipe", "tiny_smoke", f"output_dir={tmp_path}", "quantize=budget",
+                 f"quantize.target_mb={target}"]) == 0
+    q = tmp_path / "quantize" / "default" / "01-quantize"
+    alloc = _manifest(q)["metrics"]["quantize"]["allocation"]
+    assert alloc["quantized_mb"] <= alloc["budget_mb"] and sum(alloc["counts"].values()) > 1
+    assert main(["export", str(q), "--recipe", "tiny_smoke", f"output_dir={tmp_path}"]) == 0
+    cmx = next((tmp_path / "export").rglob("model.cmx"))
+    assert cmx.stat().st_size <= target * 1e6
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "quantize" / "default")]) == 0
+    assert "schemes of 01-quantize:" in capsys.readouterr().out

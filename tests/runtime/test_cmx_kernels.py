@@ -28,7 +28,7 @@ def test_kernels_build_wherever_a_compiler_exists():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here")
     assert ext is not None, native.load_error()
-    assert ext.isa() in ("avx512-vnni", "avx2", "generic")
+    assert ext.isa() in ("avx512-vnni", "avx512", "avx2", "generic")
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -87,10 +87,13 @@ def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
 @needs_ext
 @pytest.mark.parametrize("N, K", [(33, 40), (300, 64), (1000, 576), (70, 96)])
 @pytest.mark.parametrize("M", [1, 9])
-def test_int8_kernel_equals_dequantized_reference(N, K, M):
+@pytest.mark.parametrize("half", [False, True], ids=["fp32_scale", "fp16_scale"])
+def test_int8_kernel_equals_dequantized_reference(N, K, M, half):
+    """Per-channel int8 with fp32 scales (older files) or fp16 ones (the portable layout's, read in place), signed."""
     g = torch.Generator().manual_seed(2)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
-    s = torch.rand(N, generator=g) * 0.01
+    s = (torch.rand(N, generator=g) - 0.3) * 0.01
+    s = s.half() if half else s
     x = torch.randn(M, K, generator=g)
     W = dequantize_int8(q, s)
     want = x @ W.t()
@@ -137,6 +140,21 @@ def test_parts_side_by_side_and_fused_silu_equal_the_reference(scheme, M, int8_a
     pair = tuple([a[0], a[0].flip(0).contiguous()] for a in args)
     gate, up = product(Ws[0]), product(Ws[0].flip(0))
     torch.testing.assert_close(call(x, *pair, int8_act, True), torch.nn.functional.silu(gate) * up, **tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 3])
+def test_int4_fp16_scales_and_implied_zero_equal_the_fp32_layout(M):
+    """The portable layout's int4 (fp16 scales, no zero tensor: the implied 8) and the same weight as older files
+    store it (fp32 scales, a zero tensor of 8s) give the same output, with both activation paths."""
+    t, _ = _int4(64, 256, 32)
+    half = t["w.scale"].half()
+    eights = torch.full_like(t["w.zero"], 8)
+    x = torch.randn(M, 256)
+    for int8_act in (False, True):
+        torch.testing.assert_close(ext.q4_linear(x, t["w.qweight"], half, torch.empty(0, dtype=torch.uint8), None,
+                                                 int8_act),
+                                   ext.q4_linear(x, t["w.qweight"], half.float(), eights, None, int8_act))
 
 
 @needs_ext

@@ -67,8 +67,8 @@ def test_greedy_generation_equals_transformers_generate(tiny_tokenizer, tmp_path
 
 
 @pytest.mark.parametrize("scheme, mode", [("int8", "native"), ("int4_g32", "native"), ("int4_g32_asym", "native"),
-                                          ("int4_g16", "native"),
-                                          ("int4_g32", "dequant"), ("int8", "dequant")])
+                                          ("int4_g16", "native"), ("int3_g32", "native"), ("int2_g16_asym", "auto"),
+                                          ("int4_g32", "dequant"), ("int8", "dequant"), ("int3_g16_asym", "auto")])
 def test_quantized_runtime_equals_the_dequantized_reference(scheme, mode, ids, tiny_tokenizer, tmp_path):
     model = _model(layer_types=["softmax", "hybrid"], hidden_size=64, intermediate_size=128,
                    tie_word_embeddings=False)
@@ -232,6 +232,51 @@ def test_int8_embedding_table_in_the_runtime(ids, tiny_tokenizer, tmp_path):
     with torch.no_grad():
         want = model(ids).logits[0]
     torch.testing.assert_close(rt.forward(ids[0], rt.new_session(), all_logits=True), want, atol=5e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16_asym", "int3_g32", "int2_g32_asym"])
+@pytest.mark.parametrize("mode", ["auto", "native", "dequant"])
+def test_quantized_tied_table_is_the_head_in_the_runtime(scheme, mode, ids, tiny_tokenizer, tmp_path):
+    """One quantized table, stored once: lookups dequantize its rows, the head reads it through an int kernel."""
+    model = _model(layer_types=["hybrid", "softmax"], feature_map="hedgehog")
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32", embedding=scheme))
+    path = export_cmx(model, tiny_tokenizer, tmp_path / "tied.cmx")
+    f = read_cmx(path)
+    assert f.config["tie_word_embeddings"] and f.schemes["model.embed_tokens"] == scheme
+    assert not any(k.startswith("lm_head") for k in f.tensors) and "model.embed_tokens.weight" not in f.tensors
+    assert f.tensors["model.embed_tokens.scale"].dtype == torch.float16
+    rt = Runtime(path, kernels=mode, act_dtype="float32")
+    with torch.no_grad():
+        want = model(ids).logits[0]
+    torch.testing.assert_close(rt.forward(ids[0], rt.new_session(), all_logits=True), want, atol=5e-4, rtol=1e-3)
+    rows = torch.tensor([5, 299, 5, 0])
+    torch.testing.assert_close(rt.lookup(rows), model.model.embed_tokens(rows), atol=0, rtol=0)
+
+
+def test_version_2_quantized_files_still_load(ids, tiny_tokenizer, tmp_path):
+    """Version 2 stored fp32 scales and a zero tensor for symmetric int4 (codes 1..15): same formula, same logits."""
+    from codexmini.cmx import payload_checksum, save_safetensors_atomic
+    from safetensors import safe_open
+
+    model = _model(layer_types=["softmax", "linear"], tie_word_embeddings=False)
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32", embedding="none"))
+    path = export_cmx(model, tiny_tokenizer, tmp_path / "v3.cmx")
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    old = {k: (v.float() if k.endswith(".scale") else v) for k, v in tensors.items()}
+    for name, scheme in json.loads(meta["schemes"]).items():
+        old[name + ".zero"] = torch.full(tensors[name + ".scale"].shape, 8, dtype=torch.uint8)
+    meta = {**meta, "version": "2"}
+    meta["checksum"] = payload_checksum(old, meta)
+    v2 = save_safetensors_atomic(old, tmp_path / "v2.cmx", meta)
+    assert read_cmx(v2).version == 2
+    save_safetensors_atomic(old, tmp_path / "v3bad.cmx", {**meta, "version": "3"})
+    with pytest.raises(CmxError, match="unexpected tensors"):  # version 3 stores no zero for symmetric int4
+        read_cmx(tmp_path / "v3bad.cmx", verify_checksum=False)
+    for kernels in ("auto", "native"):
+        a, b = Runtime(path, kernels=kernels, act_dtype="float32"), Runtime(v2, kernels=kernels, act_dtype="float32")
+        torch.testing.assert_close(b.forward(ids[0], b.new_session(), all_logits=True),
+                                   a.forward(ids[0], a.new_session(), all_logits=True), atol=1e-5, rtol=1e-5)
 
 
 def test_untied_embedding_rows_are_read_from_the_file_not_mapped(tiny_tokenizer, tmp_path):

@@ -1,25 +1,41 @@
 // codexmini's own CPU kernels for the on-device runtime, compiled on first use by torch.utils.cpp_extension.
 //
-// They read the portable .cmx layout directly (no repacking, so the weights in memory are the file's):
-//   int8: qweight [N, K] int8, scale [N] f32;                 w[n, k] = q * scale[n]
-//   int4: qweight [N, K/2] u8 (column 2j in the low nibble, 2j+1 in the high one), scale [N, K/G] f32,
-//         zero [N, K/G] u8;                                   w[n, k] = (code - zero) * scale  per group of G
-// and compute y = x W^T (+ residual). One to four rows (decoding) take a SIMD GEMV (AVX2, with AVX-512 VNNI's
-// vpdpbusd where the CPU has it, or plain C++; chosen at compile time): with fp32 activations the result equals the
-// dequantized reference up to the order of fp32 additions; with int8 activations (the fast path) it equals
-// int8-rounded activations times the dequantized weight. More rows (prompts) dequantize a tile of rows at a time
-// and multiply with at::mm: in fp32, or with the fast activations (`int8_act`) in bf16 where the CPU multiplies
-// bf16 natively (equal to bf16-rounded activations and weights, each tile's product rounded to bf16).
+// They read the portable .cmx layout directly (no repacking, so the weights in memory are the file's; see
+// codexmini.ops.layouts), with scales as float16 (the layout's) or float32 (older files), both read in place:
+//   int8:        qweight [N, K] int8, scale [N];                 w[n, k] = q * scale[n]
+//   int4 / 3 / 2: qweight [N, K*bits/8] u8, scale [N, K/G], zero [N, K/G] u8 (asymmetric) or an empty tensor
+//                (symmetric: the implied middle code 2^(bits-1));  w[n, k] = (code - zero) * scale  per group of G
+//     int4: column 2j in the low nibble of byte j, 2j+1 in the high one; int2: column 4j+k in bits 2k..2k+1 of byte
+//     j; int3: the low two bits of every column as int2 (K/4 bytes), then the high bits (K/8 bytes, column 8j+k in
+//     bit k of byte j), the two planes side by side in each row.
+// and compute y = x W^T (+ residual). The calls (x: contiguous float32 [M, K]; residual: None or float32 [M, N]):
+//   q8_linear(x, qweight, scale, residual=None, int8_act=False)
+//   q4_linear / q3_linear / q2_linear(x, qweight, scale, zero, residual=None, int8_act=False)
+//   q8_linear_cat(x, qweights, scales, int8_act=False, silu=False)
+//   q4_linear_cat / q3_linear_cat / q2_linear_cat(x, qweights, scales, zeros, int8_act=False, silu=False)
+// the _cat ones for several weights that read the same x, their outputs side by side ([M, sum N]), or with silu
+// two (gate, up) of equal N giving silu(x G^T) * (x U^T) [M, N].
 //
-// The references these are tested against are in tests/runtime/test_cmx_kernels.py (the dequantization of
-// codexmini.ops.layouts, and `int8_activations` there).
+// One to four rows (decoding) take a SIMD GEMV that reads each weight row once for all of them (AVX-512 or AVX2,
+// chosen at compile time, or plain C++): with fp32 activations the result equals the dequantized reference up to
+// the order of fp32 additions; with int8 activations (the fast path, `int8_act`, where K is a multiple of 32) it
+// equals int8-rounded activations (per 32 columns) times the dequantized weight. More rows (prompts) dequantize a
+// tile of rows at a time and multiply with at::mm: in fp32, or with the fast activations in bf16 where the CPU
+// multiplies bf16 natively (equal to bf16-rounded activations and weights, each tile's product rounded to bf16).
+//
+// The references these are tested against are in tests/runtime/test_cmx_kernels.py and test_cmx_lowbit.py (the
+// dequantization of codexmini.ops.layouts, and `int8_activations` there).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -28,15 +44,15 @@
 
 namespace {
 
-#if defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t BLOCK = 16;  // fp32-activation int4 path: 8 bytes -> 8 even + 8 odd columns per SIMD step
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if defined(__AVX512VNNI__)
 const char* kIsa = "avx512-vnni";  // the int8-activation dot products use vpdpbusd
 #else
-const char* kIsa = "avx2";
+const char* kIsa = "avx512";
 #endif
+#elif defined(__AVX2__) && defined(__FMA__)
+const char* kIsa = "avx2";
 #else
-constexpr int64_t BLOCK = 2;
 const char* kIsa = "generic";
 #endif
 
@@ -173,249 +189,922 @@ at::Tensor tiled_gemm(const at::Tensor& x, int64_t K, const std::vector<DequantR
   return y;
 }
 
-// ------------------------------------------------------------------------------------------------ int4
-// x reordered for the SIMD loop: in each block of BLOCK columns, the even columns first, then the odd ones (the
-// order in which the low and high nibbles of BLOCK/2 bytes come out).
-std::vector<float> reorder_even_odd(const float* x, int64_t K) {
-  std::vector<float> r(K);
-  const int64_t half = BLOCK / 2;
-  for (int64_t b = 0; b < K; b += BLOCK)
-    for (int64_t j = 0; j < half; ++j) {
-      r[b + j] = x[b + 2 * j];
-      r[b + half + j] = x[b + 2 * j + 1];
-    }
-  return r;
-}
-
-// sum over k in group g of x[k] * code[n, k], for each group of one row, folded with the group's scale and zero.
-inline float q4_row(const float* xr, const float* gsum, const uint8_t* w, const float* scale, const uint8_t* zero,
-                    int64_t K, int64_t G) {
-  const int64_t ngroups = K / G;
-  float zterm = 0.f;
-  for (int64_t g = 0; g < ngroups; ++g) zterm += scale[g] * static_cast<float>(zero[g]) * gsum[g];
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ngroups; ++g) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += BLOCK) {
-      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, low4)));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4)));
-      a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr + k), a0);
-      a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr + k + 8), a1);
-    }
-    const __m256 s = _mm256_set1_ps(scale[g]);
-    if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s, acc1);
-    else acc0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s, acc0);
+// ------------------------------------------------------------------------------------------------ scales
+// Scales as stored: float16 (the portable layout's) or float32 (.cmx files of version 2 and older), read in place.
+struct Scales {
+  const void* p = nullptr;
+  bool half = false;
+  float operator[](int64_t i) const {
+    return half ? static_cast<float>(static_cast<const c10::Half*>(p)[i]) : static_cast<const float*>(p)[i];
   }
-  return hsum(_mm256_add_ps(acc0, acc1)) - zterm;
-#else
-  float total = 0.f;
-  for (int64_t g = 0; g < ngroups; ++g) {
-    float a = 0.f;
-    for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-      const uint8_t b = w[k / 2];
-      a += xr[k] * static_cast<float>(b & 0x0F) + xr[k + 1] * static_cast<float>(b >> 4);
-    }
-    total += a * scale[g];
+  const void* at(int64_t i) const {
+    return half ? static_cast<const void*>(static_cast<const c10::Half*>(p) + i)
+                : static_cast<const void*>(static_cast<const float*>(p) + i);
   }
-  return total - zterm;
-#endif
-}
-
-// The fast decoding path (llama.cpp's approach): the activation row is quantized to int8 per block of 32
-// columns (x ~= xq * dx, round to nearest even, |xq| <= 127), and each block's dot product with the 4-bit codes is
-// exact integer arithmetic (VNNI `vpdpbusd`, or AVX2 `maddubs` + `madd`). xq holds each block's even columns,
-// then its odd ones (the order in which the nibbles unpack). The reference is in tests/runtime/test_cmx_kernels.py:
-// the same int8 activations (`int8_activations`) times the dequantized weight.
-struct QuantRow {
-  std::vector<int8_t> xq;   // [K], per 32-block: 16 even columns, then 16 odd ones
-  std::vector<float> dx;    // [K / 32] block scales
-  std::vector<float> gsum;  // [K / G] sum of the dequantized activations per weight group (the zero-point term)
 };
 
-QuantRow quantize_row(const float* x, int64_t K, int64_t G, bool interleave = true) {
-  QuantRow q{std::vector<int8_t>(K), std::vector<float>(K / 32), std::vector<float>(K / G, 0.f)};
+bool is_scale_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf; }
+Scales scales_of(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type() == at::kHalf}; }
+
+// ------------------------------------------------------------------------------------------------ int8 activations
+// The fast decoding path (llama.cpp's approach): an activation row is quantized to int8 per block of 32 columns
+// (x ~= xq * dx, round to nearest even, |xq| <= 127), so that its dot products with integer codes are exact integer
+// arithmetic (AVX-512 VNNI `vpdpbusd`, or AVX2 `maddubs` + `madd`). The reference is `int8_activations` in
+// tests/runtime/test_cmx_kernels.py: the kernels equal those activations times the dequantized weight.
+struct QuantRow {
+  std::vector<int8_t> xq;  // [K]
+  std::vector<float> dx;   // [K / 32] block scales
+};
+
+QuantRow quantize_row(const float* x, int64_t K) {
+  QuantRow q{std::vector<int8_t>(K), std::vector<float>(K / 32)};
   for (int64_t b = 0; b < K / 32; ++b) {
     const float* xb = x + b * 32;
+    int8_t* out = q.xq.data() + b * 32;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    // (the rounding of the conversion is the MXCSR's, round to nearest even, as nearbyint's)
+    const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 s = _mm512_set1_ps(inv);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, s))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, s))));
+#else
     float amax = 0.f;
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    q.dx[b] = d;
-    int32_t total = 0;
-    for (int j = 0; j < 16; ++j) {
-      const int32_t e = static_cast<int32_t>(std::nearbyint(xb[2 * j] * inv));
-      const int32_t o = static_cast<int32_t>(std::nearbyint(xb[2 * j + 1] * inv));
-      q.xq[b * 32 + (interleave ? j : 2 * j)] = static_cast<int8_t>(e);
-      q.xq[b * 32 + (interleave ? 16 + j : 2 * j + 1)] = static_cast<int8_t>(o);
-      total += e + o;
-    }
-    q.gsum[b * 32 / G] += d * static_cast<float>(total);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int j = 0; j < 32; ++j) out[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+#endif
+    q.dx[b] = amax / 127.f;
   }
   return q;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// The integer dot products of one 32-column block: 8 int32 lanes that sum to sum_j code_j * xq_j.
-inline __m256i block_dot(const uint8_t* w16, const int8_t* xq32) {
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w16));
-  const __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq32));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xv);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), _mm256_set1_epi16(1));
-#endif
+// ------------------------------------------------------------------------------------------------ int4 / int3 / int2
+// Group-quantized weights in the portable layout (codexmini.ops.layouts): w = (code - zero) * scale per group of G
+// columns, the zero point stored (asymmetric) or the implied middle code 2^(bits-1) (symmetric: `zero` is empty).
+//
+// Decoding (one to four rows of x) is a GEMV that reads each weight row once for all rows of x. A row is cut into
+// chunks of C = V * W columns (V: fp32 lanes of the SIMD registers, 16 with AVX-512, 8 with AVX2; W: columns per
+// lane, 8 for int4 and 16 for int3 / int2) such that SIMD lane l of a chunk sums the products of its columns
+// W l .. W l + W-1 only. Each lane then lies in one group (G a multiple of W): its sum is scaled, with int8
+// activations, by its 32-column block's dx, then by its group's scale (a permute of the row's scales: AVX-512
+// converts them to fp32 once per row, into windows of 16 groups). The activations are reordered once per call to the
+// order in which the codes come out of the packed bytes, by shifts and masks (GFNI bit-matrix products where the
+// CPU has them), without shuffles:
+// - int8 activations, "steps": step k < W/4 of a chunk is 4V bytes, byte p the code of column (W/4) p + k (int4: the
+//   low then the high nibbles of the chunk's 4V bytes; int2: the 2-bit fields k of its 4V bytes; int3: those of its
+//   low plane, with the high bits of the same columns from its 2V high-plane bytes), so that the 4 bytes of int32
+//   lane l, over the steps, are exactly columns W l .. W l + W-1 (`vpdpbusd` sums 4 bytes per lane);
+// - fp32 activations, "lanes": lane code s < W of a chunk holds, in int32 lane l, the code of column W l + s (the
+//   field s of the lane's 4 bytes), converted to fp32 and multiplied with the matching activations by FMA.
+// The zero points' share, sum_g scale_g * zero_g * (sum of x over group g), is folded into the lanes for a symmetric
+// weight (-2^(bits-1) times each lane's activations, prepared once per call) and summed once per row for an
+// asymmetric one. A row's last, partial chunk (K = 576: 64 columns) would cost a whole chunk: where its lanes divide
+// V, the tails of several rows share one chunk instead ("tail blocks").
+// Group sizes that are not a multiple of W (int3 / int2 g8, odd int4 ones) and CPUs without AVX2 take the plain C++
+// loops, which compute the same sums column by column. Prompts dequantize tiles of rows for tiled_gemm.
+struct GroupWeight {
+  int64_t N, K, G, ng;  // ng = K / G groups per row
+  int bits;
+  const uint8_t* w;     // [N, K * bits / 8]
+  Scales scale;         // [N, ng]
+  const uint8_t* zero;  // [N, ng], or nullptr: symmetric, the implied zero point 2^(bits-1)
+  int64_t row_bytes() const { return K * bits / 8; }
+  int64_t groups() const { return ng; }
+  float zero_at(int64_t i) const { return zero ? static_cast<float>(zero[i]) : static_cast<float>(1 << (bits - 1)); }
+  DequantRows dequant() const;
+};
+
+GroupWeight group_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int bits) {
+  const std::string name = "int" + std::to_string(bits);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              name, " qweight must be a contiguous uint8 [N, K*", bits, "/8]");
+  TORCH_CHECK(bits != 3 || qweight.size(1) % 3 == 0, "int3 qweight rows hold a multiple of 3 bytes (a low plane of "
+              "K/4 and a high plane of K/8), got ", qweight.size(1));
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 8 / bits;
+  TORCH_CHECK(is_scale_dtype(scale) && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
+              scale.size(1) > 0, name, " scale must be a contiguous float32 or float16 [N, K/G]");
+  TORCH_CHECK(zero.numel() == 0 ||
+              (zero.scalar_type() == at::kByte && zero.is_contiguous() && zero.sizes() == scale.sizes()),
+              name, " zero must be a contiguous uint8 tensor shaped like scale, or empty (symmetric)");
+  const int64_t G = K / scale.size(1), step = bits == 4 ? 2 : 8;
+  TORCH_CHECK(G * scale.size(1) == K && G % step == 0, name, " group size ", G, " must divide K=", K,
+              " and be a multiple of ", step);
+  return {N, K, G, scale.size(1), bits, qweight.data_ptr<uint8_t>(), scales_of(scale),
+          zero.numel() ? zero.data_ptr<uint8_t>() : nullptr};
 }
 
-#endif
-
-// sum_g scale_g * zero_g * gsum_g: the zero points' share of one row.
-inline float zero_term(const float* scale, const uint8_t* zero, const float* gsum, int64_t ngroups) {
-  int64_t g = 0;
-  float total = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; g + 8 <= ngroups; g += 8) {
-    const __m256 z =
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g))));
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + g), z), _mm256_loadu_ps(gsum + g), acc);
-  }
-  total = hsum(acc);
-#endif
-  for (; g < ngroups; ++g) total += scale[g] * static_cast<float>(zero[g]) * gsum[g];
-  return total;
+// The code of column e of a packed row (int4: two per byte, low nibble first; int2: four per byte, from bit 0 up;
+// int3: an int2 plane of the low two bits, then a plane of the high bits, eight per byte).
+inline int code_at(const uint8_t* row, int64_t K, int bits, int64_t e) {
+  if (bits == 4) return (row[e >> 1] >> ((e & 1) * 4)) & 0x0F;
+  const int low = (row[e >> 2] >> ((e & 3) * 2)) & 0x03;
+  if (bits == 2) return low;
+  return low | (((row[K / 4 + (e >> 3)] >> (e & 7)) & 1) << 2);
 }
 
-inline float q4_row_q8(const QuantRow& q, const uint8_t* w, const float* scale, const uint8_t* zero, int64_t K,
-                       int64_t G) {
-  const int64_t ngroups = K / G;
-  const float zterm = zero_term(scale, zero, q.gsum.data(), ngroups);
-  const int8_t* xq = q.xq.data();
-  const float* dx = q.dx.data();
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  if (G == 32) {  // one block per group: scale * dx folded into one multiply and one FMA, two blocks per step
-    const int64_t nb = K / 32;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      const __m256 d0 = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, xq + b * 32)), _mm256_set1_ps(dx[b]));
-      const __m256 d1 = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16 + 16, xq + b * 32 + 32)),
-                                      _mm256_set1_ps(dx[b + 1]));
-      acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(scale[b]), acc0);
-      acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(scale[b + 1]), acc1);
-    }
-    for (; b < nb; ++b) {
-      const __m256 d0 = _mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, xq + b * 32)), _mm256_set1_ps(dx[b]));
-      acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(scale[b]), acc0);
-    }
-  } else {
-    const int64_t per = G / 32;
-    for (int64_t g = 0; g < ngroups; ++g) {
-      __m256 accg = _mm256_setzero_ps();
-      for (int64_t b = g * per; b < (g + 1) * per; ++b)
-        accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, xq + b * 32)), _mm256_set1_ps(dx[b]), accg);
-      if (g & 1) acc1 = _mm256_fmadd_ps(accg, _mm256_set1_ps(scale[g]), acc1);
-      else acc0 = _mm256_fmadd_ps(accg, _mm256_set1_ps(scale[g]), acc0);
-    }
-  }
-  return hsum(_mm256_add_ps(acc0, acc1)) - zterm;
-#else
-  float total = 0.f;
-  for (int64_t g = 0; g < ngroups; ++g) {
-    float accg = 0.f;
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      int32_t d = 0;
-      for (int j = 0; j < 16; ++j) {
-        const uint8_t b = w[k / 2 + j];
-        d += static_cast<int32_t>(b & 0x0F) * xq[k + j] + static_cast<int32_t>(b >> 4) * xq[k + 16 + j];
-      }
-      accg += static_cast<float>(d) * dx[k / 32];
-    }
-    total += accg * scale[g];
-  }
-  return total - zterm;
-#endif
+// A zero-filled buffer of n values at a 64-byte aligned address, so that the vector loads from it at multiples of
+// 64 bytes never split a cache line.
+template <class T>
+T* buffer(std::vector<uint8_t>& hold, int64_t n) {
+  hold.assign(n * sizeof(T) + 64, 0);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(hold.data());
+  return reinterpret_cast<T*>((p + 63) / 64 * 64);
 }
 
-void q4_dequant_rows(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t n0, int64_t n1, int64_t K,
-                     int64_t G, float* out) {
-  const int64_t ngroups = K / G;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * (K / 2);
-    float* o = out + (n - n0) * K;
-    for (int64_t g = 0; g < ngroups; ++g) {
-      const float s = scale[n * ngroups + g];
-      const float z = static_cast<float>(zero[n * ngroups + g]);
-      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-        const uint8_t b = wr[k / 2];
-        o[k] = (static_cast<float>(b & 0x0F) - z) * s;
-        o[k + 1] = (static_cast<float>(b >> 4) - z) * s;
-      }
-    }
-  }
-}
-
-// An int4 weight in the portable layout, checked: its shape and group size, and its rows as fp32 for tiled_gemm.
-struct Q4Weight {
-  int64_t N, K, G;
-  const uint8_t* w;
-  const float* scale;
-  const uint8_t* zero;
-  DequantRows dequant() const {
-    return {N, [*this](int64_t a, int64_t b, float* out) { q4_dequant_rows(w, scale, zero, a, b, K, G, out); }};
+// The activations of one GEMV call (one to four rows of x), prepared once in the forms the row kernels read.
+struct Acts {
+  int64_t M = 0, K = 0, G = 0;
+  bool q8 = false, simd = false;
+  std::vector<const float*> x;  // the rows as given
+  std::vector<QuantRow> q;      // int8 activations (q8), natural order
+  int64_t gstride = 0;          // per row of gsum: K/G, padded for vector loads
+  float* gsum = nullptr;        // [M, gstride] the (int8-rounded with q8) activations summed per group
+  // the SIMD kernels': activations in the chunks' order, per row of x `stride` columns (whole chunks, zero-padded)
+  int64_t stride = 0, lanes = 0;
+  int8_t* xq = nullptr;         // [M, stride] q8: in the steps' order
+  float* xf = nullptr;          // [M, stride] fp32: in the lanes' order
+  float* dx = nullptr;          // [M, lanes] q8: each lane's block scale
+  float* zx = nullptr;          // [M, lanes] -2^(bits-1) * the lane's (dequantized) activations: a symmetric
+                                // weight's zero points' share, folded into the lanes
+  float* nozero = nullptr;      // [lanes] zeros: the same for an asymmetric weight (its zero points go by row)
+  // Tail blocks: where a row's last, partial chunk has t lanes, t dividing V, the tails of B = V / t rows share one
+  // chunk (lanes r t .. r t + t-1: row r's), with their activations repeated B times. B = 1: no tail blocks.
+  int tail_rows = 1;
+  int8_t* txq = nullptr;        // [M, C] q8: the tail chunk's steps, each row's part repeated
+  float* txf = nullptr;         // [M, C] fp32: the same in the lanes' order
+  float* tdx = nullptr;         // [M, V]
+  float* tzx = nullptr;         // [M, V]
+  int32_t* tidx = nullptr;      // [V] each lane's group, relative to the tail chunk's window / first group
+  int32_t* g0 = nullptr;        // [chunks] each chunk's first group
+  int32_t* idx = nullptr;       // [chunks, V] each lane's group, relative to its chunk's first (or its window's)
+  std::vector<std::vector<uint8_t>> hold;  // the buffers' storage
+  template <class T>
+  T* alloc(int64_t n) {
+    hold.emplace_back();
+    return buffer<T>(hold.back(), n);
   }
 };
 
-Q4Weight q4_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero) {
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "int4 qweight must be a contiguous uint8 [N, K/2]");
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N,
-              "int4 scale must be a contiguous float32 [N, K/G]");
-  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.is_contiguous() && zero.sizes() == scale.sizes(),
-              "int4 zero must be a contiguous uint8 tensor shaped like scale");
-  const int64_t G = K / std::max<int64_t>(scale.size(1), 1);
-  TORCH_CHECK(G * scale.size(1) == K && G % BLOCK == 0, "int4 group size ", G, " must divide K=", K,
-              " and be a multiple of ", BLOCK);
-  return {N, K, G, qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>()};
+// Plain C++: any group size the layout allows, column by column (the fallback, and the reference the SIMD kernels
+// reorder).
+void gemv_rows_plain(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t K = q.K, G = q.G, ng = q.groups();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q.w + n * q.row_bytes();
+    for (int64_t m = 0; m < a.M; ++m) {
+      float total = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float dot = 0.f;
+        if (a.q8) {  // exact integer sums within each 32-column block, scaled by its dx
+          const QuantRow& r = a.q[m];
+          for (int64_t e0 = g * G; e0 < (g + 1) * G;) {
+            const int64_t e1 = std::min((g + 1) * G, (e0 / 32 + 1) * 32);
+            int32_t d = 0;
+            for (int64_t e = e0; e < e1; ++e) d += code_at(row, K, q.bits, e) * r.xq[e];
+            dot += static_cast<float>(d) * r.dx[e0 / 32];
+            e0 = e1;
+          }
+        } else {
+          const float* x = a.x[m];
+          for (int64_t e = g * G; e < (g + 1) * G; ++e) dot += static_cast<float>(code_at(row, K, q.bits, e)) * x[e];
+        }
+        total += q.scale[n * ng + g] * (dot - q.zero_at(n * ng + g) * a.gsum[m * a.gstride + g]);
+      }
+      y[m * ldy + n] += total;
+    }
+  }
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                     const at::Tensor& zero, const c10::optional<at::Tensor>& residual, bool int8_act) {
-  const Q4Weight q4 = q4_weight(qweight, scale, zero);
-  const int64_t N = q4.N, K = q4.K, G = q4.G, ngroups = K / G;
-  check_input(x, K, "q4_linear");
-  const int64_t M = x.size(0);
-  check_residual(residual, M, N);
-  const uint8_t* w = q4.w;
-  const float* sc = q4.scale;
-  const uint8_t* zp = q4.zero;
-  if (M > 4) return tiled_gemm(x, K, {q4.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
-  at::Tensor y = new_output(residual, M, N);
-  float* yp = y.data_ptr<float>();
+template <int BITS>
+void dequant_rows_plain(const GroupWeight& q, int64_t n, int64_t g, float* o) {
+  const float s = q.scale[n * q.groups() + g], z = q.zero_at(n * q.groups() + g);
+  const uint8_t* row = q.w + n * q.row_bytes();
+  for (int64_t e = g * q.G; e < (g + 1) * q.G; ++e) o[e] = (static_cast<float>(code_at(row, q.K, BITS, e)) - z) * s;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CMX_GROUP_SIMD 1
+// AVX-512: 16 fp32 lanes; a chunk's step is 64 bytes.
+struct Avx512 {
+  static constexpr int V = 16;
+  using F = __m512;
+  using I = __m512i;
+  static F zero() { return _mm512_setzero_ps(); }
+  static I izero() { return _mm512_setzero_si512(); }
+  static F set(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static I bytes(const void* p) { return _mm512_loadu_si512(p); }  // 4V bytes
+  static I widen8(const uint8_t* p) {  // 2V bytes, one per 16-bit lane
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static I widen16(const uint8_t* p) {  // 2V bytes, two per 32-bit lane
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  // the same from only n bytes (the last chunk of a row), the rest zero
+  static I bytes_part(const void* p, int n) {
+    return _mm512_maskz_loadu_epi8(n >= 64 ? ~0ull : (1ull << n) - 1, p);
+  }
+  static I widen8_part(const uint8_t* p, int n) { return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(part32(n), p)); }
+  static I widen16_part(const uint8_t* p, int n) {
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi8(part32(n), p));
+  }
+  static __mmask32 part32(int n) { return n >= 32 ? ~0u : (1u << n) - 1; }
+  // the last n bytes of each of B rows' low planes side by side (B n = 4V), and of their int3 high planes (B n / 2
+  // = 2V) widened as widen8 / widen16 do: each by a masked load into its bytes (nothing else is read)
+  static I gather(const uint8_t* const* p, int B, int n) {
+    I v = izero();
+    for (int r = 0; r < B; ++r)
+      v = _mm512_mask_loadu_epi8(v, ((n >= 64 ? ~0ull : (1ull << n) - 1)) << (r * n), p[r] - r * n);
+    return v;
+  }
+  static __m256i gather_half(const uint8_t* const* p, int B, int n) {
+    __m256i v = _mm256_setzero_si256();
+    for (int r = 0; r < B; ++r) v = _mm256_mask_loadu_epi8(v, part32(n) << (r * n), p[r] - r * n);
+    return v;
+  }
+  static I gather8(const uint8_t* const* p, int B, int n) { return _mm512_cvtepu8_epi16(gather_half(p, B, n)); }
+  static I gather16(const uint8_t* const* p, int B, int n) { return _mm512_cvtepu16_epi32(gather_half(p, B, n)); }
+  // lanes set in `bits` from b, the others from a (or zero)
+  static F select(F a, F b, uint32_t bits) { return _mm512_mask_mov_ps(a, static_cast<__mmask16>(bits), b); }
+  static F keep(F v, uint32_t bits) { return _mm512_maskz_mov_ps(static_cast<__mmask16>(bits), v); }
+  static I set8(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+  static I set16(int v) { return _mm512_set1_epi16(static_cast<short>(v)); }
+  static I set32(int v) { return _mm512_set1_epi32(v); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I srl16(I a, int n) { return _mm512_srli_epi16(a, n); }
+  static I sll16(I a, int n) { return _mm512_slli_epi16(a, n); }
+  static I srl32(I a, int n) { return _mm512_srli_epi32(a, n); }
+  static I sll32(I a, int n) { return _mm512_slli_epi32(a, n); }
+  static I dot(I acc, I u8, I s8) {  // acc + the sum of 4 products u8 * s8 per int32 lane
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u8, s8);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), _mm512_set1_epi16(1)));
+#endif
+  }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // each lane's scale from a window of 16 groups' scales by lane indices 0..15 (a window spans 16 G columns, G / W
+  // whole chunks: no chunk reaches into the next one)
+  static constexpr bool kWindows = true;
+  static F lanes(const float* w, const int32_t* idx) {
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(idx), _mm512_load_ps(w));
+  }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  // bits shift .. shift+width-1 of every byte, in its low bits; bit `from` of every byte, in bit `to`
+#if defined(__GFNI__)
+  static I field8(I b, int shift, int width) {  // one affine bit-matrix product per byte (row i: output bit i)
+    uint64_t a = 0;
+    for (int i = 0; i < width; ++i) a |= (uint64_t{1} << (shift + i)) << (8 * (7 - i));
+    return _mm512_gf2p8affine_epi64_epi8(b, _mm512_set1_epi64(static_cast<long long>(a)), 0);
+  }
+  static I bit8(I b, int from, int to) {
+    const uint64_t a = (uint64_t{1} << from) << (8 * (7 - to));
+    return _mm512_gf2p8affine_epi64_epi8(b, _mm512_set1_epi64(static_cast<long long>(a)), 0);
+  }
+#else
+  static I field8(I b, int shift, int width) { return and_(shift ? srl16(b, shift) : b, set8((1 << width) - 1)); }
+  static I bit8(I b, int from, int to) {
+    return and_(from >= to ? srl16(b, from - to) : sll16(b, to - from), set8(1 << to));
+  }
+#endif
+  // n <= V scales / zero points from i (masked loads: nothing past them is read)
+  static F scales(Scales s, int64_t i, int n) {
+    const __mmask16 k = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    if (s.half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s.at(i)));
+    return _mm512_maskz_loadu_ps(k, s.at(i));
+  }
+  static F zeros(const uint8_t* p, int n) {
+    const __mmask16 k = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p)));
+  }
+  // the codes of columns e0 .. e0 + V-1 (e0 a multiple of V) in natural order, for the prompts' dequantization
+  template <int BITS>
+  static I natural(const uint8_t* row, int64_t K, int64_t e0) {
+    if constexpr (BITS == 4) {
+      uint32_t lo, hi;
+      std::memcpy(&lo, row + e0 / 2, 4);
+      std::memcpy(&hi, row + e0 / 2 + 4, 4);
+      const I v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
+                                     _mm256_set1_epi32(static_cast<int>(hi)), 1);
+      return and_(_mm512_srlv_epi32(v, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+                  set32(0x0F));
+    } else {
+      uint32_t lo;
+      std::memcpy(&lo, row + e0 / 4, 4);
+      I c = and_(_mm512_srlv_epi32(set32(static_cast<int>(lo)),
+                                   _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)),
+                 set32(0x03));
+      if constexpr (BITS == 3) {
+        uint16_t hi;
+        std::memcpy(&hi, row + K / 4 + e0 / 8, 2);
+        const I h = _mm512_srlv_epi32(set32(hi), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        c = or_(c, sll32(and_(h, set32(1)), 2));
+      }
+      return c;
+    }
+  }
+};
+using Simd = Avx512;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CMX_GROUP_SIMD 1
+// AVX2: 8 fp32 lanes; a chunk's step is 32 bytes.
+struct Avx2 {
+  static constexpr int V = 8;
+  using F = __m256;
+  using I = __m256i;
+  static F zero() { return _mm256_setzero_ps(); }
+  static I izero() { return _mm256_setzero_si256(); }
+  static F set(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static I bytes(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I widen8(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I widen16(const uint8_t* p) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  // the same from only n bytes (the last chunk of a row), the rest zero: by a copy (no byte-masked loads in AVX2)
+  static I bytes_part(const void* p, int n) {
+    alignas(32) uint8_t b[32] = {};
+    std::memcpy(b, p, n);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+  }
+  static I widen8_part(const uint8_t* p, int n) {
+    alignas(16) uint8_t b[16] = {};
+    std::memcpy(b, p, n);
+    return widen8(b);
+  }
+  static I widen16_part(const uint8_t* p, int n) {
+    alignas(16) uint8_t b[16] = {};
+    std::memcpy(b, p, n);
+    return widen16(b);
+  }
+  // the last n bytes of each of B rows side by side (see Avx512::gather), by a copy
+  static I gather(const uint8_t* const* p, int B, int n) {
+    alignas(32) uint8_t b[32] = {};
+    for (int r = 0; r < B; ++r) std::memcpy(b + r * n, p[r], n);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+  }
+  static I gather8(const uint8_t* const* p, int B, int n) {
+    alignas(16) uint8_t b[16] = {};
+    for (int r = 0; r < B; ++r) std::memcpy(b + r * n, p[r], n);
+    return widen8(b);
+  }
+  static I gather16(const uint8_t* const* p, int B, int n) {
+    alignas(16) uint8_t b[16] = {};
+    for (int r = 0; r < B; ++r) std::memcpy(b + r * n, p[r], n);
+    return widen16(b);
+  }
+  static F select(F a, F b, uint32_t bits) {
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane), lane);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(m));
+  }
+  static F keep(F v, uint32_t bits) { return select(zero(), v, bits); }
+  static I set8(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
+  static I set16(int v) { return _mm256_set1_epi16(static_cast<short>(v)); }
+  static I set32(int v) { return _mm256_set1_epi32(v); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I srl16(I a, int n) { return _mm256_srli_epi16(a, n); }
+  static I sll16(I a, int n) { return _mm256_slli_epi16(a, n); }
+  static I srl32(I a, int n) { return _mm256_srli_epi32(a, n); }
+  static I sll32(I a, int n) { return _mm256_slli_epi32(a, n); }
+  static I dot(I acc, I u8, I s8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u8, s8);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u8, s8);
+#else  // |products| <= 2 * 15 * 127 per pair: maddubs' int16 sums do not saturate
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)));
+#endif
+  }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  // each lane's scale from the V scales from the chunk's first group, by lane indices 0..V-1
+  static constexpr bool kWindows = false;
+  static F permute(F v, const int32_t* idx) {
+    return _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)));
+  }
+  static float sum(F v) { return hsum(v); }
+  static I field8(I b, int shift, int width) { return and_(shift ? srl16(b, shift) : b, set8((1 << width) - 1)); }
+  static I bit8(I b, int from, int to) {
+    return and_(from >= to ? srl16(b, from - to) : sll16(b, to - from), set8(1 << to));
+  }
+  static F scales(Scales s, int64_t i, int n) {  // no 16-bit masked loads in AVX2: a short tail goes by a copy
+    if (n >= 8) {
+      if (s.half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.at(i))));
+      return _mm256_loadu_ps(static_cast<const float*>(s.at(i)));
+    }
+    if (s.half) {
+      alignas(16) uint16_t b[8] = {};
+      std::memcpy(b, s.at(i), 2 * n);
+      return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    }
+    alignas(32) float b[8] = {};
+    std::memcpy(b, s.at(i), 4 * n);
+    return _mm256_load_ps(b);
+  }
+  static F zeros(const uint8_t* p, int n) {
+    uint64_t b = 0;
+    std::memcpy(&b, p, std::min(n, 8));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(b))));
+  }
+  template <int BITS>
+  static I natural(const uint8_t* row, int64_t K, int64_t e0) {
+    if constexpr (BITS == 4) {
+      uint32_t v;
+      std::memcpy(&v, row + e0 / 2, 4);
+      return and_(_mm256_srlv_epi32(set32(static_cast<int>(v)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                  set32(0x0F));
+    } else {
+      uint16_t lo;
+      std::memcpy(&lo, row + e0 / 4, 2);
+      I c = and_(_mm256_srlv_epi32(set32(lo), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), set32(0x03));
+      if constexpr (BITS == 3) {
+        const I h = _mm256_srlv_epi32(set32(row[K / 4 + e0 / 8]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        c = or_(c, sll32(and_(h, set32(1)), 2));
+      }
+      return c;
+    }
+  }
+};
+using Simd = Avx2;
+#else
+#define CMX_GROUP_SIMD 0  // plain C++ only
+#endif
+
+#if CMX_GROUP_SIMD
+constexpr int columns_per_lane(int bits) { return bits == 4 ? 8 : 16; }  // W
+
+// A chunk's codes in the steps' order (int8 activations): step k, byte p = code of column (W/4) p + k.
+template <class S, int BITS>
+struct StepCodes;
+// Constructed from the chunk's 4V (low-plane) bytes `b` and, for int3, its 2V high-plane bytes as loaded by
+// `S::widen8` (steps) or `S::widen16` (lanes).
+template <class S>
+struct StepCodes<S, 4> {  // step 0: the low nibbles of the chunk's 4V bytes, step 1: the high ones
+  typename S::I b;
+  StepCodes(typename S::I lo, typename S::I) : b(lo) {}
+  typename S::I operator()(int k) const { return S::field8(b, 4 * k, 4); }
+};
+template <class S>
+struct StepCodes<S, 2> {  // step k: bits 2k, 2k+1 of every byte
+  typename S::I b;
+  StepCodes(typename S::I lo, typename S::I) : b(lo) {}
+  typename S::I operator()(int k) const { return S::field8(b, 2 * k, 2); }
+};
+template <class S>
+struct StepCodes<S, 3> {  // the low plane as int2, plus the high bit of the same columns in bit 2
+  typename S::I b, h;     // h: byte p holds the high bits of columns 4p .. 4p+3 in its bits 0..3
+  StepCodes(typename S::I lo, typename S::I w) : b(lo) {  // w: a high-plane byte per 16-bit lane
+    h = S::and_(S::or_(w, S::sll16(w, 4)), S::set16(0x0F0F));  // its two nibbles into two bytes
+  }
+  typename S::I operator()(int k) const { return S::or_(S::field8(b, 2 * k, 2), S::bit8(h, k, 2)); }
+};
+
+// A chunk's codes in the lanes' order (fp32 activations): lane code s, int32 lane l = code of column W l + s.
+template <class S, int BITS>
+struct LaneCodes;
+template <class S>
+struct LaneCodes<S, 4> {
+  typename S::I b;
+  LaneCodes(typename S::I lo, typename S::I) : b(lo) {}
+  typename S::I operator()(int s) const { return S::and_(S::srl32(b, 4 * s), S::set32(0x0F)); }
+};
+template <class S>
+struct LaneCodes<S, 2> {
+  typename S::I b;
+  LaneCodes(typename S::I lo, typename S::I) : b(lo) {}
+  typename S::I operator()(int s) const { return S::and_(S::srl32(b, 2 * s), S::set32(0x03)); }
+};
+template <class S>
+struct LaneCodes<S, 3> {
+  typename S::I b, h;  // h: lane l holds the high bits of its 16 columns in bits 2..17
+  LaneCodes(typename S::I lo, typename S::I w) : b(lo), h(S::sll32(w, 2)) {}  // w: 2 high bytes per lane
+  typename S::I operator()(int s) const {
+    return S::or_(S::and_(S::srl32(b, 2 * s), S::set32(0x03)), S::and_(S::srl32(h, s), S::set32(0x04)));
+  }
+};
+
+// Once per weight row: with windows (AVX-512), its scales as fp32 into windows of 16 groups, and for an asymmetric
+// weight minus its zero points' share for each row of x as V partial sums, z[m] = -sum_g s_g z_g gsum[m][g].
+// (inlined: its results stay in registers)
+template <class S, int M>
+__attribute__((always_inline)) inline void row_pass(const GroupWeight& q, int64_t n, const float* const* gsum,
+                                                    float* win, typename S::F* z) {
+  constexpr int V = S::V;
+  const int64_t ng = q.ng, base = n * ng;
+  for (int m = 0; m < M; ++m) z[m] = S::zero();
+  if (!S::kWindows && !q.zero) return;
+  for (int64_t g = 0; g < ng; g += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, ng - g));
+    const typename S::F s = S::scales(q.scale, base + g, cnt);
+    if (S::kWindows) S::store(win + g, s);
+    if (q.zero) {
+      const typename S::F sz = S::mul(s, S::sub(S::zero(), S::zeros(q.zero + base + g, cnt)));
+      for (int m = 0; m < M; ++m) z[m] = S::fma(sz, S::load(gsum[m] + g), z[m]);
+    }
+  }
+}
+
+template <class S, int BITS, int M, bool Q8>
+void gemv_rows_simd(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  using F = typename S::F;
+  using I = typename S::I;
+  constexpr int V = S::V, W = columns_per_lane(BITS), C = V * W;
+  const int64_t K = q.K, rb = q.row_bytes(), full = K / C, tail = K % C, total = q.N * q.ng;
+  const int tail_lo = static_cast<int>(tail * (BITS == 4 ? 4 : 2) / 8), tail_hi = static_cast<int>(tail / 8);
+  const int B = a.tail_rows, tl = static_cast<int>(tail / W);
+  const int32_t* g0 = a.g0;
+  const int32_t* idx = a.idx;
+  // the activations of a chunk: the rows' (chunk c at c C, c V) or a tail block's (c = 0)
+  struct ChunkActs {
+    const int8_t* xq[M];
+    const float* xf[M];
+    const float* dx[M];
+    const float* zx[M];
+  } rows, block;
+  const float* gsum[M];
+  for (int m = 0; m < M; ++m) {
+    rows.xq[m] = Q8 ? a.xq + m * a.stride : nullptr;
+    rows.xf[m] = Q8 ? nullptr : a.xf + m * a.stride;
+    rows.dx[m] = Q8 ? a.dx + m * a.lanes : nullptr;
+    rows.zx[m] = q.zero ? a.nozero : a.zx + m * a.lanes;
+    block.xq[m] = Q8 && B > 1 ? a.txq + m * C : nullptr;
+    block.xf[m] = !Q8 && B > 1 ? a.txf + m * C : nullptr;
+    block.dx[m] = Q8 && B > 1 ? a.tdx + m * V : nullptr;
+    block.zx[m] = B > 1 ? (q.zero ? a.nozero : a.tzx + m * V) : nullptr;
+    gsum[m] = a.gsum + m * a.gstride;
+  }
+  // per row of a block: its scales in windows of 16 groups (AVX-512) and its zero points' share (asymmetric)
+  const int64_t wstride = (q.ng + 15) / 16 * 16;
+  std::vector<uint8_t> hold;
+  float* wins = buffer<float>(hold, B * (wstride + M * V));
+  float* zneg = wins + B * wstride;
+  // each lane's scale in chunk c of the row whose windows are w and first scale `base`
+  auto scales = [&](int64_t c, const float* w, int64_t base, const int32_t* lane_idx) __attribute__((always_inline)) {
+    if constexpr (S::kWindows) {
+      return S::lanes(w + g0[c], lane_idx);
+    } else {  // the V scales from the chunk's first group (past this row's end: not selected; only the last rows
+              // of the tensor need a partial load)
+      const int64_t first = base + g0[c];
+      return S::permute(S::scales(q.scale, first, static_cast<int>(std::min<int64_t>(V, total - first))), lane_idx);
+    }
+  };
+  // acc[m] += chunk c's sums, from its low-plane bytes b and int3's high-plane bytes h (widened as the codes' order
+  // needs) and its lanes' scales sv
+  auto chunk = [&](const ChunkActs& x, int64_t c, I b, I h, F sv, F* acc) __attribute__((always_inline)) {
+    if constexpr (Q8) {
+      const StepCodes<S, BITS> codes(b, h);
+      I isum[M];
+      for (int m = 0; m < M; ++m) isum[m] = S::izero();
+#pragma GCC unroll 4
+      for (int k = 0; k < W / 4; ++k) {
+        const I code = codes(k);
+        for (int m = 0; m < M; ++m) isum[m] = S::dot(isum[m], code, S::bytes(x.xq[m] + c * C + k * 4 * V));
+      }
+      for (int m = 0; m < M; ++m)
+        acc[m] = S::fma(S::fma(S::cvt(isum[m]), S::load(x.dx[m] + c * V), S::load(x.zx[m] + c * V)), sv, acc[m]);
+    } else {
+      const LaneCodes<S, BITS> codes(b, h);
+      F t[M];
+      for (int m = 0; m < M; ++m) t[m] = S::load(x.zx[m] + c * V);
+#pragma GCC unroll 16
+      for (int s = 0; s < W; ++s) {
+        const F code = S::cvt(codes(s));
+        for (int m = 0; m < M; ++m) t[m] = S::fma(code, S::load(x.xf[m] + c * C + s * V), t[m]);
+      }
+      for (int m = 0; m < M; ++m) acc[m] = S::fma(t[m], sv, acc[m]);
+    }
+  };
+  auto high_of = [&](const uint8_t* hi) __attribute__((always_inline)) {
+    if constexpr (BITS == 3) return Q8 ? S::widen8(hi) : S::widen16(hi);
+    return S::izero();
+  };
+  // row n's whole chunks into acc (which starts with the row's share of a tail block, or zero), then its own tail
+  // when it is not in a block, then y
+  auto row = [&](int64_t n, int r, F* acc, bool own_tail) __attribute__((always_inline)) {
+    const uint8_t* lo = q.w + n * rb;
+    const uint8_t* high = lo + K / 4;  // int3's high plane
+    const float* w = wins + r * wstride;
+    if (q.zero)
+      for (int m = 0; m < M; ++m) acc[m] = S::add(acc[m], S::load(zneg + (r * M + m) * V));
+    for (int64_t c = 0; c < full; ++c)
+      chunk(rows, c, S::bytes(lo + c * 4 * V), high_of(high + c * 2 * V), scales(c, w, n * q.ng, idx + c * V), acc);
+    if (tail && own_tail) {  // the last, partial chunk: nothing past the row is read, the codes past K are zero
+      I h = S::izero();
+      if constexpr (BITS == 3)
+        h = Q8 ? S::widen8_part(high + full * 2 * V, tail_hi) : S::widen16_part(high + full * 2 * V, tail_hi);
+      chunk(rows, full, S::bytes_part(lo + full * 4 * V, tail_lo), h, scales(full, w, n * q.ng, idx + full * V), acc);
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] += S::sum(acc[m]);
+  };
+  int64_t n = n0;
+  if (B > 1) {
+    const uint32_t lanes_of_row = (1u << tl) - 1;
+    for (; n + B <= n1; n += B) {
+      const uint8_t* lo[16];
+      const uint8_t* hi[16];
+      F zacc[M];
+      for (int r = 0; r < B; ++r) {
+        lo[r] = q.w + (n + r) * rb + full * 4 * V;
+        hi[r] = q.w + (n + r) * rb + K / 4 + full * 2 * V;
+        row_pass<S, M>(q, n + r, gsum, wins + r * wstride, zacc);
+        if (q.zero)
+          for (int m = 0; m < M; ++m) S::store(zneg + (r * M + m) * V, zacc[m]);
+      }
+      // the block's tails in one chunk: lanes r tl .. r tl + tl-1 are row n + r's
+      F sv = S::zero();
+      for (int r = 0; r < B; ++r)
+        sv = S::select(sv, scales(full, wins + r * wstride, (n + r) * q.ng, a.tidx), lanes_of_row << (r * tl));
+      I h = S::izero();
+      if constexpr (BITS == 3) h = Q8 ? S::gather8(hi, B, tail_hi) : S::gather16(hi, B, tail_hi);
+      F tacc[M];
+      for (int m = 0; m < M; ++m) tacc[m] = S::zero();
+      chunk(block, 0, S::gather(lo, B, tail_lo), h, sv, tacc);
+      for (int r = 0; r < B; ++r) {
+        F acc[M];
+        for (int m = 0; m < M; ++m) acc[m] = S::keep(tacc[m], lanes_of_row << (r * tl));
+        row(n + r, r, acc, false);
+      }
+    }
+  }
+  for (; n < n1; ++n) {  // rows not in a tail block
+    F acc[M];
+    row_pass<S, M>(q, n, gsum, wins, acc);
+    if (q.zero)
+      for (int m = 0; m < M; ++m) S::store(zneg + m * V, acc[m]);
+    for (int m = 0; m < M; ++m) acc[m] = S::zero();
+    row(n, 0, acc, true);
+  }
+}
+
+// The dispatch to the kernel instances: activations (int8 / fp32), rows of x (1..4), bits.
+template <int BITS, int M>
+void gemv_rows_simd_act(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  if (a.q8) gemv_rows_simd<Simd, BITS, M, true>(q, a, n0, n1, y, ldy);
+  else gemv_rows_simd<Simd, BITS, M, false>(q, a, n0, n1, y, ldy);
+}
+
+template <int BITS>
+void gemv_rows_simd_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  switch (a.M) {
+    case 1: return gemv_rows_simd_act<BITS, 1>(q, a, n0, n1, y, ldy);
+    case 2: return gemv_rows_simd_act<BITS, 2>(q, a, n0, n1, y, ldy);
+    case 3: return gemv_rows_simd_act<BITS, 3>(q, a, n0, n1, y, ldy);
+    default: return gemv_rows_simd_act<BITS, 4>(q, a, n0, n1, y, ldy);
+  }
+}
+
+// The activations in the chunks' orders (see the top of this section), each chunk's lane-to-group map, and the
+// activations summed per lane (the implied zero point's share, for symmetric weights) and per group (the zero
+// points', for asymmetric ones).
+template <int W>
+void prepare_simd(Acts& a, int bits) {
+  constexpr int V = Simd::V, C = V * W, steps = W / 4;
+  const int64_t K = a.K, M = a.M, chunks = (K + C - 1) / C, lanes = K / W, per_group = a.G / W;
+  a.stride = chunks * C;
+  a.lanes = chunks * V;
+  a.g0 = a.alloc<int32_t>(chunks);
+  a.idx = a.alloc<int32_t>(chunks * V);
+  std::vector<int32_t> group_of(a.lanes);  // each lane's group
+  for (int64_t c = 0, lane = 0, group = 0, seen = 0; c < chunks; ++c) {
+    const int64_t first = group;  // windows: the chunk's 16-group window; else its first group
+    a.g0[c] = static_cast<int32_t>(Simd::kWindows ? first / 16 * 16 : first);
+    for (int64_t l = 0; l < V; ++l, ++lane) {  // lanes past K (the last chunk's padding) keep its last group
+      group_of[lane] = static_cast<int32_t>(group);
+      a.idx[lane] = static_cast<int32_t>(group - a.g0[c]);  // < V: see Avx512::lanes
+      if (lane + 1 < lanes && ++seen == per_group) {
+        ++group;
+        seen = 0;
+      }
+    }
+  }
+  const float zp = static_cast<float>(1 << (bits - 1));
+  a.zx = a.alloc<float>(M * a.lanes);
+  a.nozero = a.alloc<float>(a.lanes);
+  if (a.q8) {
+    a.xq = a.alloc<int8_t>(M * a.stride);
+    a.dx = a.alloc<float>(M * a.lanes);
+  } else {
+    a.xf = a.alloc<float>(M * a.stride);
+  }
+  const int64_t full = K / C, tl = (K % C) / W;  // whole chunks; the partial one's lanes
+  if (tl > 0 && V % tl == 0) {
+    a.tail_rows = static_cast<int>(V / tl);
+    a.tidx = a.alloc<int32_t>(V);
+    for (int64_t l = 0; l < V; ++l) a.tidx[l] = a.idx[full * V + l % tl];
+    if (a.q8) {
+      a.txq = a.alloc<int8_t>(M * C);
+      a.tdx = a.alloc<float>(M * V);
+    } else {
+      a.txf = a.alloc<float>(M * C);
+    }
+    a.tzx = a.alloc<float>(M * V);
+  }
+  std::vector<int8_t> pad_q(a.q8 ? a.stride : 0);  // a row of x zero-padded to whole chunks
+  std::vector<float> pad_f(a.q8 ? 0 : a.stride);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x.data_ptr<float>() + m * K;
-    if (int8_act && G % 32 == 0) {
-      const QuantRow q = quantize_row(xm, K, G);
-      at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
-        for (int64_t n = a; n < b; ++n)
-          yp[m * N + n] += q4_row_q8(q, w + n * (K / 2), sc + n * ngroups, zp + n * ngroups, K, G);
-      });
+    float* zx = a.zx + m * a.lanes;
+    float* gsum = a.gsum + m * a.gstride;
+    if (a.q8) {
+      const QuantRow& r = a.q[m];
+      std::copy(r.xq.begin(), r.xq.end(), pad_q.begin());
+      int8_t* xq = a.xq + m * a.stride;
+      for (int64_t c = 0; c < chunks; ++c)  // column c C + steps p + k: byte p of step k of chunk c
+        for (int k = 0; k < steps; ++k)
+          for (int p = 0; p < 4 * V; ++p) xq[c * C + k * 4 * V + p] = pad_q[c * C + steps * p + k];
+      for (int64_t l = 0; l < lanes; ++l) {
+        int32_t total = 0;
+        for (int j = 0; j < W; ++j) total += pad_q[l * W + j];
+        const float d = r.dx[(l * W) >> 5], v = d * static_cast<float>(total);
+        a.dx[m * a.lanes + l] = d;
+        zx[l] = -zp * v;
+        gsum[group_of[l]] += v;
+      }
+      if (a.tail_rows > 1) {  // byte p of step k: row p / (4 tl)'s byte p % (4 tl)
+        for (int k = 0; k < steps; ++k)
+          for (int p = 0; p < 4 * V; ++p) a.txq[m * C + k * 4 * V + p] = xq[full * C + k * 4 * V + p % (4 * tl)];
+        for (int l = 0; l < V; ++l) {
+          a.tdx[m * V + l] = a.dx[m * a.lanes + full * V + l % tl];
+          a.tzx[m * V + l] = zx[full * V + l % tl];
+        }
+      }
+    } else {
+      std::copy(a.x[m], a.x[m] + K, pad_f.begin());
+      float* xf = a.xf + m * a.stride;
+      for (int64_t c = 0; c < chunks; ++c)  // column c C + W l + s: lane l of lane code s of chunk c
+        for (int s = 0; s < W; ++s)
+          for (int l = 0; l < V; ++l) xf[c * C + s * V + l] = pad_f[c * C + W * l + s];
+      for (int64_t l = 0; l < lanes; ++l) {
+        float total = 0.f;
+        for (int j = 0; j < W; ++j) total += pad_f[l * W + j];
+        zx[l] = -zp * total;
+        gsum[group_of[l]] += total;
+      }
+      if (a.tail_rows > 1) {  // lane l of lane code s: row l / tl's lane l % tl
+        for (int s = 0; s < W; ++s)
+          for (int l = 0; l < V; ++l) a.txf[m * C + s * V + l] = xf[full * C + s * V + l % tl];
+        for (int l = 0; l < V; ++l) a.tzx[m * V + l] = zx[full * V + l % tl];
+      }
+    }
+  }
+}
+#endif  // CMX_GROUP_SIMD
+
+// The SIMD kernels' group sizes for `bits`-bit weights: multiples of W (the GEMV) and of V (the prompts'
+// dequantization); other sizes the layout allows are computed in plain C++.
+int64_t block(int64_t bits) {
+#if CMX_GROUP_SIMD
+  return std::max<int64_t>(columns_per_lane(static_cast<int>(bits)), Simd::V);
+#else
+  return bits == 4 ? 2 : 8;
+#endif
+}
+
+Acts prepare(const at::Tensor& x, const GroupWeight& q, bool q8) {
+  Acts a;
+  a.M = x.size(0);
+  a.K = q.K;
+  a.G = q.G;
+  a.q8 = q8;
+  const int64_t ng = q.groups();
+  a.gstride = (ng + 16 + 15) / 16 * 16;
+  a.gsum = a.alloc<float>(a.M * a.gstride);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* xm = x.data_ptr<float>() + m * q.K;
+    a.x.push_back(xm);
+    if (q8) a.q.push_back(quantize_row(xm, q.K));
+  }
+#if CMX_GROUP_SIMD
+  a.simd = q.G % columns_per_lane(q.bits) == 0;
+  if (a.simd) {  // (sums gsum itself)
+    q.bits == 4 ? prepare_simd<8>(a, q.bits) : prepare_simd<16>(a, q.bits);
+    return a;
+  }
+#endif
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* gs = a.gsum + m * a.gstride;
+    for (int64_t g = 0; g < ng; ++g)
+      for (int64_t e = g * q.G; e < (g + 1) * q.G; ++e)
+        gs[g] += q8 ? static_cast<float>(a.q[m].xq[e]) * a.q[m].dx[e >> 5] : a.x[m][e];
+  }
+  return a;
+}
+
+void gemv_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+#if CMX_GROUP_SIMD
+  if (a.simd) {
+    if (q.bits == 4) return gemv_rows_simd_rows<4>(q, a, n0, n1, y, ldy);
+    if (q.bits == 3) return gemv_rows_simd_rows<3>(q, a, n0, n1, y, ldy);
+    return gemv_rows_simd_rows<2>(q, a, n0, n1, y, ldy);
+  }
+#endif
+  gemv_rows_plain(q, a, n0, n1, y, ldy);
+}
+
+// y[m, start_i + n] += (x W_i^T)[m, n] for one to four rows of x and the weights side by side (of one bit width):
+// each weight row is read once for all rows of x, every part's rows in one parallel loop.
+void group_gemv(const at::Tensor& x, const std::vector<GroupWeight>& parts, bool int8_act, float* y, int64_t ldy) {
+  const bool q8 = int8_act && parts[0].K % 32 == 0;  // the int8 activations' blocks must tile the row
+  std::map<int64_t, Acts> acts;  // by group size (the parts of one call usually share it)
+  for (const auto& p : parts)
+    if (!acts.count(p.G)) acts.emplace(p.G, prepare(x, p, q8));
+  std::vector<int64_t> start{0};
+  for (const auto& p : parts) start.push_back(start.back() + p.N);
+  at::parallel_for(0, start.back(), grain(parts[0].row_bytes()), [&](int64_t a, int64_t b) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t r0 = std::max(a, start[i]) - start[i], r1 = std::min(b, start[i + 1]) - start[i];
+      if (r0 < r1) gemv_rows(parts[i], acts.at(parts[i].G), r0, r1, y + start[i], ldy);
+    }
+  });
+}
+
+template <int BITS>
+void dequant_rows(const GroupWeight& q, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = q.K, ng = q.groups();
+  for (int64_t n = n0; n < n1; ++n) {
+    float* o = out + (n - n0) * K;
+#if CMX_GROUP_SIMD
+    if (const int64_t G = q.G; G % Simd::V == 0) {  // (code - zero) * scale, V columns at a time: exactly the reference's values
+      const uint8_t* row = q.w + n * q.row_bytes();
+      for (int64_t g = 0; g < ng; ++g) {
+        const auto s = Simd::set(q.scale[n * ng + g]), z = Simd::set(q.zero_at(n * ng + g));
+        for (int64_t e = g * G; e < (g + 1) * G; e += Simd::V)
+          Simd::store(o + e, Simd::mul(Simd::sub(Simd::cvt(Simd::natural<BITS>(row, K, e)), z), s));
+      }
       continue;
     }
-    std::vector<float> xr = reorder_even_odd(xm, K);
-    std::vector<float> gsum(ngroups, 0.f);
-    for (int64_t g = 0; g < ngroups; ++g)
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) gsum[g] += xm[k];
-    at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n)
-        yp[m * N + n] += q4_row(xr.data(), gsum.data(), w + n * (K / 2), sc + n * ngroups, zp + n * ngroups, K, G);
-    });
+#endif
+    for (int64_t g = 0; g < ng; ++g) dequant_rows_plain<BITS>(q, n, g, o);
   }
+}
+
+DequantRows GroupWeight::dequant() const {
+  const GroupWeight q = *this;
+  if (bits == 4) return {N, [q](int64_t a, int64_t b, float* out) { dequant_rows<4>(q, a, b, out); }};
+  if (bits == 3) return {N, [q](int64_t a, int64_t b, float* out) { dequant_rows<3>(q, a, b, out); }};
+  return {N, [q](int64_t a, int64_t b, float* out) { dequant_rows<2>(q, a, b, out); }};
+}
+
+const char* linear_name(int bits) { return bits == 4 ? "q4_linear" : bits == 3 ? "q3_linear" : "q2_linear"; }
+
+// q4_linear / q3_linear / q2_linear: y = x W^T (+ residual) for one group-quantized weight.
+template <int BITS>
+at::Tensor group_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const at::Tensor& zero, const c10::optional<at::Tensor>& residual, bool int8_act) {
+  const GroupWeight q = group_weight(qweight, scale, zero, BITS);
+  check_input(x, q.K, linear_name(BITS));
+  const int64_t M = x.size(0);
+  check_residual(residual, M, q.N);
+  if (M > 4) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
+  at::Tensor y = new_output(residual, M, q.N);
+  group_gemv(x, {q}, int8_act, y.data_ptr<float>(), q.N);
   return y;
+}
+
+at::Tensor silu_mul(const at::Tensor& gu);
+
+// q4_linear_cat / ...: several weights that read the same input (q/k/v, gate/up), their outputs side by side: one
+// call instead of several, without concatenating their weights (which would copy them at load). `silu`: two weights
+// (gate, up) of equal rows give silu(gate) * up directly (see tiled_gemm). A zero tensor may be empty (symmetric)
+// for some parts and not others.
+template <int BITS>
+at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
+                            const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros,
+                            bool int8_act, bool silu) {
+  const std::string what = std::string(linear_name(BITS)) + "_cat";
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
+              what, ": one scale and one zero tensor per weight");
+  std::vector<GroupWeight> parts;
+  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(group_weight(qweights[i], scales[i], zeros[i], BITS));
+  TORCH_CHECK(!silu || (parts.size() == 2 && parts[0].N == parts[1].N),
+              what, ": silu takes two weights (gate, up) of equal rows");
+  const int64_t K = parts[0].K, M = x.size(0);
+  for (const auto& p : parts) TORCH_CHECK(p.K == K, what, ": the weights read inputs of different widths");
+  check_input(x, K, what.c_str());
+  if (M > 4) {  // prompts: every part into its columns of one output
+    std::vector<DequantRows> rows;
+    for (const auto& p : parts) rows.push_back(p.dequant());
+    return tiled_gemm(x, K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
+  }
+  int64_t total = 0;
+  for (const auto& p : parts) total += p.N;
+  at::Tensor y = at::zeros({M, total}, at::kFloat);
+  group_gemv(x, parts, int8_act, y.data_ptr<float>(), total);
+  return silu ? silu_mul(y) : y;
 }
 
 // ------------------------------------------------------------------------------------------------ int8
@@ -438,7 +1127,7 @@ inline float q8_row(const float* x, const int8_t* w, int64_t K) {
   return total;
 }
 
-// int8 weights times int8 activations (quantized per 32 columns, natural order): sum_b dx_b * sum_j w_j xq_j.
+// int8 weights times int8 activations (quantized per 32 columns): sum_b dx_b * sum_j w_j xq_j.
 // The signed x signed products use the sign trick (|w| as the unsigned operand, xq with w's sign).
 inline float q8_row_q8(const QuantRow& q, const int8_t* w, int64_t K) {
   const int8_t* xq = q.xq.data();
@@ -477,7 +1166,7 @@ inline float q8_row_q8(const QuantRow& q, const int8_t* w, int64_t K) {
 struct Q8Weight {
   int64_t N, K;
   const int8_t* w;
-  const float* scale;
+  Scales scale;  // [N]
   DequantRows dequant() const {
     return {N, [*this](int64_t a, int64_t b, float* out) {
       for (int64_t n = a; n < b; ++n)
@@ -490,9 +1179,9 @@ Q8Weight q8_weight(const at::Tensor& qweight, const at::Tensor& scale) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
               "int8 qweight must be a contiguous int8 [N, K]");
   const int64_t N = qweight.size(0), K = qweight.size(1);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
-              "int8 scale must be a contiguous float32 [N]");
-  return {N, K, qweight.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  TORCH_CHECK(is_scale_dtype(scale) && scale.is_contiguous() && scale.numel() == N,
+              "int8 scale must be a contiguous float32 or float16 [N]");
+  return {N, K, qweight.data_ptr<int8_t>(), scales_of(scale)};
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -503,14 +1192,14 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int64_t M = x.size(0);
   check_residual(residual, M, N);
   const int8_t* w = q8.w;
-  const float* sc = q8.scale;
+  const Scales sc = q8.scale;
   if (M > 4) return tiled_gemm(x, K, {q8.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
   at::Tensor y = new_output(residual, M, N);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x.data_ptr<float>() + m * K;
     if (int8_act && K % 32 == 0) {
-      const QuantRow q = quantize_row(xm, K, K, false);
+      const QuantRow q = quantize_row(xm, K);
       at::parallel_for(0, N, grain(K), [&](int64_t a, int64_t b) {
         for (int64_t n = a; n < b; ++n) yp[m * N + n] += q8_row_q8(q, w + n * K, K) * sc[n];
       });
@@ -523,57 +1212,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
-// Several int4 / int8 layers that read the same input (q/k/v, gate/up), their outputs side by side: one call
-// instead of several, without concatenating their weights (which would copy them at load). `silu`: two layers
-// (gate, up) give silu(gate) * up directly (see tiled_gemm).
-at::Tensor silu_mul(const at::Tensor& gu);
-
-at::Tensor q4_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
-                         const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool int8_act,
-                         bool silu) {
-  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
-              "q4_linear_cat: one scale and one zero tensor per weight");
-  TORCH_CHECK(!silu || qweights.size() == 2, "q4_linear_cat: silu takes two weights (gate, up)");
-  std::vector<Q4Weight> parts;
-  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(q4_weight(qweights[i], scales[i], zeros[i]));
-  const int64_t K = parts[0].K, G = parts[0].G, M = x.size(0);
-  for (const auto& p : parts) TORCH_CHECK(p.K == K, "q4_linear_cat: the weights read inputs of different widths");
-  check_input(x, K, "q4_linear_cat");
-  if (M > 4) {  // prompts: every part into its columns of one output
-    std::vector<DequantRows> rows;
-    for (const auto& p : parts) rows.push_back(p.dequant());
-    return tiled_gemm(x, K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
-  }
-  bool same = int8_act && G % 32 == 0;
-  for (const auto& p : parts) same = same && p.G == G;
-  at::Tensor y;
-  if (!same) {  // fp32 activations, or groups that differ: one call per part
-    std::vector<at::Tensor> outs;
-    for (size_t i = 0; i < qweights.size(); ++i)
-      outs.push_back(q4_linear(x, qweights[i], scales[i], zeros[i], c10::nullopt, int8_act));
-    y = at::cat(outs, 1);
-  } else {  // decoding: the activation row quantized once, every part's rows in one parallel loop
-    std::vector<int64_t> start{0};
-    for (const auto& p : parts) start.push_back(start.back() + p.N);
-    const int64_t N = start.back(), ngroups = K / G;
-    y = at::empty({M, N}, at::kFloat);
-    float* yp = y.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) {
-      const QuantRow q = quantize_row(x.data_ptr<float>() + m * K, K, G);
-      at::parallel_for(0, N, grain(K / 2), [&](int64_t a, int64_t b) {
-        size_t i = 0;
-        for (int64_t n = a; n < b; ++n) {
-          while (n >= start[i + 1]) ++i;
-          const Q4Weight& p = parts[i];
-          const int64_t r = n - start[i];
-          yp[m * N + n] = q4_row_q8(q, p.w + r * (K / 2), p.scale + r * ngroups, p.zero + r * ngroups, K, G);
-        }
-      });
-    }
-  }
-  return silu ? silu_mul(y) : y;
-}
-
+// Several int8 layers that read the same input, their outputs side by side (see group_linear_cat).
 at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
                          const std::vector<at::Tensor>& scales, bool int8_act, bool silu) {
   TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(), "q8_linear_cat: one scale tensor per weight");
@@ -904,21 +1543,31 @@ at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at
 }
 
 std::string isa() { return kIsa; }
-int64_t block() { return BLOCK; }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_linear", &q4_linear, "y = x W^T (+ residual) for a portable-layout int4 weight; int8_act: one-row "
-        "inputs are quantized to int8 per 32 columns for integer dot products (llama.cpp's approach)",
-        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
-        py::arg("int8_act") = false);
-  m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight",
+  m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight; int8_act: one to four "
+        "rows are quantized to int8 per 32 columns for integer dot products (llama.cpp's approach)",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
-  m.def("q4_linear_cat", &q4_linear_cat, "several int4 layers on one input, outputs side by side; silu: "
-        "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
-        py::arg("int8_act") = false, py::arg("silu") = false);
+  m.def("q4_linear", &group_linear<4>, "y = x W^T (+ residual) for a portable-layout int4 weight (zero: empty for "
+        "symmetric); int8_act: one to four rows are quantized to int8 per 32 columns for integer dot products",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
+        py::arg("int8_act") = false);
+  m.def("q3_linear", &group_linear<3>, "as q4_linear, for a portable-layout int3 weight (low plane, then high bits)",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
+        py::arg("int8_act") = false);
+  m.def("q2_linear", &group_linear<2>, "as q4_linear, for a portable-layout int2 weight",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
+        py::arg("int8_act") = false);
+  for (int bits : {4, 3, 2}) {
+    const std::string name = std::string(linear_name(bits)) + "_cat";
+    auto fn = bits == 4 ? &group_linear_cat<4> : bits == 3 ? &group_linear_cat<3> : &group_linear_cat<2>;
+    m.def(name.c_str(), fn, "several group-quantized layers of one bit width on one input, outputs side by side; "
+          "silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
+          py::arg("int8_act") = false, py::arg("silu") = false);
+  }
   m.def("q8_linear_cat", &q8_linear_cat, "several int8 layers on one input, outputs side by side; silu: "
         "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("int8_act") = false,
         py::arg("silu") = false);
@@ -931,5 +1580,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hybrid_decode_", &hybrid_decode_, "one token of a hybrid (window + linear) layer, in place");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("bf16_prompts", [] { return kBf16Prompts; }, "whether the fast activations run prompts' matmuls in bf16");
-  m.def("block", &block, "int4 group sizes must be a multiple of this");
+  m.def("block", &block, "group sizes of `bits`-bit weights that are a multiple of this take the SIMD kernels "
+        "(other sizes the layout allows run in plain C++)", py::arg("bits") = 4);
 }
