@@ -38,6 +38,12 @@ def _compile_rules(rules: list[dict]) -> list[tuple[re.Pattern, str]]:
 
 
 EMBED = "model.embed_tokens"  # the token table: quantized by `embedding` (or a rule naming it), tied head included
+CATCH_ALL = (".*", ".+", "")  # patterns that name every linear layer but not the token table
+
+
+def rule_names(pattern: str, name: str) -> bool:
+    """Whether a rule's pattern names module `name` (`re.search`; a catch-all pattern does not name the table)."""
+    return re.search(pattern, name) is not None and (name != EMBED or pattern not in CATCH_ALL)
 
 
 def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
@@ -57,8 +63,7 @@ def resolve_schemes(model: nn.Module, rules: list[dict], default: str = "none",
         if isinstance(mod, nn.Embedding):
             if name != EMBED:  # a factored table's inner lookup stays float
                 continue
-            scheme = next((s for rx, s in compiled if rx.search(name) and rx.pattern not in (".*", ".+", "")),
-                          embedding)
+            scheme = next((s for rx, s in compiled if rule_names(rx.pattern, name)), embedding)
             if scheme != "none":
                 out[name] = scheme
             continue

@@ -332,10 +332,10 @@ def check_group_size(in_features: int, group_size: int, name: str = "weight", bi
                          f"{in_features}; choose a group size that divides it or keep this layer at int8")
 
 
-def quantize_group(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True,
-                   importance: torch.Tensor | None = None, search: bool = False) -> GroupWeight:
-    """Group quantization of `w [out, in]` to `bits` (4, 3, 2): round to nearest on each group's grid, found by
-    `grid` or (with `search`) by `search_grid` weighted by `importance [in]`."""
+def group_codes(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
+                importance: torch.Tensor | None = None, search: bool = False):
+    """The groups of `w [out, in]` on their grids: (groups `[out, in/G, G]`, float codes, scale, zero), the grid
+    from `grid` or (with `search`) `search_grid` weighted by `importance [in]`."""
     out_features, in_features = w.shape
     check_group_size(in_features, group_size, bits=bits)
     g = w.float().reshape(out_features, in_features // group_size, group_size)
@@ -344,8 +344,16 @@ def quantize_group(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetr
         scale, zero = search_grid(g, bits, symmetric, imp)
     else:
         scale, zero = grid(g, bits, symmetric)
-    codes = to_codes(g, scale[..., None], zero[..., None], bits).to(torch.uint8)
-    return GroupWeight(pack_bits(codes.reshape(out_features, in_features), bits), scale.half(),
+    return g, to_codes(g, scale[..., None], zero[..., None], bits), scale, zero
+
+
+def quantize_group(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True,
+                   importance: torch.Tensor | None = None, search: bool = False) -> GroupWeight:
+    """Group quantization of `w [out, in]` to `bits` (4, 3, 2): round to nearest on each group's grid, found by
+    `grid` or (with `search`) by `search_grid` weighted by `importance [in]`."""
+    out_features, in_features = w.shape
+    _, codes, scale, zero = group_codes(w, bits, group_size, symmetric, importance, search)
+    return GroupWeight(pack_bits(codes.to(torch.uint8).reshape(out_features, in_features), bits), scale.half(),
                        zero.to(torch.uint8), group_size, in_features, bits)
 
 
@@ -400,7 +408,14 @@ def dequantize(scheme: str | Scheme, qweight: torch.Tensor, scale: torch.Tensor,
     raise ValueError(f"scheme {s.name!r} has no quantized layout")
 
 
-def fake_quant(w: torch.Tensor, scheme: str | Scheme) -> torch.Tensor:
-    """`dequantize(quantize(w))` on the scheme's round-to-nearest grid (w `[out, in]`, float32 result)."""
-    codes = quantize_rtn(w, scheme)
-    return dequantize_group(codes) if isinstance(codes, GroupWeight) else dequantize_int8(*codes)
+def fake_quant(w: torch.Tensor, scheme: str | Scheme, importance: torch.Tensor | None = None,
+               search: bool = False) -> torch.Tensor:
+    """`dequantize(quantize(w))` in a scheme (w `[out, in]`, float32 result), computed on the grid without packing:
+    round to nearest, or (`search`) on `search_grid`'s grid weighted by `importance [in]`."""
+    s = scheme if isinstance(scheme, Scheme) else Scheme(scheme)
+    if s.bits == 8:
+        return dequantize_int8(*quantize_int8(w))
+    if s.bits not in LOW_BITS:
+        raise ValueError(f"scheme {s.name!r} does not quantize")
+    _, codes, scale, zero = group_codes(w, s.bits, s.group_size, s.symmetric, importance, search)
+    return ((codes - zero[..., None]) * scale[..., None]).reshape(w.shape)

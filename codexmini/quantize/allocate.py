@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ops.layouts import Scheme, grid, search_grid, to_codes
+from ..ops.layouts import Scheme, fake_quant
 
 EMBED = "model.embed_tokens"
 
@@ -117,21 +117,8 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def quant_error(w: torch.Tensor, scheme: str, importance: torch.Tensor | None, search: bool) -> torch.Tensor:
-    """`dequantize(quantize(w)) - w` for `scheme` (its grid searched with `importance` when `search`), computed on
-    the grid directly: the same values as through the packed layout, without packing."""
-    s = Scheme(scheme)
-    if s.bits == 8:
-        scale, zero = grid(w, 8)
-        return to_codes(w, scale[:, None], zero[:, None], 8) * scale[:, None] - w
-    out, inp = w.shape
-    g = w.reshape(out, inp // s.group_size, s.group_size)
-    if search:
-        imp = None if importance is None else importance.reshape(1, inp // s.group_size, s.group_size)
-        scale, zero = search_grid(g, s.bits, s.symmetric, imp)
-    else:
-        scale, zero = grid(g, s.bits, s.symmetric)
-    codes = to_codes(g, scale[..., None], zero[..., None], s.bits)
-    return ((codes - zero[..., None]) * scale[..., None] - g).reshape(out, inp)
+    """`dequantize(quantize(w)) - w` for `scheme` (its grid searched with `importance` when `search`)."""
+    return fake_quant(w, scheme, importance, search) - w
 
 
 def sensitivity(model: nn.Module, name: str, scheme: str, stats: CalibrationStats, search: bool) -> float:

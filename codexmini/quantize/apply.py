@@ -7,13 +7,12 @@ already-quantized layers 0..i-1 produce them, so each layer corrects for the err
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..models.qat import EMBED, plan_schemes, resolve_schemes
+from ..models.qat import EMBED, plan_schemes, rule_names
 from ..models.quantized import QuantEmbedding, QuantLinear
 from ..ops.layouts import Scheme, quantize_rtn
 from .allocate import CalibrationStats, allocate, collect_stats, head_importance, tensor_bytes
@@ -108,8 +107,7 @@ def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:
 
 def _pinned(cfg: QuantizeConfig, schemes: dict[str, str]) -> set[str]:
     """The planned tensors a rule names (a size budget leaves them as the rule says)."""
-    return {name for name in schemes for r in cfg.rules
-            if re.search(r["pattern"], name) and (name != EMBED or r["pattern"] not in (".*", ".+", ""))}
+    return {name for name in schemes if any(rule_names(r["pattern"], name) for r in cfg.rules)}
 
 
 def budget_bytes(model: nn.Module, cfg: QuantizeConfig, schemes: dict[str, str], reserved_bytes: int = 0) -> float:
