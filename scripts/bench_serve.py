@@ -11,7 +11,7 @@ same turn on a server without it (and the first turn's), for softmax, linear and
 
 Models: `--quickstart PATH` (runs/quickstart/default/06-export/model.cmx) if you have run the quickstart; else a
 stand-in of the same shape (20 layers of SmolLM2-135M's width, MLP pruned by a quarter, 2 linear + 1 hybrid
-layers, int4 g32 with an int8 head, fp16 floats) with random weights: speed depends on the shape, not the weights.
+layers, int4 g32 with the tied table, also int4 g32, as the head, fp16 floats) with random weights: speed depends on the shape, not the weights.
 The all-softmax / all-linear / all-hybrid models are the same shape. Each server runs in its own process.
 
     .venv/bin/python scripts/bench_serve.py                          # about 10 minutes on 2 cores
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_frontier's llama.cpp helpers
 QUICKSTART_TYPES = (["softmax"] * 5 + ["linear"] + ["softmax"] * 6 + ["hybrid"] + ["softmax"] * 5
                     + ["linear", "softmax"])
 WORDS = ("def return class self import for while if else elif try except with yield lambda print list dict "
@@ -42,8 +43,8 @@ WORDS = ("def return class self import for while if else elif try except with yi
 
 # --------------------------------------------------------------------------- models
 def export_models(folder: Path, kinds: list[str]) -> dict[str, Path]:
-    """Stand-ins of the quickstart's shape (random weights), int4 g32 with an int8 head, fp16 floats (files already
-    in `folder` are reused)."""
+    """Stand-ins of the quickstart's shape (random weights): int4 g32 layers and one int4 g32 tied table that is also
+    the head, fp16 floats (files already in `folder` are reused)."""
     paths = {kind: folder / f"{kind}.cmx" for kind in kinds}
     todo = [kind for kind, path in paths.items() if not path.is_file()]
     if not todo:
@@ -67,8 +68,8 @@ def export_models(folder: Path, kinds: list[str]) -> dict[str, Path]:
                               tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                               eos_token_id=tok.eos_token_id)
         model = CodexMiniForCausalLM(cfg).eval()
-        model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32", untie_head=True,
-                                                        rules=[{"pattern": "^lm_head$", "scheme": "int8"}]))
+        model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32", embedding="int4_g32",
+                                                        search=False))
         paths[kind] = export_cmx(model, tok, folder / f"{kind}.cmx", dtype="float16")
         print(f"exported {kind}: {paths[kind].stat().st_size / 1e6:.0f} MB", flush=True)
     return paths
@@ -101,13 +102,23 @@ class ServerProcess:
                    "--log-level", "warning", *extra]
             if threads:
                 cmd += ["--threads", str(threads)]
-        else:
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", name,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "4096",
-                   "--n_threads", str(threads or os.cpu_count())]
+        else:  # llama-cpp-python's server; `extra`: ["--no-extra-bufts"] builds its model without llama.cpp's extra
+            # weight buffers (AMX, repacked layouts), as bench_frontier.llama_model_params does
+            args = ["--model", str(model), "--model_alias", name, "--host", "127.0.0.1", "--port", str(self.port),
+                    "--n_ctx", "4096", "--n_threads", str(threads or os.cpu_count()),
+                    "--n_threads_batch", str(threads or os.cpu_count()),
+                    # queue concurrent requests (its default cuts a running stream off when the next one arrives)
+                    "--interrupt_requests", "False"]
+            patch = "--no-extra-bufts" in extra
+            code = ("import runpy, sys; sys.path.insert(0, %r); import bench_frontier as b; "
+                    "sys.argv = ['llama_cpp.server'] + %r; ctx = b.llama_model_params(False) if %r else None; "
+                    "ctx and ctx.__enter__(); runpy.run_module('llama_cpp.server', run_name='__main__')"
+                    % (str(ROOT / "scripts"), args, patch))
+            cmd = [sys.executable, "-c", code]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+        # stderr to a file, not a pipe: llama.cpp logs enough at load to fill a pipe and block the server
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
 
     def __enter__(self):
         import httpx
@@ -115,7 +126,7 @@ class ServerProcess:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read()[-3000:]}")
+                raise RuntimeError(f"the server exited: {self.tail()}")
             try:
                 r = httpx.get(self.url + "/v1/models", timeout=2)
                 if r.status_code == 200:
@@ -123,7 +134,12 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError("the server did not come up within 300 s")
+        self.proc.kill()
+        raise RuntimeError(f"the server did not come up within 300 s: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
 
     def __exit__(self, *exc):
         self.proc.send_signal(signal.SIGINT)
@@ -131,6 +147,7 @@ class ServerProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 # --------------------------------------------------------------------------- clients
@@ -146,9 +163,10 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def stream_request(client, url: str, path: str, body: dict) -> dict:
-    """One streamed request: TTFT, the gaps between content chunks, and the output token count."""
+    """One streamed request: TTFT, the gaps between content chunks, and the output token count (the usage's, or
+    the content chunks counted where a server sends no usage: llama-cpp-python streams one token a chunk)."""
     t0 = time.perf_counter()
-    first, last, gaps, tokens = None, None, [], 0
+    first, last, gaps, tokens, chunks = None, None, [], None, 0
     async with client.stream("POST", url + path, json={**body, "stream": True,
                                                        "stream_options": {"include_usage": True}}) as r:
         if r.status_code != 200:
@@ -162,13 +180,14 @@ async def stream_request(client, url: str, path: str, body: dict) -> dict:
             for ch in ev.get("choices") or []:
                 piece = ch.get("text") or (ch.get("delta") or {}).get("content")
                 if piece:
+                    chunks += 1
                     now = time.perf_counter()
                     if first is None:
                         first = now
                     else:
                         gaps.append(now - last)
                     last = now
-    return {"ttft": (first or time.perf_counter()) - t0, "gaps": gaps, "tokens": tokens}
+    return {"ttft": (first or time.perf_counter()) - t0, "gaps": gaps, "tokens": chunks if tokens is None else tokens}
 
 
 async def load_test(url: str, model: str, concurrency: int, requests: int, prompt_words: int, max_tokens: int,
@@ -254,7 +273,14 @@ def load_section(args, paths: dict[str, Path], eos: int | None, llama: Path | No
         with ServerProcess("codexmini", paths[kind], kind, args.threads, ["--parallel", str(max(levels))]) as s:
             rows[f"codexmini {kind}"] = measure(s.url, kind)
     if llama is not None:
-        with ServerProcess("llama_cpp", llama, "teacher", args.threads) as s:
+        import bench_frontier
+
+        bufts = {"on": True, "off": False}.get(args.llama_extra_bufts)
+        if bufts is None:
+            bufts = bench_frontier.extra_bufts_work(llama, args.threads or os.cpu_count())
+            state = "on" if bufts else "off (a prompt crashed with them here)"
+            print(f"llama.cpp's extra weight buffers (AMX, repacked layouts): {state}", flush=True)
+        with ServerProcess("llama_cpp", llama, "teacher", args.threads, [] if bufts else ["--no-extra-bufts"]) as s:
             rows["llama-cpp-python teacher Q4_1"] = measure(s.url, "teacher")
     print("\n" + load_table(rows))
     if llama is None:
@@ -298,6 +324,9 @@ def main() -> None:
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--skip-prefix", action="store_true")
     p.add_argument("--prefix-models", default="softmax,linear,hybrid")
+    p.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
+                   help="llama.cpp's AMX / repacked weight buffers in llama-cpp-python's server; auto: on where a "
+                        "prompt runs with them (on some AMX VMs it crashes)")
     p.add_argument("--work-dir", type=Path, help="keep the exported models here and reuse them (default: a "
                                                  "temporary folder)")
     args = p.parse_args()

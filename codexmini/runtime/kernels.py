@@ -8,7 +8,7 @@
 - "cmx": codexmini's own kernels (`csrc/cmx_kernels.cpp`, built on first use by `native.load()`) for int8 and
   int4 / int3 / int2 groups: they read the portable layout as stored, fp16 scales included (no repacking: the
   weights in memory are the file's), and take fp32 activations, so they equal the dequantized reference up to the
-  order of fp32 additions. Decode rows (up to 4) run a SIMD GEMV that reads each weight row once for all of them;
+  order of fp32 additions. Decode rows (up to 8) run a SIMD GEMV that reads each weight row once for all of them;
   longer inputs dequantize a tile of rows at a time and multiply with MKL (in bf16 where the CPU multiplies bf16
   natively).
 - "auto" (the runtime's default): "cmx" where the kernels build, else "native".

@@ -15,6 +15,8 @@ Per layer type, the decoding state:
 
 from __future__ import annotations
 
+import functools
+
 import os
 import time
 import weakref
@@ -35,10 +37,16 @@ from .inputs import check_prompt_length, check_token_ids, load_tokenizer, max_po
 from .kernels import (CmxConcatLinear, CmxGroupLinear, CmxInt8Linear, make_fused_linear, make_linear, resolve_act,
                       resolve_mode)
 
-# codexmini's int kernels take up to this many rows as decoding (each row computed exactly as it is alone); more
-# rows are a prompt to them, which dequantizes every weight tile: right for hundreds of rows, ~10x slower for a few.
-# So a batched decode step calls them on at most this many rows at a time (`_by_rows`).
-DECODE_ROWS = 4
+@functools.cache
+def decode_rows() -> int:
+    """How many rows codexmini's int kernels take as decoding (each row computed exactly as it is alone, every
+    weight row read once for all of them); more rows are a prompt to them, which dequantizes every weight tile:
+    right for hundreds of rows, ~10x slower for a few. So a batched decode step calls them on at most this many
+    rows at a time (`_by_rows`). The number is the kernels' own (`gemv_rows()`)."""
+    from . import native
+
+    ext = native.load()
+    return ext.gemv_rows() if ext is not None else 1
 
 
 # --------------------------------------------------------------------------- embedding rows
@@ -70,13 +78,15 @@ class FileRows:
 
 
 def _by_rows(call, x: torch.Tensor, residual: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
-    """`call(x[, residual])` on pieces of at most `DECODE_ROWS` rows when `kernel` (default: `call`) is one of
-    codexmini's int kernels (see `DECODE_ROWS`); in one call otherwise (float and torch kernels take any rows)."""
+    """`call(x[, residual])` on pieces of at most `decode_rows()` rows when `kernel` (default: `call`) is one of
+    codexmini's int kernels; in one call otherwise (float and torch kernels take any rows)."""
     rest = () if residual is None else (residual,)
-    if x.shape[0] <= DECODE_ROWS or not isinstance(kernel or call, (CmxGroupLinear, CmxInt8Linear, CmxConcatLinear)):
+    if not isinstance(kernel or call, (CmxGroupLinear, CmxInt8Linear, CmxConcatLinear)):
         return call(x, *rest)
-    return torch.cat([call(x[i:i + DECODE_ROWS], *(r[i:i + DECODE_ROWS] for r in rest))
-                      for i in range(0, x.shape[0], DECODE_ROWS)])
+    rows = decode_rows()
+    if x.shape[0] <= rows:
+        return call(x, *rest)
+    return torch.cat([call(x[i:i + rows], *(r[i:i + rows] for r in rest)) for i in range(0, x.shape[0], rows)])
 
 
 def _direct(call, x: torch.Tensor, residual: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
@@ -562,7 +572,7 @@ class Runtime:
     def decode_batch(self, ids: list[int], sessions: list[Session]) -> torch.Tensor:
         """One token for each of several sessions (`ids[i]` continues `sessions[i]`) in one forward; returns logits
         `[B, V]`, row i equal to `forward([ids[i]], sessions[i])` (up to the order of fp32 additions in the
-        matmuls: the int kernels compute up to 4 rows each exactly as one, more rows take their prompt path).
+        matmuls: the int kernels compute up to `decode_rows()` rows each exactly as one, more rows take their prompt path).
 
         The linear layers and the head read their weights once for all B rows, which is what makes decoding
         several sequences together cheaper than one after another; attention runs per session on its own KV

@@ -9,7 +9,7 @@ import torch
 from codexmini.export.to_cmx import export_cmx
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime
-from codexmini.runtime.model import DECODE_ROWS
+from codexmini.runtime.model import decode_rows
 from tests.runtime.test_runtime import VARIANTS, _model
 
 
@@ -39,7 +39,7 @@ def _decode_pair(rt, prompts, steps):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_batched_decode_equals_decoding_alone(variant, kernels, tiny_tokenizer, tmp_path):
     rt = Runtime(export_cmx(_model(**VARIANTS[variant]), tiny_tokenizer, tmp_path / "m.cmx"), kernels=kernels)
-    prompts = _prompts(2 * DECODE_ROWS + 1)  # the int kernels' row limit crossed
+    prompts = _prompts(2 * decode_rows() + 1)  # the int kernels' row limit crossed
     tokens_b, tokens_a, worst, batched, alone = _decode_pair(rt, prompts, 24)  # past the hybrid window
     assert tokens_b == tokens_a
     assert worst < 1e-4
@@ -55,7 +55,7 @@ def test_batched_decode_of_an_int_model_is_exact(tiny_tokenizer, tmp_path):
     rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
     if rt.kernels != "cmx":
         pytest.skip("codexmini's kernels did not build here")
-    tokens_b, tokens_a, worst, _, _ = _decode_pair(rt, _prompts(2 * DECODE_ROWS + 2, seed=5), 12)
+    tokens_b, tokens_a, worst, _, _ = _decode_pair(rt, _prompts(2 * decode_rows() + 2, seed=5), 12)
     assert tokens_b == tokens_a and worst == 0.0
 
 

@@ -18,6 +18,7 @@ from tests.runtime.test_runtime import _model
 
 ext = native.load()
 needs_ext = pytest.mark.skipif(ext is None, reason=f"codexmini kernels not built: {native.load_error()}")
+GEMV_ROWS = ext.gemv_rows() if ext is not None else 8  # inputs of up to this many rows take the GEMVs (decoding)
 
 
 def test_kernels_build_wherever_a_compiler_exists():
@@ -41,7 +42,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_prompt_product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """The reference for a prompt (more than 4 rows) with the fast activations: where the kernels were built for a
+    """The reference for a prompt (more than GEMV_ROWS rows) with the fast activations: where the kernels were built for a
     CPU with bf16 dot products, bf16-rounded activations and weights, the product rounded to bf16; else fp32."""
     if ext is None or not ext.bf16_prompts():
         return x @ W.t()
@@ -61,7 +62,7 @@ def _int4(N, K, G, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("N, K, G", [(96, 64, 32), (37, 128, 64), (200, 576, 32), (64, 256, 128), (600, 64, 32)])
-@pytest.mark.parametrize("M", [1, 3, 9])  # one row and few rows take the GEMV, more the tiled GEMM
+@pytest.mark.parametrize("M", [1, 3, 8, 9])  # one row and up to GEMV_ROWS take the GEMV, more the tiled GEMM
 def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
     t, W = _int4(N, K, G)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
@@ -71,22 +72,22 @@ def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
     r = torch.randn(M, N)
     torch.testing.assert_close(ext.q4_linear(x, t["w.qweight"], t["w.scale"], t["w.zero"], r), want + r,
                                atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    # int8 activations: one to four rows take the integer path, equal to int8-rounded activations times the
+    # int8 activations: up to GEMV_ROWS rows take the integer path, equal to int8-rounded activations times the
     # dequantized weight; more rows (prompts) run in bf16 where the CPU multiplies bf16 natively, else exact fp32
     got = ext.q4_linear(x, t["w.qweight"], t["w.scale"], t["w.zero"], r, True)
-    if M <= 4:
+    if M <= GEMV_ROWS:
         torch.testing.assert_close(got, int8_activations(x) @ W.t() + r, atol=1e-5 * want.abs().max().item(),
                                    rtol=1e-5)
     else:  # prompts: bf16 where the CPU multiplies bf16 natively
         torch.testing.assert_close(got, fast_prompt_product(x, W) + r, atol=1e-5 * want.abs().max().item(),
                                    **BF16_TOL)
-    if M <= 4 or ext.bf16_prompts():  # and the rounding is visible: the fast path is not silently the fp32 one
+    if M <= GEMV_ROWS or ext.bf16_prompts():  # and the rounding is visible: the fast path is not silently the fp32 one
         assert (got - want - r).abs().max() > 1e-4 * want.abs().max()
 
 
 @needs_ext
 @pytest.mark.parametrize("N, K", [(33, 40), (300, 64), (1000, 576), (70, 96)])
-@pytest.mark.parametrize("M", [1, 9])
+@pytest.mark.parametrize("M", [1, 2, 8, 9])
 @pytest.mark.parametrize("half", [False, True], ids=["fp32_scale", "fp16_scale"])
 def test_int8_kernel_equals_dequantized_reference(N, K, M, half):
     """Per-channel int8 with fp32 scales (older files) or fp16 ones (the portable layout's, read in place), signed."""
@@ -100,10 +101,10 @@ def test_int8_kernel_equals_dequantized_reference(N, K, M, half):
     torch.testing.assert_close(ext.q8_linear(x, q, s), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     r = torch.randn(M, N)
     torch.testing.assert_close(ext.q8_linear(x, q, s, r), want + r, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    if K % 32 == 0 and M <= 4:
+    if K % 32 == 0 and M <= GEMV_ROWS:
         torch.testing.assert_close(ext.q8_linear(x, q, s, None, True), int8_activations(x) @ W.t(),
                                    atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    if M > 4:
+    if M > GEMV_ROWS:
         torch.testing.assert_close(ext.q8_linear(x, q, s, r, True), fast_prompt_product(x, W) + r,
                                    atol=1e-5 * want.abs().max().item(), **BF16_TOL)
 
@@ -131,10 +132,10 @@ def test_parts_side_by_side_and_fused_silu_equal_the_reference(scheme, M, int8_a
     def product(W):
         if not int8_act:
             return x @ W.t()
-        return int8_activations(x) @ W.t() if M <= 4 else fast_prompt_product(x, W)
+        return int8_activations(x) @ W.t() if M <= GEMV_ROWS else fast_prompt_product(x, W)
 
     want = product(torch.cat(Ws))
-    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=BF16_TOL["rtol"] if int8_act and M > 4 else 1e-5)
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=BF16_TOL["rtol"] if int8_act and M > GEMV_ROWS else 1e-5)
     torch.testing.assert_close(call(x, *args, int8_act), want, **tol)
     # gate and up: two weights of equal height (the first part, and its rows reversed)
     pair = tuple([a[0], a[0].flip(0).contiguous()] for a in args)

@@ -1,6 +1,6 @@
 """codexmini's group-quantized kernels (runtime/csrc/cmx_kernels.cpp: q4_linear, q3_linear, q2_linear and their _cat
 forms) against the portable layout's reference, `codexmini.ops.layouts.dequantize`: fp32 and fp16 scales, symmetric
-(an empty zero tensor: the implied middle code) and asymmetric weights, decoding (one to four rows: the SIMD GEMV, or
+(an empty zero tensor: the implied middle code) and asymmetric weights, decoding (up to `gemv_rows()` rows: the SIMD GEMV, or
 plain C++ for group sizes it does not take) and prompts (the tiled GEMM), fp32 and int8 activations."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from codexmini.ops.layouts import dequantize, pack_bits, quantize_group, unpack_bits
 from codexmini.runtime import native
-from tests.runtime.test_cmx_kernels import BF16_TOL, fast_prompt_product, int8_activations
+from tests.runtime.test_cmx_kernels import BF16_TOL, GEMV_ROWS, fast_prompt_product, int8_activations
 
 ext = native.load()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"codexmini kernels not built: {native.load_error()}")
@@ -32,9 +32,9 @@ def _layer(bits, N, K, G, sym=True, half=True, seed=0):
 
 
 def _reference(x, W, int8_act):
-    """x W^T as the kernels compute it: int8 activations for one to four rows (where K is a multiple of 32), bf16
+    """x W^T as the kernels compute it: int8 activations for up to GEMV_ROWS rows (where K is a multiple of 32), bf16
     prompts where the CPU multiplies bf16 natively, else exact fp32."""
-    if int8_act and x.shape[0] > 4:
+    if int8_act and x.shape[0] > GEMV_ROWS:
         return fast_prompt_product(x, W)
     if int8_act and x.shape[1] % 32 == 0:
         return int8_activations(x) @ W.t()
@@ -44,7 +44,7 @@ def _reference(x, W, int8_act):
 def _tol(want, M, int8_act):
     # bf16 prompts: the product's rounding to bf16, taken by the reference and the GEMM at sums that differ in their
     # last fp32 bits, can land two bf16 steps apart
-    rtol = 2 * BF16_TOL["rtol"] if int8_act and M > 4 else 1e-5
+    rtol = 2 * BF16_TOL["rtol"] if int8_act and M > GEMV_ROWS else 1e-5
     return dict(atol=2e-5 * want.abs().max().item(), rtol=rtol)
 
 
@@ -62,7 +62,7 @@ def _check(linear, args, W, M, K, N, seed=1):
     torch.testing.assert_close(linear(x, *args, r), want + r, **_tol(want, M, False), msg=lambda m: f"M={M}: {m}")
     got = linear(x, *args, r, True)
     torch.testing.assert_close(got, _reference(x, W, True) + r, **_tol(want, M, True), msg=lambda m: f"M={M}: {m}")
-    if (M <= 4 and K % 32 == 0) or (M > 4 and ext.bf16_prompts()):  # the fast path is not silently the fp32 one
+    if (M <= GEMV_ROWS and K % 32 == 0) or (M > GEMV_ROWS and ext.bf16_prompts()):  # the fast path is not silently the fp32 one
         assert (got - want - r).abs().max() > 1e-4 * want.abs().max(), f"M={M}"
 
 
@@ -71,9 +71,9 @@ def _check(linear, args, W, M, K, N, seed=1):
 @pytest.mark.parametrize("half", [True, False], ids=["fp16_scale", "fp32_scale"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_decoding_equals_the_dequantized_reference(bits, N, K, G, half, sym):
-    """One to four rows: the GEMV (every weight row read once for all of them)."""
+    """One to GEMV_ROWS rows: the GEMV (every weight row read once for all of them)."""
     args, W = _layer(bits, N, K, G, sym, half)
-    for M in (1, 2, 3, 4):
+    for M in range(1, GEMV_ROWS + 1):
         _check(_linear(bits)[0], args, W, M, K, N)
 
 
@@ -85,7 +85,7 @@ PROMPT_SHAPES = [(300, 64, 8), (33, 576, 32), (19, 48, 16)]
 @pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("N, K, G", PROMPT_SHAPES)
 def test_prompt_equals_the_dequantized_reference(bits, N, K, G):
-    """A prompt (more than four rows): tiles of dequantized rows through the GEMM."""
+    """A prompt (more than GEMV_ROWS rows): tiles of dequantized rows through the GEMM."""
     for half, sym in ((True, True), (False, False)):
         args, W = _layer(bits, N, K, G, sym, half)
         _check(_linear(bits)[0], args, W, 64, K, N)
@@ -93,7 +93,7 @@ def test_prompt_equals_the_dequantized_reference(bits, N, K, G):
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("M", [1, 8])
 def test_quantized_weights_equal_the_reference(bits, sym, M):
     """Weights as `quantize_group` makes them (fp16 scales; symmetric: the group's extreme on code 0 with a signed,
     often negative, scale) through both activation paths."""
@@ -123,7 +123,7 @@ def test_symmetric_weight_with_its_zero_stored_equals_the_empty_zero(bits):
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
-@pytest.mark.parametrize("M", [1, 3, 9])
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
 @pytest.mark.parametrize("int8_act", [False, True])
 def test_parts_side_by_side_and_fused_silu_equal_the_reference(bits, M, int8_act):
     """q/k/v (heights over and under a tile of 256 rows, symmetric and asymmetric parts, fp16 and fp32 scales) side by

@@ -16,7 +16,7 @@
 // the _cat ones for several weights that read the same x, their outputs side by side ([M, sum N]), or with silu
 // two (gate, up) of equal N giving silu(x G^T) * (x U^T) [M, N].
 //
-// One to four rows (decoding) take a SIMD GEMV that reads each weight row once for all of them (AVX-512 or AVX2,
+// One to eight rows (decoding) take a SIMD GEMV that reads each weight row once for all of them (AVX-512 or AVX2,
 // chosen at compile time, or plain C++): with fp32 activations the result equals the dequantized reference up to
 // the order of fp32 additions; with int8 activations (the fast path, `int8_act`, where K is a multiple of 32) it
 // equals int8-rounded activations (per 32 columns) times the dequantized weight. More rows (prompts) dequantize a
@@ -70,6 +70,10 @@ constexpr int64_t kTaskBytes = 1 << 15;  // and at least this many weight bytes:
 
 int64_t grain(int64_t row_bytes) { return std::max<int64_t>(kRowGrain, kTaskBytes / std::max<int64_t>(row_bytes, 1)); }
 constexpr int64_t kTileRows = 256;   // rows dequantized at a time for multi-row inputs
+// Inputs of up to this many rows (decoding, one row per sequence of a batch) take the GEMVs, which read each weight
+// row once for all of them; longer ones (prompts) the tiled GEMM. The runtime reads it (`gemv_rows()`) to cut a
+// bigger decoding batch into calls of this many rows.
+constexpr int64_t kGemvRows = 8;
 
 void check_input(const at::Tensor& x, int64_t K, const char* what) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -245,7 +249,7 @@ QuantRow quantize_row(const float* x, int64_t K) {
 // Group-quantized weights in the portable layout (codexmini.ops.layouts): w = (code - zero) * scale per group of G
 // columns, the zero point stored (asymmetric) or the implied middle code 2^(bits-1) (symmetric: `zero` is empty).
 //
-// Decoding (one to four rows of x) is a GEMV that reads each weight row once for all rows of x. A row is cut into
+// Decoding (one to eight rows of x) is a GEMV that reads each weight row once for all rows of x. A row is cut into
 // chunks of C = V * W columns (V: fp32 lanes of the SIMD registers, 16 with AVX-512, 8 with AVX2; W: columns per
 // lane, 8 for int4 and 16 for int3 / int2) such that SIMD lane l of a chunk sums the products of its columns
 // W l .. W l + W-1 only. Each lane then lies in one group (G a multiple of W): its sum is scaled, with int8
@@ -314,7 +318,7 @@ T* buffer(std::vector<uint8_t>& hold, int64_t n) {
   return reinterpret_cast<T*>((p + 63) / 64 * 64);
 }
 
-// The activations of one GEMV call (one to four rows of x), prepared once in the forms the row kernels read.
+// The activations of one GEMV call (one to eight rows of x), prepared once in the forms the row kernels read.
 struct Acts {
   int64_t M = 0, K = 0, G = 0;
   bool q8 = false, simd = false;
@@ -851,7 +855,7 @@ void gemv_rows_simd(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1,
   }
 }
 
-// The dispatch to the kernel instances: activations (int8 / fp32), rows of x (1..4), bits.
+// The dispatch to the kernel instances: activations (int8 / fp32), rows of x (1..kGemvRows), bits.
 template <int BITS, int M>
 void gemv_rows_simd_act(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   if (a.q8) gemv_rows_simd<Simd, BITS, M, true>(q, a, n0, n1, y, ldy);
@@ -864,7 +868,12 @@ void gemv_rows_simd_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_
     case 1: return gemv_rows_simd_act<BITS, 1>(q, a, n0, n1, y, ldy);
     case 2: return gemv_rows_simd_act<BITS, 2>(q, a, n0, n1, y, ldy);
     case 3: return gemv_rows_simd_act<BITS, 3>(q, a, n0, n1, y, ldy);
-    default: return gemv_rows_simd_act<BITS, 4>(q, a, n0, n1, y, ldy);
+    case 4: return gemv_rows_simd_act<BITS, 4>(q, a, n0, n1, y, ldy);
+    case 5: return gemv_rows_simd_act<BITS, 5>(q, a, n0, n1, y, ldy);
+    case 6: return gemv_rows_simd_act<BITS, 6>(q, a, n0, n1, y, ldy);
+    case 7: return gemv_rows_simd_act<BITS, 7>(q, a, n0, n1, y, ldy);
+    default: static_assert(kGemvRows == 8, "one instance per row count");
+      return gemv_rows_simd_act<BITS, 8>(q, a, n0, n1, y, ldy);
   }
 }
 
@@ -1015,9 +1024,10 @@ void gemv_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, floa
   gemv_rows_plain(q, a, n0, n1, y, ldy);
 }
 
-// y[m, start_i + n] += (x W_i^T)[m, n] for one to four rows of x and the weights side by side (of one bit width):
+// y[m, start_i + n] += (x W_i^T)[m, n] for one to eight rows of x and the weights side by side (of one bit width):
 // each weight row is read once for all rows of x, every part's rows in one parallel loop.
 void group_gemv(const at::Tensor& x, const std::vector<GroupWeight>& parts, bool int8_act, float* y, int64_t ldy) {
+  if (x.size(0) == 0) return;
   const bool q8 = int8_act && parts[0].K % 32 == 0;  // the int8 activations' blocks must tile the row
   std::map<int64_t, Acts> acts;  // by group size (the parts of one call usually share it)
   for (const auto& p : parts)
@@ -1069,7 +1079,7 @@ at::Tensor group_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   check_input(x, q.K, linear_name(BITS));
   const int64_t M = x.size(0);
   check_residual(residual, M, q.N);
-  if (M > 4) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
+  if (M > kGemvRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
   at::Tensor y = new_output(residual, M, q.N);
   group_gemv(x, {q}, int8_act, y.data_ptr<float>(), q.N);
   return y;
@@ -1095,7 +1105,7 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
   const int64_t K = parts[0].K, M = x.size(0);
   for (const auto& p : parts) TORCH_CHECK(p.K == K, what, ": the weights read inputs of different widths");
   check_input(x, K, what.c_str());
-  if (M > 4) {  // prompts: every part into its columns of one output
+  if (M > kGemvRows) {  // prompts: every part into its columns of one output
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
     return tiled_gemm(x, K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
@@ -1108,60 +1118,6 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
 }
 
 // ------------------------------------------------------------------------------------------------ int8
-inline float q8_row(const float* x, const int8_t* w, int64_t K) {
-  int64_t k = 0;
-  float total = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 =
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
-    const __m256 w1 = _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8))));
-    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
-  }
-  total = hsum(_mm256_add_ps(a0, a1));
-#endif
-  for (; k < K; ++k) total += x[k] * static_cast<float>(w[k]);
-  return total;
-}
-
-// int8 weights times int8 activations (quantized per 32 columns): sum_b dx_b * sum_j w_j xq_j.
-// The signed x signed products use the sign trick (|w| as the unsigned operand, xq with w's sign).
-inline float q8_row_q8(const QuantRow& q, const int8_t* w, int64_t K) {
-  const int8_t* xq = q.xq.data();
-  const float* dx = q.dx.data();
-  const int64_t nb = K / 32;
-  float total = 0.f;
-  int64_t b = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  auto dot32 = [&](int64_t blk) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + blk * 32));
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + blk * 32));
-    const __m256i ua = _mm256_sign_epi8(wv, wv), sx = _mm256_sign_epi8(xv, wv);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, sx));
-#else
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ua, sx), _mm256_set1_epi16(1)));
-#endif
-  };
-  for (; b + 2 <= nb; b += 2) {
-    acc0 = _mm256_fmadd_ps(dot32(b), _mm256_set1_ps(dx[b]), acc0);
-    acc1 = _mm256_fmadd_ps(dot32(b + 1), _mm256_set1_ps(dx[b + 1]), acc1);
-  }
-  for (; b < nb; ++b) acc0 = _mm256_fmadd_ps(dot32(b), _mm256_set1_ps(dx[b]), acc0);
-  total = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; b < nb; ++b) {
-    int32_t d = 0;
-    for (int j = 0; j < 32; ++j) d += static_cast<int32_t>(w[b * 32 + j]) * xq[b * 32 + j];
-    total += static_cast<float>(d) * dx[b];
-  }
-  return total;
-}
-
 // A per-channel int8 weight, checked, and its rows as fp32 for tiled_gemm.
 struct Q8Weight {
   int64_t N, K;
@@ -1184,6 +1140,139 @@ Q8Weight q8_weight(const at::Tensor& qweight, const at::Tensor& scale) {
   return {N, K, qweight.data_ptr<int8_t>(), scales_of(scale)};
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The integer dot product of one 32-column block, as 8 fp32 lane sums: unsigned |w| times the int8 activations
+// carrying w's sign (the sign trick: u8 x s8 is what the instructions multiply).
+inline __m256 q8_dot32(__m256i ua, __m256i sx) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, sx));
+#else  // |pair sums| <= 2 * 127 * 127: maddubs' int16 sums do not saturate
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ua, sx), _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
+// Decoding: y[m, n] += (x W^T)[m, n] * scale[n] for the weight rows n0..n1-1 and M (one to kGemvRows) rows of x, each
+// weight row read once for all of them: its 32-column blocks are made unsigned (int8 activations `xq`, the int8
+// rows of x; the reference is int8_activations times the dequantized weight) or widened to fp32 (`xq` null: exact
+// up to the order of fp32 additions) once for all M rows. Each row keeps two accumulators (two FMA chains), the
+// same for every M: a row of a batch is computed exactly as it is alone.
+template <int M>
+void q8_gemv_rows(const Q8Weight& q, const float* x, const QuantRow* xq, int64_t n0, int64_t n1, float* y) {
+  const int64_t K = q.K, N = q.N;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q.w + n * K;
+    float total[M];
+    int64_t k = 0;  // the columns the SIMD loop did
+#if defined(__AVX2__) && defined(__FMA__)
+    constexpr int A = 2;  // accumulators per row
+    __m256 acc[M * A];
+    for (int i = 0; i < M * A; ++i) acc[i] = _mm256_setzero_ps();
+    if (xq) {
+      for (int64_t b = 0; b < K / 32; ++b, k += 32) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+        const __m256i ua = _mm256_sign_epi8(wv, wv);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m].xq.data() + k));
+          __m256& a = acc[m * A + b % A];
+          a = _mm256_fmadd_ps(q8_dot32(ua, _mm256_sign_epi8(xv, wv)), _mm256_set1_ps(xq[m].dx[b]), a);
+        }
+      }
+    } else {
+      for (int64_t c = 0; k + 8 <= K; k += 8, ++c) {
+        const __m256 wf =
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
+        for (int m = 0; m < M; ++m) {
+          __m256& a = acc[m * A + c % A];
+          a = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), a);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) total[m] = hsum(_mm256_add_ps(acc[m * A], acc[m * A + 1]));
+#else
+    for (int m = 0; m < M; ++m) total[m] = 0.f;
+#endif
+    for (int m = 0; m < M; ++m) {  // the columns left, column by column
+      float t = total[m];
+      if (xq) {
+        for (int64_t b = k / 32; b < K / 32; ++b) {
+          int32_t d = 0;
+          for (int j = 0; j < 32; ++j) d += static_cast<int32_t>(w[b * 32 + j]) * xq[m].xq[b * 32 + j];
+          t += static_cast<float>(d) * xq[m].dx[b];
+        }
+      } else {
+        for (int64_t e = k; e < K; ++e) t += x[m * K + e] * static_cast<float>(w[e]);
+      }
+      y[m * N + n] += t * q.scale[n];
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define CMX_Q8_VNNI 1
+// The int8 activations as AVX-512 VNNI's fast path reads them: per row of x, its codes plus 128 (unsigned: xq ^ 0x80)
+// and each int32 lane's block scale (lane l of a 64-column step sums columns 4l .. 4l+3, of block l / 8), both
+// zero-padded to whole steps.
+struct Q8Lanes {
+  int64_t steps = 0;
+  uint8_t* xu = nullptr;  // [M, steps * 64]
+  float* dx = nullptr;    // [M, steps * 16]
+  std::vector<uint8_t> hold_xu, hold_dx;
+  Q8Lanes(const std::vector<QuantRow>& rows, int64_t K) : steps((K + 63) / 64) {
+    const int64_t M = static_cast<int64_t>(rows.size());
+    xu = buffer<uint8_t>(hold_xu, M * steps * 64);
+    dx = buffer<float>(hold_dx, M * steps * 16);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) xu[m * steps * 64 + k] = static_cast<uint8_t>(rows[m].xq[k]) ^ 0x80;
+      for (int64_t l = 0; l < K / 4; ++l) dx[m * steps * 16 + l] = rows[m].dx[l / 8];
+    }
+  }
+};
+
+// int8 activations on AVX-512 VNNI: 64 columns a step, each weight step loaded once for all M rows. The unsigned
+// codes xq + 128 times the signed weights, started from -128 * (the lane's weight sum), give each lane's exact
+// sum of xq * w in one `vpdpbusd` per row (the weight sums are one more `vpdpbusd` per step, shared by the rows).
+// Each row keeps two accumulators, the same for every M: a row of a batch is computed exactly as it is alone.
+template <int M>
+void q8_gemv_rows_vnni(const Q8Weight& q, const Q8Lanes& a, int64_t n0, int64_t n1, float* y) {
+  const int64_t K = q.K, N = q.N, steps = a.steps, xs = steps * 64, ds = steps * 16;
+  const __mmask64 last = K % 64 ? (~0ull >> (64 - K % 64)) : ~0ull;  // the last step's columns
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q.w + n * K;
+    __m512 acc[2 * M];
+    for (int i = 0; i < 2 * M; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < steps; ++c) {
+      const __m512i wv = c + 1 < steps ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi8(last, w + c * 64);
+      const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                             _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
+      for (int m = 0; m < M; ++m) {
+        const __m512i d = _mm512_dpbusd_epi32(start, _mm512_load_si512(a.xu + m * xs + c * 64), wv);
+        __m512& t = acc[2 * m + (c & 1)];
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_load_ps(a.dx + m * ds + c * 16), t);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      y[m * N + n] += _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * m], acc[2 * m + 1])) * q.scale[n];
+  }
+}
+#else
+#define CMX_Q8_VNNI 0
+#endif
+
+template <int M>
+void q8_gemv(const Q8Weight& q, const float* x, const std::vector<QuantRow>& rows, float* y) {
+#if CMX_Q8_VNNI
+  if (!rows.empty()) {
+    const Q8Lanes lanes(rows, q.K);
+    at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) { q8_gemv_rows_vnni<M>(q, lanes, a, b, y); });
+    return;
+  }
+#endif
+  const QuantRow* xq = rows.empty() ? nullptr : rows.data();
+  at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) { q8_gemv_rows<M>(q, x, xq, a, b, y); });
+}
+
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const c10::optional<at::Tensor>& residual, bool int8_act) {
   const Q8Weight q8 = q8_weight(qweight, scale);
@@ -1191,23 +1280,23 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   check_input(x, K, "q8_linear");
   const int64_t M = x.size(0);
   check_residual(residual, M, N);
-  const int8_t* w = q8.w;
-  const Scales sc = q8.scale;
-  if (M > 4) return tiled_gemm(x, K, {q8.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
+  if (M > kGemvRows) return tiled_gemm(x, K, {q8.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
   at::Tensor y = new_output(residual, M, N);
+  const float* xp = x.data_ptr<float>();
+  std::vector<QuantRow> rows;  // int8 activations, where their 32-column blocks tile the row
+  if (int8_act && K % 32 == 0)
+    for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_row(xp + m * K, K));
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x.data_ptr<float>() + m * K;
-    if (int8_act && K % 32 == 0) {
-      const QuantRow q = quantize_row(xm, K);
-      at::parallel_for(0, N, grain(K), [&](int64_t a, int64_t b) {
-        for (int64_t n = a; n < b; ++n) yp[m * N + n] += q8_row_q8(q, w + n * K, K) * sc[n];
-      });
-      continue;
-    }
-    at::parallel_for(0, N, grain(K), [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n) yp[m * N + n] += q8_row(xm, w + n * K, K) * sc[n];
-    });
+  switch (M) {
+    case 0: break;
+    case 1: q8_gemv<1>(q8, xp, rows, yp); break;
+    case 2: q8_gemv<2>(q8, xp, rows, yp); break;
+    case 3: q8_gemv<3>(q8, xp, rows, yp); break;
+    case 4: q8_gemv<4>(q8, xp, rows, yp); break;
+    case 5: q8_gemv<5>(q8, xp, rows, yp); break;
+    case 6: q8_gemv<6>(q8, xp, rows, yp); break;
+    case 7: q8_gemv<7>(q8, xp, rows, yp); break;
+    default: q8_gemv<8>(q8, xp, rows, yp); break;
   }
   return y;
 }
@@ -1222,7 +1311,7 @@ at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qwe
   for (const auto& p : parts)
     TORCH_CHECK(p.K == parts[0].K, "q8_linear_cat: the weights read inputs of different widths");
   check_input(x, parts[0].K, "q8_linear_cat");
-  if (x.size(0) > 4) {
+  if (x.size(0) > kGemvRows) {
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
     return tiled_gemm(x, parts[0].K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
@@ -1547,12 +1636,12 @@ std::string isa() { return kIsa; }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight; int8_act: one to four "
+  m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight; int8_act: one to eight "
         "rows are quantized to int8 per 32 columns for integer dot products (llama.cpp's approach)",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
   m.def("q4_linear", &group_linear<4>, "y = x W^T (+ residual) for a portable-layout int4 weight (zero: empty for "
-        "symmetric); int8_act: one to four rows are quantized to int8 per 32 columns for integer dot products",
+        "symmetric); int8_act: one to eight rows are quantized to int8 per 32 columns for integer dot products",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
   m.def("q3_linear", &group_linear<3>, "as q4_linear, for a portable-layout int3 weight (low plane, then high bits)",
@@ -1579,6 +1668,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
   m.def("hybrid_decode_", &hybrid_decode_, "one token of a hybrid (window + linear) layer, in place");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
+  m.def("gemv_rows", [] { return kGemvRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
+        "rows the tiled GEMM (prompts)");
   m.def("bf16_prompts", [] { return kBf16Prompts; }, "whether the fast activations run prompts' matmuls in bf16");
   m.def("block", &block, "group sizes of `bits`-bit weights that are a multiple of this take the SIMD kernels "
         "(other sizes the layout allows run in plain C++)", py::arg("bits") = 4);
