@@ -11,9 +11,8 @@ engine on the same held-out tokens.
    teacher's own file: a check of the pipeline (its KLD is ~1e-6).
 3. codexmini: the same teacher as a CodexMini model, through `quantize_model` (one `QuantizeConfig` per `--points`
    entry) and `export_cmx(..., dtype="float16")`; the `fp16` point (no quantization) is the runtime's check. A
-   budget point's `target_mb=<llama type>` is that llama.cpp file's size measured in this run less what a .cmx
-   holds besides its tensors (tokenizer, manifest: measured on the first point exported), so the files come out
-   about the same size.
+   budget point's `target_mb=<llama type>` is that llama.cpp file's size measured in this run: the whole .cmx
+   (tensors, tokenizer, header) comes out within it, as the quantize stage counts a file.
 4. Scoring: per model and domain, perplexity and the mean per-token KL(teacher || model) against the fp32 teacher
    in PyTorch, over the T-1 positions of each block that have a next token. llama.cpp's logits come from
    `Llama(logits_all=True).eval(block)`, codexmini's from `Runtime.forward(block, all_logits=True)`: each engine's
@@ -430,13 +429,14 @@ def llama_speed(path: Path, threads: int, contexts, decode_tokens: int, extra_bu
 
 
 # --------------------------------------------------------------------------- codexmini
-def codexmini_point(student, tok, overrides: dict, calibration, path: Path, llama_mb: dict, overhead: int | None,
-                    args) -> dict:
+def codexmini_point(student, tok, overrides: dict, calibration, path: Path, llama_mb: dict, args) -> dict:
     """Quantize a copy of `student` with `overrides` and export it; returns what the quantizer reported and the
     file's bytes beyond its tensors (`overhead_bytes`: tokenizer, manifest, alignment). A `target_mb` naming a
-    llama.cpp type becomes that file's MB less `overhead` (measured on an earlier point; else the tokenizer's)."""
+    llama.cpp type becomes that file's MB: the whole .cmx within it, as the quantize stage counts it (the tensors
+    within what `file_overhead_bytes` leaves)."""
     from codexmini.export.to_cmx import export_cmx, model_tensors
     from codexmini.quantize import QuantizeConfig, quantize_model
+    from codexmini.quantize.apply import file_overhead_bytes
 
     overrides = dict(overrides)
     model = copy.deepcopy(student)
@@ -446,11 +446,11 @@ def codexmini_point(student, tok, overrides: dict, calibration, path: Path, llam
         if isinstance(target, str):
             if target not in llama_mb:
                 raise ValueError(f"target_mb={target}: that llama.cpp type is not among --llama-types")
-            overhead = overhead if overhead is not None else len(tok.backend_tokenizer.to_str().encode())
-            overrides["target_mb"] = llama_mb[target] - overhead / 1e6
+            overrides["target_mb"] = llama_mb[target]
             info["target_mb"] = overrides["target_mb"]
         cfg = QuantizeConfig(**{"calibration_blocks": args.calibration_blocks, **overrides})
-        model, report = quantize_model(model, cfg, calibration)
+        # what the file holds besides its tensors comes off target_mb, as in the quantize stage
+        model, report = quantize_model(model, cfg, calibration, file_overhead_bytes(tok, model))
         info.update(bits_per_weight=report.get("bits_per_weight"),
                     scheme_counts=dict(sorted({s: list(report["schemes"].values()).count(s)
                                                for s in set(report["schemes"].values())}.items())))
@@ -535,9 +535,10 @@ def print_tables(rows: list[dict], teacher_ppl: dict, contexts, meta: dict) -> N
                 f"{_kl(r['domains'][n]['kl'])} / {r['domains'][n]['ppl'] / teacher_ppl[n]:.3f}" for n in names) + " |")
     notes = [f"- {r['type']}: {r['fallbacks']} tensors not in the type's own format (llama.cpp's fallback for rows "
              "that are not a multiple of its block, 256 for k-quants)" for r in rows if r.get("fallbacks")]
-    notes += [f"- {r['type']}: int2 / int3 layers run dequantized to fp32 in the runtime (no int kernel yet), "
-              "so its tok/s is not that of a packed kernel" for r in rows
-              if r["engine"] == "codexmini" and any(s.startswith(("int2", "int3")) for s in r.get("scheme_counts", {}))]
+    notes += [f"- {r['type']}: int2 / int3 layers run dequantized to fp32 (the runtime's {r['kernels']} kernels have "
+              "none for them), so its tok/s is not that of a packed kernel" for r in rows
+              if r["engine"] == "codexmini" and r.get("kernels") != "cmx"
+              and any(s.startswith(("int2", "int3")) for s in r.get("scheme_counts", {}))]
     if not meta["llama_extra_bufts"]:
         notes.append("- llama.cpp ran without its extra weight buffers (AMX, repacked Q4_0 / IQ4_NL / Q4_K layouts): "
                      "a prompt crashed with them on this machine (see `extra_bufts_work`), so its tok/s lack those "
@@ -637,15 +638,14 @@ def codexmini_rows(teacher, tok, points, calibration, folder: Path, llama_mb: di
 
     domains, ref, teacher_ppl = sets
     student = student_from_teacher(teacher).float().eval()
-    rows, overhead = [], None
+    rows = []
     for name, overrides in points:
         row = {"engine": "codexmini", "type": name, "overrides": overrides}
         rows.append(row)
         try:
             path = folder / f"{name.replace('@', '_at_')}.cmx"
             q0 = time.perf_counter()
-            row.update(codexmini_point(student, tok, overrides, calibration, path, llama_mb, overhead, args))
-            overhead = row["overhead_bytes"] if overhead is None else overhead
+            row.update(codexmini_point(student, tok, overrides, calibration, path, llama_mb, args))
             row.update(path=str(path), mb=path.stat().st_size / 1e6, quantize_s=time.perf_counter() - q0)
             rt = Runtime(path, threads=args.threads)
             row.update(kernels=rt.kernels, act_dtype=rt.act_dtype)

@@ -13,7 +13,7 @@ from .apply import QuantizeConfig, check_config, file_overhead_bytes, plan, quan
 def run_quantize(model, cfg: QuantizeConfig, ctx):
     plan(model, cfg)  # bad schemes or group sizes fail here, before the calibration passes
     before = perplexity(model, ctx.data.val, batch_size=8)["ppl"]
-    model, report = quantize_model(model, cfg, ctx.data.calibration, file_overhead_bytes(ctx.tokenizer))
+    model, report = quantize_model(model, cfg, ctx.data.calibration, file_overhead_bytes(ctx.tokenizer, model))
     counts = dict(Counter(report["schemes"].values()))
     print(f"[codexmini] quantized {len(report['schemes'])} linear layers ({cfg.method}: {counts}); "
           f"{report['bits_per_weight']:.2f} bits/weight", flush=True)

@@ -137,3 +137,21 @@ def test_the_unpacked_error_equals_the_packed_round_trip(scheme, search):
     q = quantize_rtn(w, scheme, imp, search)
     want = (dequantize_group(q) if isinstance(q, GroupWeight) else dequantize_int8(*q)) - w
     torch.testing.assert_close(quant_error(w, scheme, imp, search), want, atol=1e-7, rtol=0)
+
+
+def test_file_overhead_covers_what_a_cmx_holds_besides_its_tensors(tiny_tokenizer, tmp_path):
+    """The bytes a size budget reserves for the header: the tokenizer and chat template as the header stores them
+    (JSON-escaped: a template of quotes and newlines takes twice its length there), and an index entry per tensor."""
+    import copy
+
+    from codexmini.quantize.apply import file_overhead_bytes
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = '{{ "\\n" }}"' * 20_000  # 200 KB of characters JSON escapes, far above the fixed margin
+    model = _model()
+    reserved = file_overhead_bytes(tok, model)
+    quantized, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32_asym"))
+    path = export_cmx(quantized, tok, tmp_path / "m.cmx", dtype="float16")
+    tensors = sum(t.numel() * t.element_size() for t in model_tensors(quantized, "float16").values())
+    actual = path.stat().st_size - tensors
+    assert actual <= reserved <= 1.1 * actual, (actual, reserved)  # and not far above it: tiny files fit too
