@@ -22,7 +22,7 @@ from .modules import model_bits_per_weight, replace_linear
 
 METHODS = ("rtn", "gptq", "awq")
 DEFAULT_CANDIDATES = ("int2_g32_asym", "int3_g32", "int3_g16", "int4_g64", "int4_g32", "int4_g32_asym", "int4_g16",
-                      "int8")
+                      "int4_g8", "int8")  # int4_g8 (6 bits a weight): the step between int4_g16 (5) and int8 (8)
 # A .cmx header beyond its JSON strings (tokenizer, chat template, config): per tensor an index entry
 # ({"dtype", "shape", "data_offsets"} under its name: ~107 bytes for SmolLM2's names), per weight matrix an entry in
 # the schemes map (~50), and a few fixed keys (format, version, checksum) and safetensors' padding; each with room
