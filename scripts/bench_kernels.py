@@ -11,6 +11,8 @@ per call and GB/s of weight bytes read (codes, scales and zero points).
 
     .venv/bin/python scripts/bench_kernels.py                  # about a minute
     .venv/bin/python scripts/bench_kernels.py --table lowbit   # table 2 only
+
+Table 3 (`--table rows`): a batched decode step, one weight against 1 .. `gemv_rows()` rows of int8 activations.
 """
 
 from __future__ import annotations
@@ -99,10 +101,32 @@ def low_bit_table(ext, repeats: int) -> None:
                   f"{us[1]:.1f} | {nbytes / us[1] / 1e3:.1f} |")
 
 
+def rows_table(ext, repeats: int) -> None:
+    """A batched decode step: the same weight against 1 .. gemv_rows() rows (one per sequence), int8 activations;
+    µs per call and per row, and the batch's cost against one row's."""
+    from codexmini.ops.layouts import pack_bits
+
+    g = torch.Generator().manual_seed(2)
+    empty = torch.empty(0, dtype=torch.uint8)
+    rows = sorted({1, 2, 4, ext.gemv_rows()})
+    print("| shape | kernel | " + " | ".join(f"{m} rows µs (x one)" for m in rows) + " |")
+    print("|---|---|" + "---|" * len(rows))
+    for N, K, name in [(3072, 576, "gate/up fused"), (576, 1536, "down"), (49152, 576, "head (vocab)")]:
+        q4 = pack_bits(torch.randint(0, 16, (N, K), generator=g), 4)
+        s4 = (torch.randn(N, K // 32, generator=g) * 0.01).half()
+        q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        s8 = (torch.rand(N, generator=g) * 0.01).half()
+        for label, call in (("int4 g32", lambda x: ext.q4_linear(x, q4, s4, empty, None, True)),
+                            ("int8", lambda x: ext.q8_linear(x, q8, s8, None, True))):
+            xs = {m: torch.randn(m, K, generator=g) for m in rows}
+            us = [median_us(lambda: call(xs[m]), repeats) for m in rows]
+            print(f"| {N}x{K} {name} | {label} | " + " | ".join(f"{u:.1f} ({u / us[0]:.2f}x)" for u in us) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=200)
-    p.add_argument("--table", choices=["all", "onerow", "lowbit"], default="all")
+    p.add_argument("--table", choices=["all", "onerow", "lowbit", "rows"], default="all")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
     from codexmini.runtime import native
@@ -121,6 +145,9 @@ def main() -> None:
             print("(codexmini's kernels are not built here: no low-bit table)")
         else:
             low_bit_table(ext, args.repeats)
+            print()
+    if args.table in ("all", "rows") and ext is not None:
+        rows_table(ext, args.repeats)
 
 
 if __name__ == "__main__":
