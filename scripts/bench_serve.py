@@ -109,11 +109,8 @@ class ServerProcess:
                     "--n_threads_batch", str(threads or os.cpu_count()),
                     # queue concurrent requests (its default cuts a running stream off when the next one arrives)
                     "--interrupt_requests", "False"]
-            patch = "--no-extra-bufts" in extra
-            code = ("import runpy, sys; sys.path.insert(0, %r); import bench_frontier as b; "
-                    "sys.argv = ['llama_cpp.server'] + %r; ctx = b.llama_model_params(False) if %r else None; "
-                    "ctx and ctx.__enter__(); runpy.run_module('llama_cpp.server', run_name='__main__')"
-                    % (str(ROOT / "scripts"), args, patch))
+            code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_serve; "
+                    f"bench_serve.llama_server({args!r}, {'--no-extra-bufts' not in extra})")
             cmd = [sys.executable, "-c", code]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         # stderr to a file, not a pipe: llama.cpp logs enough at load to fill a pipe and block the server
@@ -148,6 +145,18 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def llama_server(args: list[str], extra_bufts: bool) -> None:
+    """llama-cpp-python's OpenAI server (`python -m llama_cpp.server ARGS`) in this process, its model built with
+    llama.cpp's extra weight buffers on or off (`bench_frontier.llama_model_params`)."""
+    import runpy
+
+    import bench_frontier
+
+    sys.argv = ["llama_cpp.server", *args]
+    with bench_frontier.llama_model_params(extra_bufts):
+        runpy.run_module("llama_cpp.server", run_name="__main__")
 
 
 # --------------------------------------------------------------------------- clients

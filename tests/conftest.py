@@ -59,12 +59,17 @@ def perturb_linear_parts(module):
     return module
 
 
-def tiny_model(**overrides):
-    """The seeded tiny student (`tiny_config(**overrides)`) in eval mode, with non-trivial linear-attention parts."""
+def seeded_model(**overrides):
+    """The tiny student (`tiny_config(**overrides)`) built under seed 0, in eval mode, its weights as initialised."""
     from codexmini import CodexMiniForCausalLM
 
     torch.manual_seed(0)
-    return perturb_linear_parts(CodexMiniForCausalLM(tiny_config(**overrides)).eval())
+    return CodexMiniForCausalLM(tiny_config(**overrides)).eval()
+
+
+def tiny_model(**overrides):
+    """The seeded tiny student (`seeded_model(**overrides)`) with non-trivial linear-attention parts."""
+    return perturb_linear_parts(seeded_model(**overrides))
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ already-quantized layers 0..i-1 produce them, so each layer corrects for the err
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -256,8 +257,6 @@ def file_overhead_bytes(tokenizer, model: nn.Module | None = None) -> int:
     where tokenizer.json, the chat template and the config are JSON strings (escaped: SmolLM2's 1.49 MB tokenizer
     takes 1.86 MB there), an index entry per tensor (three per weight matrix once quantized: codes, scale, zero), a
     scheme per weight matrix, and the fixed keys."""
-    import json
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     strings = [backend.to_str() if backend is not None else "", str(getattr(tokenizer, "chat_template", None) or "")]
     tensors = matrices = 0

@@ -3,30 +3,16 @@
 import pytest
 import torch
 
-from codexmini import CodexMiniForCausalLM
 from codexmini.export.to_cmx import export_cmx, model_tensors
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.quantize.allocate import CalibrationStats, allocate, collect_stats, sensitivity, tensor_bytes
 from codexmini.quantize.gptq import HessianAccumulator, gptq_quantize
 from codexmini.ops.layouts import dequantize_group, quantize_rtn
-from tests.conftest import tiny_config
-
-
-def _model(**kw):
-    torch.manual_seed(0)
-    fields = dict(num_hidden_layers=2, layer_types=["softmax", "linear"], hidden_size=64, intermediate_size=128)
-    fields.update(kw)
-    return CodexMiniForCausalLM(tiny_config(**fields)).eval()
-
-
-@pytest.fixture
-def calib():
-    torch.manual_seed(1)
-    return torch.randint(4, 300, (8, 32))
+from tests.conftest import seeded_model
 
 
 def test_statistics_are_mean_squared_inputs_and_output_gradients(calib):
-    model = _model()
+    model = seeded_model()
     name = "model.layers.0.mlp.down_proj"
     stats = collect_stats(model, calib, [name, "model.embed_tokens"], fisher=True)
     seen = []
@@ -45,7 +31,7 @@ def test_statistics_are_mean_squared_inputs_and_output_gradients(calib):
 
 
 def test_a_tensor_with_more_fisher_weight_gets_more_bits():
-    model = _model()
+    model = seeded_model()
     a, b = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
     with torch.no_grad():
         model.get_submodule(b).weight.copy_(model.get_submodule(a).weight)  # same weights, different weight
@@ -64,7 +50,7 @@ def test_a_tensor_with_more_fisher_weight_gets_more_bits():
 
 
 def test_size_budget_end_to_end_fits_and_beats_the_uniform_scheme_of_that_size(calib):
-    teacher = _model(tie_word_embeddings=True)
+    teacher = seeded_model(tie_word_embeddings=True)
     with torch.no_grad():
         want = torch.log_softmax(teacher(calib).logits, -1)
 
@@ -73,25 +59,25 @@ def test_size_budget_end_to_end_fits_and_beats_the_uniform_scheme_of_that_size(c
             got = torch.log_softmax(m(calib).logits, -1)
         return float((want.exp() * (want - got)).sum(-1).mean())
 
-    uniform, _ = quantize_model(_model(tie_word_embeddings=True),
+    uniform, _ = quantize_model(seeded_model(tie_word_embeddings=True),
                                 QuantizeConfig(method="gptq", default="int3_g32", embedding="int4_g32"), calib)
     size = sum(t.numel() * t.element_size() for t in model_tensors(uniform, "float16").values())
     cfg = QuantizeConfig(method="gptq", target_mb=size / 1e6, candidates=["int2_g32_asym", "int3_g32", "int4_g32",
                                                                             "int8"])
-    allocated, report = quantize_model(_model(tie_word_embeddings=True), cfg, calib)
+    allocated, report = quantize_model(seeded_model(tie_word_embeddings=True), cfg, calib)
     got = sum(t.numel() * t.element_size() for t in model_tensors(allocated, "float16").values())
     assert got <= size
     assert len(report["allocation"]["counts"]) > 1 and set(report["schemes"]) == set(report["allocation"]["sensitivity"])
     assert kl(allocated) < kl(uniform), (kl(allocated), kl(uniform))
     with pytest.raises(ValueError, match="both set"):
-        quantize_model(_model(), QuantizeConfig(target_mb=1.0, target_bits=4.0), calib)
+        quantize_model(seeded_model(), QuantizeConfig(target_mb=1.0, target_bits=4.0), calib)
     with pytest.raises(ValueError, match="needs calibration"):
-        quantize_model(_model(), QuantizeConfig(method="rtn", target_bits=4.0))
+        quantize_model(seeded_model(), QuantizeConfig(method="rtn", target_bits=4.0))
 
 
 def test_rules_pin_tensors_outside_the_budget(calib):
     cfg = QuantizeConfig(method="rtn", target_bits=5.0, rules=[{"pattern": "down_proj", "scheme": "int8"}])
-    _, report = quantize_model(_model(), cfg, calib)
+    _, report = quantize_model(seeded_model(), cfg, calib)
     assert all(s == "int8" for n, s in report["schemes"].items() if "down_proj" in n)
     assert not any("down_proj" in n for n in report["allocation"]["sensitivity"])
 
@@ -117,7 +103,7 @@ def test_importance_weighted_search_and_gptq_lower_the_output_error():
 def test_budget_file_round_trips_through_the_cmx_and_runtime(calib, tiny_tokenizer, tmp_path):
     from codexmini.runtime import Runtime
 
-    model, report = quantize_model(_model(tie_word_embeddings=True),
+    model, report = quantize_model(seeded_model(tie_word_embeddings=True),
                                    QuantizeConfig(method="rtn", target_bits=4.0), calib)
     path = export_cmx(model, tiny_tokenizer, tmp_path / "b.cmx", dtype="float16")
     rt = Runtime(path, act_dtype="float32")
@@ -148,7 +134,7 @@ def test_file_overhead_covers_what_a_cmx_holds_besides_its_tensors(tiny_tokenize
 
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = '{{ "\\n" }}"' * 20_000  # 200 KB of characters JSON escapes, far above the fixed margin
-    model = _model()
+    model = seeded_model()
     reserved = file_overhead_bytes(tok, model)
     quantized, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32_asym"))
     path = export_cmx(quantized, tok, tmp_path / "m.cmx", dtype="float16")

@@ -6,20 +6,12 @@ from codexmini.models.quantized import QuantLinear
 from codexmini.quantize import QuantizeConfig, quantize_model, resolve_schemes
 from codexmini.quantize.gptq import HessianAccumulator, gptq_quantize
 from codexmini.quantize.numerics import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
-from tests.conftest import tiny_config
+from tests.conftest import seeded_model
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    fields = dict(num_hidden_layers=3, layer_types=["softmax", "linear", "hybrid"], tie_word_embeddings=False)
-    fields.update(kw)
-    return CodexMiniForCausalLM(tiny_config(**fields)).eval()
-
-
-@pytest.fixture
-def calib():
-    torch.manual_seed(1)
-    return torch.randint(4, 300, (8, 32))
+    return seeded_model(**{"num_hidden_layers": 3, "layer_types": ["softmax", "linear", "hybrid"],
+                           "tie_word_embeddings": False, **kw})
 
 
 def _correlated_inputs(n, d, seed=0):

@@ -36,6 +36,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -74,6 +75,22 @@ constexpr int64_t kTileRows = 256;   // rows dequantized at a time for multi-row
 // row once for all of them; longer ones (prompts) the tiled GEMM. The runtime reads it (`gemv_rows()`) to cut a
 // bigger decoding batch into calls of this many rows.
 constexpr int64_t kGemvRows = 8;
+
+// f(std::integral_constant<int, M>{}) for M = rows, 1 .. kGemvRows: the GEMVs' one kernel instance per row count.
+template <class F>
+void with_rows(int64_t rows, F&& f) {
+  static_assert(kGemvRows == 8, "one case per row count");
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
 
 void check_input(const at::Tensor& x, int64_t K, const char* what) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -864,17 +881,7 @@ void gemv_rows_simd_act(const GroupWeight& q, const Acts& a, int64_t n0, int64_t
 
 template <int BITS>
 void gemv_rows_simd_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  switch (a.M) {
-    case 1: return gemv_rows_simd_act<BITS, 1>(q, a, n0, n1, y, ldy);
-    case 2: return gemv_rows_simd_act<BITS, 2>(q, a, n0, n1, y, ldy);
-    case 3: return gemv_rows_simd_act<BITS, 3>(q, a, n0, n1, y, ldy);
-    case 4: return gemv_rows_simd_act<BITS, 4>(q, a, n0, n1, y, ldy);
-    case 5: return gemv_rows_simd_act<BITS, 5>(q, a, n0, n1, y, ldy);
-    case 6: return gemv_rows_simd_act<BITS, 6>(q, a, n0, n1, y, ldy);
-    case 7: return gemv_rows_simd_act<BITS, 7>(q, a, n0, n1, y, ldy);
-    default: static_assert(kGemvRows == 8, "one instance per row count");
-      return gemv_rows_simd_act<BITS, 8>(q, a, n0, n1, y, ldy);
-  }
+  with_rows(a.M, [&](auto m) { gemv_rows_simd_act<BITS, decltype(m)::value>(q, a, n0, n1, y, ldy); });
 }
 
 // The activations in the chunks' orders (see the top of this section), each chunk's lane-to-group map, and the
@@ -1287,17 +1294,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   if (int8_act && K % 32 == 0)
     for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_row(xp + m * K, K));
   float* yp = y.data_ptr<float>();
-  switch (M) {
-    case 0: break;
-    case 1: q8_gemv<1>(q8, xp, rows, yp); break;
-    case 2: q8_gemv<2>(q8, xp, rows, yp); break;
-    case 3: q8_gemv<3>(q8, xp, rows, yp); break;
-    case 4: q8_gemv<4>(q8, xp, rows, yp); break;
-    case 5: q8_gemv<5>(q8, xp, rows, yp); break;
-    case 6: q8_gemv<6>(q8, xp, rows, yp); break;
-    case 7: q8_gemv<7>(q8, xp, rows, yp); break;
-    default: q8_gemv<8>(q8, xp, rows, yp); break;
-  }
+  if (M > 0) with_rows(M, [&](auto m) { q8_gemv<decltype(m)::value>(q8, xp, rows, yp); });
   return y;
 }
 
