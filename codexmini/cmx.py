@@ -2,14 +2,14 @@
 
 Tensors are the model's weights, named as in the PyTorch model: float weights as `<name>` (fp32 or fp16) and
 quantized linear layers (and the token table) as `<name>.qweight` / `.scale` (fp16) / `.zero` (asymmetric group
-schemes only) in the portable layout of `codexmini.ops.layouts` (int8 per output channel; int4 / int3 / int2 in
+schemes only) / `.min` (fp16, `_min` group schemes only) in the portable layout of `codexmini.ops.layouts` (int8 per output channel; int4 / int3 / int2 in
 groups along each row). A tied head is the token table, stored once, quantized or not. The safetensors metadata
 (all strings) holds:
 
     format        "codexmini-cmx"
     version       format version (an integer); readers refuse versions newer than they know
     config        the model config as JSON (per-layer sizes and layer types)
-    schemes       JSON {linear name (or model.embed_tokens): "int8" | "int<b>_g<group>[_asym]"} for the quantized
+    schemes       JSON {linear name (or model.embed_tokens): "int8" | "int<b>_g<group>[_asym|_min]"} for the quantized
                   tensors
     tokenizer     tokenizer.json text;  chat_template  the chat template (may be empty)
     checksum      sha256 over every other metadata entry (name and value, in name order), then every tensor's
@@ -346,6 +346,8 @@ def _quant_shapes(name: str, scheme: str, out: int, inp: int, version: int) -> d
     shapes = {name + ".qweight": (out, s.packed_cols(inp)), name + ".scale": (out, inp // s.group_size)}
     if s.stores_zero or version < 3:  # before version 3 symmetric int4 stored its (constant) zero too
         shapes[name + ".zero"] = (out, inp // s.group_size)
+    if s.stores_min:
+        shapes[name + ".min"] = (out, inp // s.group_size)
     return shapes
 
 
@@ -392,9 +394,9 @@ def check_contents(config: dict, schemes: dict, tensors: dict[str, torch.Tensor]
             s = Scheme(str(scheme))
         except ValueError:
             s = None
-        if s is None or s.bits not in (2, 3, 4, 8) or (version < 3 and s.bits in (2, 3)):
+        if s is None or s.bits not in (2, 3, 4, 8) or (version < 3 and (s.bits in (2, 3) or s.stores_min)):
             raise CmxError(f"unknown quantization scheme {scheme!r} for {name} (known: int8, "
-                           f"{'int<b>_g<group>[_asym] for b = 4, 3, 2' if version >= 3 else 'int4_g<group>[_asym]'})")
+                           f"{'int<b>_g<group>[_asym|_min] for b = 4, 3, 2' if version >= 3 else 'int4_g<group>[_asym]'})")
         if name == EMBED and not config.get("embedding_rank"):
             if version < 3 and (scheme != "int8" or config.get("tie_word_embeddings")):
                 raise CmxError(f"a version {version} file holds only an untied int8 embedding table")

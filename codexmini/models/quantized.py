@@ -18,7 +18,8 @@ from ..ops.layouts import GroupWeight, Scheme, check_group_size, dequantize
 
 class QuantLinear(nn.Module):
     """A linear layer with int8 or group-quantized (int4 / int3 / int2) weights in the portable layout: `qweight`,
-    a float16 `scale` and, for asymmetric schemes only, `zero` (dequantized in forward)."""
+    a float16 `scale` and, for asymmetric schemes only, `zero` (for `_min` schemes a float16 `min`; dequantized in
+    forward)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, bias: bool = False):
         super().__init__()
@@ -34,6 +35,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", torch.ones(out_features, in_features // g, dtype=torch.float16))
             if s.stores_zero:
                 self.register_buffer("zero", torch.zeros((out_features, in_features // g), dtype=torch.uint8))
+            if s.stores_min:
+                self.register_buffer("min", torch.zeros((out_features, in_features // g), dtype=torch.float16))
         else:
             raise ValueError("QuantLinear needs an int8 or a group (int4 / int3 / int2) scheme")
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -61,13 +64,18 @@ class QuantLinear(nn.Module):
             self.scale.copy_(codes.scale)
             if self.scheme.stores_zero:
                 self.zero.copy_(codes.zero)
+            if self.scheme.stores_min:
+                if codes.min is None:
+                    raise ValueError(f"codes without mins for a {self.scheme.name} layer")
+                self.min.copy_(codes.min)
         else:
             self.qweight.copy_(codes[0])
             self.scale.copy_(codes[1])
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight `[out, in]`."""
-        return dequantize(self.scheme, self.qweight, self.scale, getattr(self, "zero", None))
+        return dequantize(self.scheme, self.qweight, self.scale, getattr(self, "zero", None),
+                          getattr(self, "min", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)
@@ -92,7 +100,8 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = dequantize(self.scheme, self.qweight[flat], self.scale[flat],
-                          self.zero[flat] if self.scheme.stores_zero else None)
+                          self.zero[flat] if self.scheme.stores_zero else None,
+                          self.min[flat] if self.scheme.stores_min else None)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:

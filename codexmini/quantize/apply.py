@@ -22,8 +22,10 @@ from .gptq import HessianAccumulator, gptq_quantize
 from .modules import model_bits_per_weight, replace_linear
 
 METHODS = ("rtn", "gptq", "awq")
+# int4_g8 (6 bits a weight): the step between int4_g16 (5) and int8 (8); int4_g32_min (5): llama.cpp's Q4_1 grid,
+# on which weights that came from such a file sit exactly
 DEFAULT_CANDIDATES = ("int2_g32_asym", "int3_g32", "int3_g16", "int4_g64", "int4_g32", "int4_g32_asym", "int4_g16",
-                      "int4_g8", "int8")  # int4_g8 (6 bits a weight): the step between int4_g16 (5) and int8 (8)
+                      "int4_g32_min", "int4_g8", "int8")
 # A .cmx header beyond its JSON strings (tokenizer, chat template, config): per tensor an index entry
 # ({"dtype", "shape", "data_offsets"} under its name: ~107 bytes for SmolLM2's names), per weight matrix an entry in
 # the schemes map (~50), and a few fixed keys (format, version, checksum) and safetensors' padding; each with room
@@ -220,7 +222,7 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
                     h.remove()
                 for name, scheme in mine.items():
                     lin, s = layer.get_submodule(name), Scheme(scheme)
-                    codes = gptq_quantize(lin.weight, hessians[name].value(), s.bits, s.group_size, s.symmetric,
+                    codes = gptq_quantize(lin.weight, hessians[name].value(), s.bits, s.group_size, s.mode,
                                           cfg.damp, cfg.act_order, cfg.block_size, cfg.search)
                     replace_linear(layer, name, _quant_module(lin, scheme, codes))
             # The next layer sees this layer's output with its weights already quantized.

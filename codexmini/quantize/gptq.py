@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.layouts import GroupWeight, check_group_size, grid, pack_bits, search_grid, to_codes
+from ..ops.layouts import GroupWeight, check_group_size, from_codes, grid, group_weight, search_grid, to_codes
 
 
 class HessianAccumulator:
@@ -29,11 +29,12 @@ class HessianAccumulator:
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
-                  symmetric: bool = True, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+                  symmetric: bool | str = True, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
                   search: bool = False):
     """GPTQ on `weight [out, in]` with Hessian `H [in, in]`.
 
-    Returns int8 `(codes, scale)` or a `GroupWeight` (bits 4 / 3 / 2), exactly like `quantize_rtn`.
+    Returns int8 `(codes, scale)` or a `GroupWeight` (bits 4 / 3 / 2), exactly like `quantize_rtn`; `symmetric`
+    is the group grid's kind (`codexmini.ops.layouts.mode_of`: True, False, "sym", "asym" or "min").
     With `search`, each group's grid is `search_grid`'s, its errors weighted by the Hessian's diagonal (the mean
     squared input of each column: the importance matrix), instead of the round-to-nearest range.
     With `act_order`, columns are processed by decreasing Hessian diagonal, and group scales are fixed from the
@@ -84,8 +85,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
             if not act_order and bits != 8 and col % g == 0:
                 scale[:, grp], zero[:, grp] = group_grid(W1[:, i:i + g], col)
             w = W1[:, i]
-            c = to_codes(w, scale[:, grp], zero[:, grp], bits)
-            q = c * scale[:, grp] if bits == 8 else (c - zero[:, grp]) * scale[:, grp]
+            c = to_codes(w, scale[:, grp], zero[:, grp], bits, symmetric)
+            q = from_codes(c, scale[:, grp], zero[:, grp], bits, symmetric)
             codes[:, col] = c
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
@@ -93,4 +94,4 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if bits == 8:
         return codes.to(torch.int8), scale[:, 0].half()
-    return GroupWeight(pack_bits(codes.to(torch.uint8), bits), scale.half(), zero.to(torch.uint8), g, cols, bits)
+    return group_weight(codes, scale, zero, g, bits, symmetric)

@@ -17,7 +17,8 @@ __all__ = ["Int4Weight", "bits_per_weight", "check_group_size", "dequantize_int4
 
 def bits_per_weight(q: Int4Weight, symmetric: bool = True) -> float:
     """Storage cost of a group-quantized weight per weight: codes, fp16 scales and (asymmetric schemes only) one
-    byte per zero point."""
+    byte per zero point, or (a `_min` scheme's weight, which holds `min`) an fp16 min."""
     n = q.packed.shape[0] * q.in_features
-    total_bits = q.packed.numel() * 8 + q.scale.numel() * 16 + (0 if symmetric else q.zero.numel() * 8)
+    offsets = q.min.numel() * 16 if q.min is not None else 0 if symmetric else q.zero.numel() * 8
+    total_bits = q.packed.numel() * 8 + q.scale.numel() * 16 + offsets
     return total_bits / n

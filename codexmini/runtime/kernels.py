@@ -47,7 +47,8 @@ def dequantize(tensors: dict, name: str, scheme: str) -> torch.Tensor:
     """The fp32 weight of quantized layer `name` from its .cmx tensors: `ops.layouts`' dequantization (the reference
     for every kernel) on the file's tensors. The group size is read off the shapes (which `read_cmx` checked
     against the scheme); a symmetric scheme's zero is implied unless the file (version 2 and older) stores it."""
-    return dequantize_layout(scheme, tensors[name + ".qweight"], tensors[name + ".scale"], tensors.get(name + ".zero"))
+    return dequantize_layout(scheme, tensors[name + ".qweight"], tensors[name + ".scale"], tensors.get(name + ".zero"),
+                             tensors.get(name + ".min"))
 
 
 def zero_of(tensors: dict, name: str, scheme: str) -> torch.Tensor:
@@ -90,12 +91,14 @@ class Int8Linear:
 
 
 class Int4Linear:
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, act_dtype: torch.dtype):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, act_dtype: torch.dtype,
+                 min_: torch.Tensor | None = None):
         codes = unpack_int4(packed).to(torch.int32)
         out, cols = codes.shape
         self.group = cols // scale.shape[1]
         self.weight = aligned(torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1))
-        zero_f = (8.0 - zero.float()) * scale.float()
+        # torch's (code - 8) * scale + offset: ours (code - zero) * scale, or code * scale + min
+        zero_f = min_.float() + 8.0 * scale.float() if min_ is not None else (8.0 - zero.float()) * scale.float()
         # [in/g, out, 2]: (scale, zero) per group and output channel.
         self.scales_zeros = aligned(torch.stack([scale.float().t(), zero_f.t()], dim=-1).to(act_dtype))
         self.act_dtype, self.out = act_dtype, out
@@ -125,14 +128,16 @@ class CmxInt8Linear:
 class CmxGroupLinear:
     """int4 / int3 / int2 groups through codexmini's kernels: the file's packed codes, scales (fp16 or fp32) and,
     for asymmetric layers, zero points as they are; a symmetric layer passes an empty zero (the implied middle
-    code)."""
+    code), a `_min` layer its float16 mins in the zero's place (the kernels tell them by dtype)."""
 
     def __init__(self, ext, bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 int8_act: bool = False):
+                 int8_act: bool = False, min_: torch.Tensor | None = None):
         self.ext, self.bits, self.int8_act = ext, bits, int8_act
         self.packed, self.scale = packed.contiguous(), _kernel_scale(scale)
-        self.zero = zero.contiguous() if zero is not None else torch.empty(0, dtype=torch.uint8)
-        self.nbytes = self.packed.numel() + self.scale.numel() * self.scale.element_size() + self.zero.numel()
+        offsets = min_.half() if min_ is not None else zero
+        self.zero = offsets.contiguous() if offsets is not None else torch.empty(0, dtype=torch.uint8)
+        self.nbytes = self.packed.numel() + self.scale.numel() * self.scale.element_size() + \
+            self.zero.numel() * self.zero.element_size()
         self._call = getattr(ext, f"q{bits}_linear")
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,12 +195,15 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
         if s.bits == 8:
             return CmxInt8Linear(ext, q, tensors[name + ".scale"], act == "int8")
         # every valid group size runs (a multiple of ext.block(bits) takes the SIMD code)
-        return CmxGroupLinear(ext, s.bits, q, tensors[name + ".scale"], tensors.get(name + ".zero"), act == "int8")
+        return CmxGroupLinear(ext, s.bits, q, tensors[name + ".scale"], tensors.get(name + ".zero"), act == "int8",
+                              tensors.get(name + ".min"))
     if s.bits in (2, 3) or (group is not None and (group not in INT4_KERNEL_GROUPS or q.shape[0] % 16)):
         return FloatLinear(dequantize(tensors, name, scheme))  # what torch's int kernels do not take
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act]
     if scheme == "int8":
         return Int8Linear(q, tensors[name + ".scale"].float(), dtype)
+    if s.stores_min:
+        return Int4Linear(q, tensors[name + ".scale"], None, dtype, tensors[name + ".min"])
     return Int4Linear(q, tensors[name + ".scale"], zero_of(tensors, name, scheme), dtype)
 
 
@@ -238,6 +246,8 @@ def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str 
         if all(isinstance(p, (CmxGroupLinear, CmxInt8Linear)) for p in parts):
             return CmxConcatLinear(parts)
     fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in (".qweight", ".scale")}
-    if scheme != "int8":
+    if Scheme(scheme).stores_min:
+        fused["fused.min"] = torch.cat([tensors[n + ".min"] for n in names], dim=0)
+    elif scheme != "int8":
         fused["fused.zero"] = torch.cat([zero_of(tensors, n, scheme) for n in names], dim=0)
     return make_linear(fused, "fused", scheme, mode, act)

@@ -474,6 +474,7 @@ class Runtime:
             # quantized rows, dequantized as looked up; their scales (and zero points) are small and stay mapped
             self.embed = self._rows(f, EMBED + ".qweight")
             self.embed_scale, self.embed_zero = t[EMBED + ".scale"], t.get(EMBED + ".zero")
+            self.embed_min = t.get(EMBED + ".min")
         else:
             # kept as stored: decoding only looks rows up (a tied head reads the whole matrix: it stays mapped)
             self.embed = t[EMBED + ".weight"] if tied else self._rows(f, EMBED + ".weight")
@@ -511,7 +512,8 @@ class Runtime:
         if self.embed_scheme is None:
             return self.embed[ids].float()
         zero = self.embed_zero[ids] if self.embed_zero is not None else None
-        return dequantize(self.embed_scheme, self.embed[ids], self.embed_scale[ids], zero)
+        low = self.embed_min[ids] if self.embed_min is not None else None
+        return dequantize(self.embed_scheme, self.embed[ids], self.embed_scale[ids], zero, low)
 
     # ----------------------------------------------------------------------- forward
     def new_session(self) -> Session:

@@ -9,16 +9,19 @@ from codexmini.ops.layouts import (GroupWeight, Int4Weight, Scheme, dequantize, 
                                    quantize_int4, quantize_int8, quantize_rtn, search_grid, unpack_bits, unpack_int4)
 
 
-@pytest.mark.parametrize("name, bits, group, symmetric, bpw", [
-    ("int8", 8, None, True, 8.0), ("int4_g32", 4, 32, True, 4.5), ("int4_g128_asym", 4, 128, False, 4.1875),
-    ("int3_g32", 3, 32, True, 3.5), ("int2_g16_asym", 2, 16, False, 3.5), ("none", 32, None, True, 32.0)])
-def test_scheme_names_parse(name, bits, group, symmetric, bpw):
+@pytest.mark.parametrize("name, bits, group, mode, bpw", [
+    ("int8", 8, None, "sym", 8.0), ("int4_g32", 4, 32, "sym", 4.5), ("int4_g128_asym", 4, 128, "asym", 4.1875),
+    ("int3_g32", 3, 32, "sym", 3.5), ("int2_g16_asym", 2, 16, "asym", 3.5), ("none", 32, None, "sym", 32.0),
+    ("int4_g32_min", 4, 32, "min", 5.0), ("int3_g64_min", 3, 64, "min", 3.5)])
+def test_scheme_names_parse(name, bits, group, mode, bpw):
     s = Scheme(name)
-    assert (s.bits, s.group_size, s.symmetric, s.bits_per_weight()) == (bits, group, symmetric, bpw)
-    assert s.stores_zero == (group is not None and not symmetric)
+    assert (s.bits, s.group_size, s.mode, s.bits_per_weight()) == (bits, group, mode, bpw)
+    assert s.symmetric == (mode == "sym")
+    assert s.stores_zero == (mode == "asym") and s.stores_min == (mode == "min")
 
 
-@pytest.mark.parametrize("name", ["int4", "int3", "int4_g", "int4_g32_sym", "INT8", "fp8", "int5_g32", "int1_g8", ""])
+@pytest.mark.parametrize("name", ["int4", "int3", "int4_g", "int4_g32_sym", "INT8", "fp8", "int5_g32", "int1_g8", "",
+                                  "int8_min", "int4_g32_asym_min"])
 def test_unknown_scheme_names_are_refused_with_the_choices(name):
     with pytest.raises(ValueError, match="is not one of int8, int<bits>_g<group>"):
         Scheme(name)
@@ -142,8 +145,35 @@ def test_low_bit_packing_round_trips_and_follows_the_documented_layout(bits):
         assert int(packed[0, 16]) == sum((v >> 2) << k for k, v in enumerate(c))
 
 
+def test_min_grid_recovers_weights_that_sit_on_a_q4_1_grid_exactly():
+    """Weights dequantized from a Q4_1-style file (per group of 32: an fp16 scale d and min m, codes 0..15 with the
+    group's least and greatest weight on codes 0 and 15) come back bit for bit from int4_g32_min; the integer zero
+    point of _asym cannot hold such an offset."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (48, 4, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = (torch.rand(48, 4, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (torch.randn(48, 4, 1, generator=g) * 0.05).half().float()
+    w = (codes * d + m).reshape(48, 128)
+    q = quantize_rtn(w, "int4_g32_min")
+    assert q.min is not None and q.min.dtype == torch.float16
+    assert torch.equal(dequantize_group(q), w)
+    assert torch.equal(fake_quant(w, "int4_g32_min"), w)
+    assert torch.equal(fake_quant(w, "int4_g32_min", torch.rand(128), search=True), w)  # the search keeps it
+    assert (fake_quant(w, "int4_g32_asym") - w).abs().max() > 1e-4
+
+
+def test_min_grid_beats_the_zero_point_one_and_refits_under_the_search():
+    torch.manual_seed(1)
+    w = torch.randn(64, 256) * 0.02 + torch.randn(64, 1) * 0.02  # groups off centre
+    err = {s: float((fake_quant(w, s) - w).pow(2).mean()) for s in ("int4_g32", "int4_g32_asym", "int4_g32_min")}
+    assert err["int4_g32_min"] < err["int4_g32_asym"] < err["int4_g32"]
+    searched = float((fake_quant(w, "int4_g32_min", search=True) - w).pow(2).mean())
+    assert searched < err["int4_g32_min"] * 0.97
+
+
 @pytest.mark.parametrize("scheme", ["int4_g32", "int4_g32_asym", "int3_g32", "int3_g16_asym", "int2_g32_asym",
-                                    "int2_g8"])
+                                    "int2_g8", "int4_g32_min", "int2_g16_min"])
 def test_group_schemes_round_trip_within_half_a_step(scheme):
     s = Scheme(scheme)
     w = torch.randn(24, 128) * 0.02 + (0 if s.symmetric else 0.01)
@@ -153,16 +183,19 @@ def test_group_schemes_round_trip_within_half_a_step(scheme):
     step = q.scale.float().abs()[..., None] * 1.002 + 1e-7
     if s.symmetric:  # the grid's short end clips by up to one step
         assert (err <= step).all() and (err <= step / 2).float().mean() > 0.8
+    elif s.stores_min:  # the fp16 rounding of the min and scale may shift the grid by a hair
+        assert (err <= step / 2 + 1e-4).all() and (err <= step / 2).float().mean() > 0.95
     else:
         assert (err <= step / 2).all()
-    z = w.clone()
-    z[:, 5] = 0
-    assert torch.all(fake_quant(z, scheme)[:, 5] == 0)  # 0 stays exact
-    torch.testing.assert_close(dequantize(scheme, q.packed, q.scale, q.zero if s.stores_zero else None),
+    if not s.stores_min:  # (a min grid keeps each group's ends exact instead of 0)
+        z = w.clone()
+        z[:, 5] = 0
+        assert torch.all(fake_quant(z, scheme)[:, 5] == 0)  # 0 stays exact
+    torch.testing.assert_close(dequantize(scheme, q.packed, q.scale, q.zero if s.stores_zero else None, q.min),
                                dequantize_group(q), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, True), (2, False)])
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, True), (2, False), (4, "min"), (3, "min")])
 def test_grid_search_never_loses_to_round_to_nearest_and_follows_the_importance(bits, symmetric):
     torch.manual_seed(0)
     w = torch.randn(64, 8, 32)
@@ -171,9 +204,9 @@ def test_grid_search_never_loses_to_round_to_nearest_and_follows_the_importance(
     for name, (scale, zero) in {"rtn": grid(w, bits, symmetric),
                                 "plain": search_grid(w, bits, symmetric),
                                 "weighted": search_grid(w, bits, symmetric, imp)}.items():
-        from codexmini.ops.layouts import to_codes
-        codes = to_codes(w, scale[..., None], zero[..., None], bits)
-        d = (w - (codes - zero[..., None]) * scale[..., None]).pow(2)
+        from codexmini.ops.layouts import from_codes, to_codes
+        codes = to_codes(w, scale[..., None], zero[..., None], bits, symmetric)
+        d = (w - from_codes(codes, scale[..., None], zero[..., None], bits, symmetric)).pow(2)
         err[name] = (float(d.sum()), float((d * imp).sum()))
         assert torch.equal(scale, scale.half().float())  # fp16-exact scales
     assert err["plain"][0] <= err["rtn"][0] * 0.97  # a real gain in plain squared error

@@ -20,7 +20,7 @@ def _correlated_inputs(n, d, seed=0):
     return torch.randn(n, d, generator=g) @ mix
 
 
-@pytest.mark.parametrize("bits, group, sym", [(4, 32, True), (4, 16, False), (8, None, True)])
+@pytest.mark.parametrize("bits, group, sym", [(4, 32, True), (4, 16, False), (4, 32, "min"), (8, None, True)])
 def test_gptq_layer_error_is_below_rtn_on_the_same_calibration(bits, group, sym):
     torch.manual_seed(0)
     w = torch.randn(48, 64)
@@ -62,22 +62,23 @@ def test_rules_pick_schemes_first_match_wins_and_tied_head_is_left_alone():
         resolve_schemes(model, [{"pattern": ".*", "scheme": "int3"}])
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_quantized_model_equals_its_dequantized_reference_and_reloads(method, calib, tmp_path):
+@pytest.mark.parametrize("method, scheme", [("rtn", "int4_g32"), ("gptq", "int4_g32"), ("awq", "int4_g32"),
+                                            ("gptq", "int4_g32_min"), ("rtn", "int3_g32_min")])
+def test_quantized_model_equals_its_dequantized_reference_and_reloads(method, scheme, calib, tmp_path):
     model = _model()
     ref_float = _model()
-    model, report = quantize_model(model, QuantizeConfig(method=method, default="int4_g32",
+    model, report = quantize_model(model, QuantizeConfig(method=method, default=scheme,
                                                          rules=[{"pattern": "lm_head", "scheme": "int8"}]), calib)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme.name == "int8"
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
-    assert 4 < report["bits_per_weight"] < 32
+    assert 3 < report["bits_per_weight"] < 32
     # The dequantized reference: a float model holding dequantize(codes) gives the same logits.
     deq = _model()
     state = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             state[f"{name}.weight"] = mod.dequantized_weight()
-    float_state = {k: v for k, v in model.state_dict().items() if not k.endswith(("qweight", "scale", "zero"))}
+    float_state = {k: v for k, v in model.state_dict().items() if not k.endswith(("qweight", "scale", "zero", "min"))}
     deq.load_state_dict({**float_state, **state}, strict=True)
     with torch.no_grad():
         a, b = model(calib).logits, deq(calib).logits
@@ -192,7 +193,7 @@ def test_untie_head_quantizes_the_tied_head_and_keeps_float_lookups(calib, tmp_p
         torch.testing.assert_close(back(calib).logits, model(calib).logits)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16_asym", "int3_g32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16_asym", "int3_g32", "int4_g32_min"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_quantized_embedding_table_is_the_tied_head_or_a_table_beside_it(tied, scheme, calib, tmp_path):
     from codexmini.models.quantized import QuantEmbedding
@@ -213,7 +214,8 @@ def test_quantized_embedding_table_is_the_tied_head_or_a_table_beside_it(tied, s
     else:
         torch.testing.assert_close(model.lm_head.weight, head)  # an untied head is left as it was
     # one step of each grid (a symmetric grid's short end clips by up to one step)
-    step = {"int8": 1 / 120, "int4_g32": 1 / 7, "int4_g16_asym": 1 / 10, "int3_g32": 1 / 3}[scheme]
+    step = {"int8": 1 / 120, "int4_g32": 1 / 7, "int4_g16_asym": 1 / 10, "int3_g32": 1 / 3,
+            "int4_g32_min": 1 / 7}[scheme]
     torch.testing.assert_close(table.dequantized_weight(), emb, atol=float(emb.abs().max()) * step, rtol=0)
     ids = torch.tensor([[3, 7, 3], [49, 0, 1]])
     torch.testing.assert_close(table(ids), table.dequantized_weight()[ids], atol=0, rtol=0)  # rows alone

@@ -1,12 +1,12 @@
 """codexmini's group-quantized kernels (runtime/csrc/cmx_kernels.cpp: q4_linear, q3_linear, q2_linear and their _cat
 forms) against the portable layout's reference, `codexmini.ops.layouts.dequantize`: fp32 and fp16 scales, symmetric
-(an empty zero tensor: the implied middle code) and asymmetric weights, decoding (up to `gemv_rows()` rows: the SIMD GEMV, or
+(an empty zero tensor: the implied middle code), asymmetric and `_min` weights (float16 mins in the zero's place), decoding (up to `gemv_rows()` rows: the SIMD GEMV, or
 plain C++ for group sizes it does not take) and prompts (the tiled GEMM), fp32 and int8 activations."""
 
 import pytest
 import torch
 
-from codexmini.ops.layouts import dequantize, pack_bits, quantize_group, unpack_bits
+from codexmini.ops.layouts import dequantize, mode_of, pack_bits, quantize_group, unpack_bits
 from codexmini.runtime import native
 from tests.runtime.test_cmx_kernels import BF16_TOL, GEMV_ROWS, fast_prompt_product, int8_activations
 
@@ -21,14 +21,19 @@ def _linear(bits):
 
 def _layer(bits, N, K, G, sym=True, half=True, seed=0):
     """Random codes over the whole range (code 0 included) with signed scales, as the kernels' (qweight, scale, zero),
-    and ops' dequantized weight [N, K]."""
+    and ops' dequantized weight [N, K]. `sym`: True / "sym", False / "asym" (random zero points) or "min" (random
+    float16 mins, passed in the zero's place)."""
+    kind = mode_of(sym)
     g = torch.Generator().manual_seed(seed)
     qweight = pack_bits(torch.randint(0, 1 << bits, (N, K), generator=g), bits)
     scale = torch.randn(N, K // G, generator=g) * 0.05
     scale = scale.half() if half else scale
-    zero = EMPTY if sym else torch.randint(0, 1 << bits, (N, K // G), dtype=torch.uint8, generator=g)
-    scheme = f"int{bits}_g{G}" + ("" if sym else "_asym")
-    return (qweight, scale, zero), dequantize(scheme, qweight, scale, None if sym else zero)
+    if kind == "min":
+        mins = (torch.randn(N, K // G, generator=g) * 0.1).half()
+        return (qweight, scale, mins), dequantize(f"int{bits}_g{G}_min", qweight, scale, min_=mins)
+    zero = EMPTY if kind == "sym" else torch.randint(0, 1 << bits, (N, K // G), dtype=torch.uint8, generator=g)
+    scheme = f"int{bits}_g{G}" + ("" if kind == "sym" else "_asym")
+    return (qweight, scale, zero), dequantize(scheme, qweight, scale, None if kind == "sym" else zero)
 
 
 def _reference(x, W, int8_act):
@@ -69,7 +74,7 @@ def _check(linear, args, W, M, K, N, seed=1):
 @pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("N, K, G", SHAPES)
 @pytest.mark.parametrize("half", [True, False], ids=["fp16_scale", "fp32_scale"])
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("sym", ["sym", "asym", "min"])
 def test_decoding_equals_the_dequantized_reference(bits, N, K, G, half, sym):
     """One to GEMV_ROWS rows: the GEMV (every weight row read once for all of them)."""
     args, W = _layer(bits, N, K, G, sym, half)
@@ -86,24 +91,25 @@ PROMPT_SHAPES = [(300, 64, 8), (33, 576, 32), (19, 48, 16)]
 @pytest.mark.parametrize("N, K, G", PROMPT_SHAPES)
 def test_prompt_equals_the_dequantized_reference(bits, N, K, G):
     """A prompt (more than GEMV_ROWS rows): tiles of dequantized rows through the GEMM."""
-    for half, sym in ((True, True), (False, False)):
+    for half, sym in ((True, "sym"), (False, "asym"), (True, "min")):
         args, W = _layer(bits, N, K, G, sym, half)
         _check(_linear(bits)[0], args, W, 64, K, N)
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("sym", ["sym", "asym", "min"])
 @pytest.mark.parametrize("M", [1, 8])
 def test_quantized_weights_equal_the_reference(bits, sym, M):
     """Weights as `quantize_group` makes them (fp16 scales; symmetric: the group's extreme on code 0 with a signed,
-    often negative, scale) through both activation paths."""
+    often negative, scale; min: each group's least weight on code 0) through both activation paths."""
     gen = torch.Generator().manual_seed(2)
     w, x = torch.randn(96, 320, generator=gen), torch.randn(M, 320, generator=gen)
     q = quantize_group(w, bits, 32, sym)
-    assert q.scale.dtype == torch.float16 and (q.scale < 0).any() == sym
+    assert q.scale.dtype == torch.float16 and (q.scale < 0).any() == (sym == "sym")
     assert (unpack_bits(q.packed, bits) == 0).any()  # (symmetric: every group's extreme sits on code 0)
-    zero = EMPTY if sym else q.zero
-    W = dequantize(f"int{bits}_g32" + ("" if sym else "_asym"), q.packed, q.scale, None if sym else q.zero)
+    zero = {"sym": EMPTY, "asym": q.zero, "min": q.min}[sym]
+    W = dequantize(f"int{bits}_g32" + {"sym": "", "asym": "_asym", "min": "_min"}[sym], q.packed, q.scale,
+                   q.zero if sym == "asym" else None, q.min)
     linear, _ = _linear(bits)
     for int8_act in (False, True):
         want = _reference(x, W, int8_act)
@@ -126,18 +132,18 @@ def test_symmetric_weight_with_its_zero_stored_equals_the_empty_zero(bits):
 @pytest.mark.parametrize("M", [1, 3, 8, 9])
 @pytest.mark.parametrize("int8_act", [False, True])
 def test_parts_side_by_side_and_fused_silu_equal_the_reference(bits, M, int8_act):
-    """q/k/v (heights over and under a tile of 256 rows, symmetric and asymmetric parts, fp16 and fp32 scales) side by
-    side, and gate/up fused into silu(gate) * up, against the dequantized parts concatenated."""
+    """q/k/v (heights over and under a tile of 256 rows, symmetric, asymmetric and min parts, fp16 and fp32 scales)
+    side by side, and gate/up fused into silu(gate) * up, against the dequantized parts concatenated."""
     K = 192
     layers = [_layer(bits, 300, K, 32, sym=True, half=True, seed=3), _layer(bits, 40, K, 32, sym=False, seed=4),
-              _layer(bits, 24, K, 64, sym=True, half=False, seed=5)]
+              _layer(bits, 24, K, 64, sym=True, half=False, seed=5), _layer(bits, 20, K, 32, sym="min", seed=8)]
     _, cat = _linear(bits)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(6))
     parts = [list(t) for t in zip(*(args for args, _ in layers))]
     want = _reference(x, torch.cat([W for _, W in layers]), int8_act)
     torch.testing.assert_close(cat(x, *parts, int8_act), want, **_tol(want, M, int8_act))
     (qg, sg, zg), Wg = layers[0]
-    (qu, su, zu), Wu = _layer(bits, 300, K, 32, sym=False, half=True, seed=7)
+    (qu, su, zu), Wu = _layer(bits, 300, K, 32, sym="min" if M % 2 else False, half=True, seed=7)
     want = torch.nn.functional.silu(_reference(x, Wg, int8_act)) * _reference(x, Wu, int8_act)
     got = cat(x, [qg, qu], [sg, su], [zg, zu], int8_act, True)
     torch.testing.assert_close(got, want, **_tol(want, M, int8_act))
@@ -151,6 +157,8 @@ def test_bad_low_bit_inputs_are_refused_with_the_reason():
         ext.q3_linear(torch.randn(1, 64), q, s.double(), EMPTY)
     with pytest.raises(RuntimeError, match="int3 zero must be"):
         ext.q3_linear(torch.randn(1, 64), q, s, torch.zeros(16, 1, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="int3 zero must be .* a float16 one"):
+        ext.q3_linear(torch.randn(1, 64), q, s, torch.zeros(s.shape, dtype=torch.float32))
     with pytest.raises(RuntimeError, match="int3 group size 12 must divide K=48 and be a multiple of 8"):
         ext.q3_linear(torch.randn(1, 48), q[:, :18].contiguous(), s[:, :4].contiguous(), EMPTY)
     with pytest.raises(RuntimeError, match="input has 32 columns, the weight expects 64"):

@@ -69,7 +69,8 @@ def test_greedy_generation_equals_transformers_generate(tiny_tokenizer, tmp_path
 @pytest.mark.parametrize("scheme, mode", [("int8", "native"), ("int4_g32", "native"), ("int4_g32_asym", "native"),
                                           ("int4_g16", "native"), ("int3_g32", "native"), ("int2_g16_asym", "auto"),
                                           ("int4_g32", "dequant"), ("int8", "dequant"), ("int3_g16_asym", "auto"),
-                                          ("int4_g8", "auto"), ("int4_g8", "native")])
+                                          ("int4_g8", "auto"), ("int4_g8", "native"), ("int4_g32_min", "auto"),
+                                          ("int4_g32_min", "native"), ("int3_g32_min", "auto")])
 def test_quantized_runtime_equals_the_dequantized_reference(scheme, mode, ids, tiny_tokenizer, tmp_path):
     model = _model(layer_types=["softmax", "hybrid"], hidden_size=64, intermediate_size=128,
                    tie_word_embeddings=False)

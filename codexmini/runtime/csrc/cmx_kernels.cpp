@@ -4,7 +4,8 @@
 // codexmini.ops.layouts), with scales as float16 (the layout's) or float32 (older files), both read in place:
 //   int8:        qweight [N, K] int8, scale [N];                 w[n, k] = q * scale[n]
 //   int4 / 3 / 2: qweight [N, K*bits/8] u8, scale [N, K/G], zero [N, K/G] u8 (asymmetric) or an empty tensor
-//                (symmetric: the implied middle code 2^(bits-1));  w[n, k] = (code - zero) * scale  per group of G
+//                (symmetric: the implied middle code 2^(bits-1));  w[n, k] = (code - zero) * scale  per group of G;
+//                or, in the zero's place, min [N, K/G] float16 (the `_min` schemes): w[n, k] = code * scale + min
 //     int4: column 2j in the low nibble of byte j, 2j+1 in the high one; int2: column 4j+k in bits 2k..2k+1 of byte
 //     j; int3: the low two bits of every column as int2 (K/4 bytes), then the high bits (K/8 bytes, column 8j+k in
 //     bit k of byte j), the two planes side by side in each row.
@@ -264,7 +265,8 @@ QuantRow quantize_row(const float* x, int64_t K) {
 
 // ------------------------------------------------------------------------------------------------ int4 / int3 / int2
 // Group-quantized weights in the portable layout (codexmini.ops.layouts): w = (code - zero) * scale per group of G
-// columns, the zero point stored (asymmetric) or the implied middle code 2^(bits-1) (symmetric: `zero` is empty).
+// columns, the zero point stored (asymmetric) or the implied middle code 2^(bits-1) (symmetric: `zero` is empty);
+// or w = code * scale + min (the `_min` schemes: a float16 tensor in the zero's place).
 //
 // Decoding (one to eight rows of x) is a GEMV that reads each weight row once for all rows of x. A row is cut into
 // chunks of C = V * W columns (V: fp32 lanes of the SIMD registers, 16 with AVX-512, 8 with AVX2; W: columns per
@@ -282,7 +284,7 @@ QuantRow quantize_row(const float* x, int64_t K) {
 //   field s of the lane's 4 bytes), converted to fp32 and multiplied with the matching activations by FMA.
 // The zero points' share, sum_g scale_g * zero_g * (sum of x over group g), is folded into the lanes for a symmetric
 // weight (-2^(bits-1) times each lane's activations, prepared once per call) and summed once per row for an
-// asymmetric one. A row's last, partial chunk (K = 576: 64 columns) would cost a whole chunk: where its lanes divide
+// asymmetric one (the mins', sum_g min_g * (sum of x over group g), likewise). A row's last, partial chunk (K = 576: 64 columns) would cost a whole chunk: where its lanes divide
 // V, the tails of several rows share one chunk instead ("tail blocks").
 // Group sizes that are not a multiple of W (int3 / int2 g8, odd int4 ones) and CPUs without AVX2 take the plain C++
 // loops, which compute the same sums column by column. Prompts dequantize tiles of rows for tiled_gemm.
@@ -292,6 +294,9 @@ struct GroupWeight {
   const uint8_t* w;     // [N, K * bits / 8]
   Scales scale;         // [N, ng]
   const uint8_t* zero;  // [N, ng], or nullptr: symmetric, the implied zero point 2^(bits-1)
+  const c10::Half* mn;  // [N, ng] the `_min` schemes' offsets (then zero is nullptr), or nullptr
+  // whether the weight has per-group offsets of its own (zero points or mins), summed once per row
+  bool offsets() const { return zero || mn; }
   int64_t row_bytes() const { return K * bits / 8; }
   int64_t groups() const { return ng; }
   float zero_at(int64_t i) const { return zero ? static_cast<float>(zero[i]) : static_cast<float>(1 << (bits - 1)); }
@@ -307,14 +312,17 @@ GroupWeight group_weight(const at::Tensor& qweight, const at::Tensor& scale, con
   const int64_t N = qweight.size(0), K = qweight.size(1) * 8 / bits;
   TORCH_CHECK(is_scale_dtype(scale) && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
               scale.size(1) > 0, name, " scale must be a contiguous float32 or float16 [N, K/G]");
-  TORCH_CHECK(zero.numel() == 0 ||
-              (zero.scalar_type() == at::kByte && zero.is_contiguous() && zero.sizes() == scale.sizes()),
-              name, " zero must be a contiguous uint8 tensor shaped like scale, or empty (symmetric)");
+  const bool mins = zero.numel() && zero.scalar_type() == at::kHalf;
+  TORCH_CHECK(zero.numel() == 0 || ((zero.scalar_type() == at::kByte || mins) && zero.is_contiguous() &&
+                                    zero.sizes() == scale.sizes()),
+              name, " zero must be a contiguous uint8 tensor shaped like scale (zero points), a float16 one (mins), "
+              "or empty (symmetric)");
   const int64_t G = K / scale.size(1), step = bits == 4 ? 2 : 8;
   TORCH_CHECK(G * scale.size(1) == K && G % step == 0, name, " group size ", G, " must divide K=", K,
               " and be a multiple of ", step);
   return {N, K, G, scale.size(1), bits, qweight.data_ptr<uint8_t>(), scales_of(scale),
-          zero.numel() ? zero.data_ptr<uint8_t>() : nullptr};
+          zero.numel() && !mins ? zero.data_ptr<uint8_t>() : nullptr,
+          mins ? zero.data_ptr<c10::Half>() : nullptr};
 }
 
 // The code of column e of a packed row (int4: two per byte, low nibble first; int2: four per byte, from bit 0 up;
@@ -392,7 +400,9 @@ void gemv_rows_plain(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1
           const float* x = a.x[m];
           for (int64_t e = g * G; e < (g + 1) * G; ++e) dot += static_cast<float>(code_at(row, K, q.bits, e)) * x[e];
         }
-        total += q.scale[n * ng + g] * (dot - q.zero_at(n * ng + g) * a.gsum[m * a.gstride + g]);
+        const int64_t i = n * ng + g;
+        const float gs = a.gsum[m * a.gstride + g];
+        total += q.mn ? q.scale[i] * dot + static_cast<float>(q.mn[i]) * gs : q.scale[i] * (dot - q.zero_at(i) * gs);
       }
       y[m * ldy + n] += total;
     }
@@ -403,6 +413,11 @@ template <int BITS>
 void dequant_rows_plain(const GroupWeight& q, int64_t n, int64_t g, float* o) {
   const float s = q.scale[n * q.groups() + g], z = q.zero_at(n * q.groups() + g);
   const uint8_t* row = q.w + n * q.row_bytes();
+  if (q.mn) {
+    const float mn = static_cast<float>(q.mn[n * q.groups() + g]);
+    for (int64_t e = g * q.G; e < (g + 1) * q.G; ++e) o[e] = static_cast<float>(code_at(row, q.K, BITS, e)) * s + mn;
+    return;
+  }
   for (int64_t e = g * q.G; e < (g + 1) * q.G; ++e) o[e] = (static_cast<float>(code_at(row, q.K, BITS, e)) - z) * s;
 }
 
@@ -720,7 +735,8 @@ struct LaneCodes<S, 3> {
 };
 
 // Once per weight row: with windows (AVX-512), its scales as fp32 into windows of 16 groups, and for an asymmetric
-// weight minus its zero points' share for each row of x as V partial sums, z[m] = -sum_g s_g z_g gsum[m][g].
+// weight minus its zero points' share for each row of x as V partial sums, z[m] = -sum_g s_g z_g gsum[m][g] (a
+// `_min` weight's: z[m] = sum_g min_g gsum[m][g]).
 // (inlined: its results stay in registers)
 template <class S, int M>
 __attribute__((always_inline)) inline void row_pass(const GroupWeight& q, int64_t n, const float* const* gsum,
@@ -728,13 +744,14 @@ __attribute__((always_inline)) inline void row_pass(const GroupWeight& q, int64_
   constexpr int V = S::V;
   const int64_t ng = q.ng, base = n * ng;
   for (int m = 0; m < M; ++m) z[m] = S::zero();
-  if (!S::kWindows && !q.zero) return;
+  if (!S::kWindows && !q.offsets()) return;
   for (int64_t g = 0; g < ng; g += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, ng - g));
     const typename S::F s = S::scales(q.scale, base + g, cnt);
     if (S::kWindows) S::store(win + g, s);
-    if (q.zero) {
-      const typename S::F sz = S::mul(s, S::sub(S::zero(), S::zeros(q.zero + base + g, cnt)));
+    if (q.offsets()) {
+      const typename S::F sz = q.mn ? S::scales(Scales{q.mn, true}, base + g, cnt)
+                                    : S::mul(s, S::sub(S::zero(), S::zeros(q.zero + base + g, cnt)));
       for (int m = 0; m < M; ++m) z[m] = S::fma(sz, S::load(gsum[m] + g), z[m]);
     }
   }
@@ -762,11 +779,11 @@ void gemv_rows_simd(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1,
     rows.xq[m] = Q8 ? a.xq + m * a.stride : nullptr;
     rows.xf[m] = Q8 ? nullptr : a.xf + m * a.stride;
     rows.dx[m] = Q8 ? a.dx + m * a.lanes : nullptr;
-    rows.zx[m] = q.zero ? a.nozero : a.zx + m * a.lanes;
+    rows.zx[m] = q.offsets() ? a.nozero : a.zx + m * a.lanes;
     block.xq[m] = Q8 && B > 1 ? a.txq + m * C : nullptr;
     block.xf[m] = !Q8 && B > 1 ? a.txf + m * C : nullptr;
     block.dx[m] = Q8 && B > 1 ? a.tdx + m * V : nullptr;
-    block.zx[m] = B > 1 ? (q.zero ? a.nozero : a.tzx + m * V) : nullptr;
+    block.zx[m] = B > 1 ? (q.offsets() ? a.nozero : a.tzx + m * V) : nullptr;
     gsum[m] = a.gsum + m * a.gstride;
   }
   // per row of a block: its scales in windows of 16 groups (AVX-512) and its zero points' share (asymmetric)
@@ -820,7 +837,7 @@ void gemv_rows_simd(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1,
     const uint8_t* lo = q.w + n * rb;
     const uint8_t* high = lo + K / 4;  // int3's high plane
     const float* w = wins + r * wstride;
-    if (q.zero)
+    if (q.offsets())
       for (int m = 0; m < M; ++m) acc[m] = S::add(acc[m], S::load(zneg + (r * M + m) * V));
     for (int64_t c = 0; c < full; ++c)
       chunk(rows, c, S::bytes(lo + c * 4 * V), high_of(high + c * 2 * V), scales(c, w, n * q.ng, idx + c * V), acc);
@@ -843,7 +860,7 @@ void gemv_rows_simd(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1,
         lo[r] = q.w + (n + r) * rb + full * 4 * V;
         hi[r] = q.w + (n + r) * rb + K / 4 + full * 2 * V;
         row_pass<S, M>(q, n + r, gsum, wins + r * wstride, zacc);
-        if (q.zero)
+        if (q.offsets())
           for (int m = 0; m < M; ++m) S::store(zneg + (r * M + m) * V, zacc[m]);
       }
       // the block's tails in one chunk: lanes r tl .. r tl + tl-1 are row n + r's
@@ -865,7 +882,7 @@ void gemv_rows_simd(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1,
   for (; n < n1; ++n) {  // rows not in a tail block
     F acc[M];
     row_pass<S, M>(q, n, gsum, wins, acc);
-    if (q.zero)
+    if (q.offsets())
       for (int m = 0; m < M; ++m) S::store(zneg + m * V, acc[m]);
     for (int m = 0; m < M; ++m) acc[m] = S::zero();
     row(n, 0, acc, true);
@@ -1058,7 +1075,14 @@ void dequant_rows(const GroupWeight& q, int64_t n0, int64_t n1, float* out) {
     if (const int64_t G = q.G; G % Simd::V == 0) {  // (code - zero) * scale, V columns at a time: exactly the reference's values
       const uint8_t* row = q.w + n * q.row_bytes();
       for (int64_t g = 0; g < ng; ++g) {
-        const auto s = Simd::set(q.scale[n * ng + g]), z = Simd::set(q.zero_at(n * ng + g));
+        const auto s = Simd::set(q.scale[n * ng + g]);
+        if (q.mn) {  // code * scale + min
+          const auto mn = Simd::set(static_cast<float>(q.mn[n * ng + g]));
+          for (int64_t e = g * G; e < (g + 1) * G; e += Simd::V)
+            Simd::store(o + e, Simd::add(Simd::mul(Simd::cvt(Simd::natural<BITS>(row, K, e)), s), mn));
+          continue;
+        }
+        const auto z = Simd::set(q.zero_at(n * ng + g));
         for (int64_t e = g * G; e < (g + 1) * G; e += Simd::V)
           Simd::store(o + e, Simd::mul(Simd::sub(Simd::cvt(Simd::natural<BITS>(row, K, e)), z), s));
       }
@@ -1638,7 +1662,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
   m.def("q4_linear", &group_linear<4>, "y = x W^T (+ residual) for a portable-layout int4 weight (zero: empty for "
-        "symmetric); int8_act: one to eight rows are quantized to int8 per 32 columns for integer dot products",
+        "symmetric, float16 mins for the _min schemes); int8_act: one to eight rows are quantized to int8 per 32 columns for integer dot products",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
   m.def("q3_linear", &group_linear<3>, "as q4_linear, for a portable-layout int3 weight (low plane, then high bits)",
