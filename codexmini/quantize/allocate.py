@@ -8,10 +8,17 @@ cross-entropy on the blocks' own text):
   (llama.cpp's importance matrix; also what weighs the grid search of `search_grid`);
 - the Fisher weight of each output row: the mean square of the loss gradient at that output.
 
-Under the diagonal-Fisher approximation, quantizing weight W to W + dW raises the loss by about
-`E = sum_o G_o * sum_j I_j * dW_oj^2` (G: output Fisher weights, I: input importances), which is comparable across
-layers because every G is a gradient of the same loss. For the token table the lookups add
-`mean_t sum_d g_td^2 dE[id_t, d]^2` (the gradient at each looked-up row). `allocate` then picks one scheme per tensor
+- for a sample of the calibration tokens (`FISHER_TOKENS`), each layer's input x_t and output gradient g_t.
+
+To second order (the empirical Fisher as curvature), quantizing weight W to W + dW raises the loss by about
+`E = 1/2 mean_t (g_t^T dW x_t)^2`, which is comparable across layers because every g is a gradient of the same
+loss (per token). It is measured on the token sample; the full calibration set gives the diagonal approximation
+`1/2 sum_o G_o * sum_j I_j * dW_oj^2` (G: output Fisher weights, I: input importances), equal to it in
+expectation when the rounding errors are independent, and E is the larger of the two. The sample matters where the
+errors are not independent: a student fine-tuned from a teacher whose weights sat on a grid keeps most of them near
+it, and a scheme that snaps them back onto that grid has a tiny squared error that undoes exactly what training
+moved, along the directions the gradients point (the diagonal cannot see that; the products g^T dW x do). For the
+token table the lookups add `1/2 mean_t sum_d g_td^2 dE[id_t, d]^2` (the gradient at each looked-up row). `allocate` then picks one scheme per tensor
 minimising the summed E under the byte budget, by a Lagrangian search over the price of a byte (the classic
 multiple-choice knapsack relaxation: each tensor takes the scheme minimising E + price * bytes).
 """
@@ -27,6 +34,7 @@ from tqdm.auto import tqdm
 from ..ops.layouts import Scheme, fake_quant
 
 EMBED = "model.embed_tokens"
+FISHER_TOKENS = 512  # calibration tokens whose inputs and output gradients are kept per layer (the exact quadratic)
 
 
 @dataclass
@@ -37,29 +45,47 @@ class CalibrationStats:
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [out] mean g^2 (when computed)
     lookup_ids: torch.Tensor | None = None  # token ids looked up (flattened)
     lookup_fisher: torch.Tensor | None = None  # [n, d] squared gradient at each looked-up row
+    sample_x: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S, in] inputs of sampled tokens
+    sample_g: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S, out] their output gradients
     tokens: int = 0
 
 
 def collect_stats(model: nn.Module, calibration: torch.Tensor, names: list[str], fisher: bool,
                   batch_size: int = 4) -> CalibrationStats:
-    """Importances (and, with `fisher`, output Fisher weights) of the named linear layers; `EMBED` in `names` means
-    the token table: as the head (the input of `lm_head`, or of the final norm's output when the head is the
-    table) and as lookups."""
+    """Importances (and, with `fisher`, output Fisher weights and a token sample's inputs and output gradients) of
+    the named linear layers; `EMBED` in `names` means the token table: as the head (the input of `lm_head`, or of
+    the final norm's output when the head is the table) and as lookups. Gradients are per token: each batch's
+    (mean) loss gradient times its number of tokens."""
     stats = CalibrationStats()
     sums: dict[str, torch.Tensor] = {}
     gsums: dict[str, torch.Tensor] = {}
+    xs: dict[str, list[torch.Tensor]] = {}
+    gs: dict[str, list[torch.Tensor]] = {}
     device = next(model.parameters()).device
     handles = []
+    stride = max(1, calibration.numel() // FISHER_TOKENS)  # every stride-th token of the flattened blocks
+    batch = {"tokens": 1, "first": 0}  # the current batch's token count (its loss is their mean) and first index
 
     def add(store, key, value):
         value = value.detach().reshape(-1, value.shape[-1]).double().pow(2).sum(0).cpu()
         store[key] = store[key] + value if key in store else value
 
+    def picked(t):
+        t = t.detach().reshape(-1, t.shape[-1])
+        start = (-batch["first"]) % stride
+        return t[start::stride].float().cpu()
+
+    def add_grad(key, g, x):
+        g = g.detach() * batch["tokens"]
+        add(gsums, key, g)
+        gs.setdefault(key, []).append(picked(g))
+        xs.setdefault(key, []).append(picked(x))
+
     def watch(key, module):
         def hook(_mod, args, out):
             add(sums, key, args[0])
             if fisher and out.requires_grad:
-                out.register_hook(lambda g: add(gsums, key, g))
+                out.register_hook(lambda g, x=args[0]: add_grad(key, g, x))
         handles.append(module.register_forward_hook(hook))
 
     for name in names:
@@ -80,7 +106,8 @@ def collect_stats(model: nn.Module, calibration: torch.Tensor, names: list[str],
             return None
         out = out.detach().requires_grad_(True)  # gradients flow from here (no parameter needs one)
         ids = args[0].detach().reshape(-1).cpu()
-        out.register_hook(lambda g: lookups.append((ids, g.detach().reshape(-1, g.shape[-1]).float().pow(2).cpu())))
+        out.register_hook(lambda g: lookups.append(
+            (ids, (g.detach().reshape(-1, g.shape[-1]) * batch["tokens"]).float().pow(2).cpu())))
         return out
 
     handles.append(embed.register_forward_hook(embed_hook))
@@ -92,11 +119,13 @@ def collect_stats(model: nn.Module, calibration: torch.Tensor, names: list[str],
     try:
         for ids in tqdm(calibration.split(batch_size), desc="[codexmini] calibration statistics", leave=False):
             ids = ids.to(device)
+            batch["tokens"] = ids.numel()
             with torch.set_grad_enabled(fisher):
                 out = model(input_ids=ids, labels=ids if fisher else None, use_cache=False)
                 if fisher:
                     out.loss.backward()
             stats.tokens += ids.numel()
+            batch["first"] += ids.numel()
     finally:
         for h in handles:
             h.remove()
@@ -106,6 +135,8 @@ def collect_stats(model: nn.Module, calibration: torch.Tensor, names: list[str],
     n = max(stats.tokens, 1)
     stats.importance = {k: (v / n).float() for k, v in sums.items()}
     stats.fisher = {k: (v / n).float() for k, v in gsums.items()}
+    stats.sample_x = {k: torch.cat(v) for k, v in xs.items()}
+    stats.sample_g = {k: torch.cat(v) for k, v in gs.items()}
     if lookups:
         stats.lookup_ids = torch.cat([i for i, _ in lookups])
         stats.lookup_fisher = torch.cat([g for _, g in lookups])
@@ -125,12 +156,16 @@ def sensitivity(model: nn.Module, name: str, scheme: str, stats: CalibrationStat
     """Estimated loss increase of quantizing tensor `name` in `scheme` (the module docstring's E)."""
     w = weight_of(model, name)
     imp = stats.importance.get(name)
-    err = quant_error(w, scheme, head_importance(imp) if name == EMBED else imp, search).pow(2)
+    dw = quant_error(w, scheme, head_importance(imp) if name == EMBED else imp, search)
+    err = dw.pow(2)
     rows = err @ (imp if imp is not None else torch.ones(w.shape[1]))
     g = stats.fisher.get(name)
-    e = float(rows @ g) if g is not None else float(rows.sum())
+    e = 0.5 * float(rows @ g) if g is not None else float(rows.sum())
+    x, gt = stats.sample_x.get(name), stats.sample_g.get(name)
+    if x is not None and gt is not None and len(x):
+        e = max(e, 0.5 * float(((x @ dw.t()) * gt).sum(-1).pow(2).mean()))  # the exact form on the sample
     if name == EMBED and stats.lookup_ids is not None:
-        e += float((err[stats.lookup_ids] * stats.lookup_fisher).sum()) / max(stats.tokens, 1)
+        e += 0.5 * float((err[stats.lookup_ids] * stats.lookup_fisher).sum()) / max(stats.tokens, 1)
     return e
 
 
@@ -149,15 +184,29 @@ def tensor_bytes(model: nn.Module, name: str, scheme: str) -> float:
     return out * inp * Scheme(scheme).bits_per_weight(inp) / 8
 
 
+def on_grid(w: torch.Tensor, scheme: str) -> bool:
+    """Whether `w` requantizes onto `scheme` bit for bit (its weights already sit on that grid)."""
+    s = Scheme(scheme)
+    if s.group_size is not None and w.shape[1] % s.group_size:
+        return False
+    return torch.equal(fake_quant(w, scheme), w)
+
+
 def allocate(model: nn.Module, names: list[str], candidates: list[str], budget_bytes: float,
-             stats: CalibrationStats) -> tuple[dict[str, str], dict]:
-    """One scheme per tensor in `names`, from the `candidates` each tensor admits, with total bytes within
-    `budget_bytes` and the least summed sensitivity. Returns ({name: scheme}, a report)."""
+             stats: CalibrationStats, grid_schemes: list[str] = ()) -> tuple[dict[str, str], dict]:
+    """One scheme per tensor in `names`, from the `candidates` each tensor admits (and the `grid_schemes` its
+    weights sit on exactly, `on_grid`), with total bytes within `budget_bytes` and the least summed sensitivity.
+    Returns ({name: scheme}, a report; its "on_grid" counts the tensors that sat on each grid scheme)."""
     options: dict[str, list[tuple[str, float, float]]] = {}
+    exact: dict[str, int] = {}
     for name in tqdm(names, desc="[codexmini] sensitivity per tensor and scheme", leave=False):
         mod = model.get_submodule(name)
         width = mod.embedding_dim if isinstance(mod, nn.Embedding) else mod.in_features
         usable = [c for c in candidates if Scheme(c).group_size is None or width % Scheme(c).group_size == 0]
+        for g in grid_schemes:
+            if g not in usable and on_grid(weight_of(model, name), g):
+                usable.append(g)
+                exact[g] = exact.get(g, 0) + 1
         if not usable:
             usable = ["int8"]
         # estimated on the round-to-nearest grid (the search's gain is similar across schemes, and costs 30x)
@@ -204,5 +253,5 @@ def allocate(model: nn.Module, names: list[str], candidates: list[str], budget_b
         counts[s] = counts.get(s, 0) + 1
     report = {"budget_mb": budget_bytes / 1e6, "quantized_mb": spent / 1e6, "counts": counts,
               "estimated_loss_increase": sum(o[2] for o in chosen.values()),
-              "sensitivity": {n: {c: e for c, _, e in opts} for n, opts in options.items()}}
+              "sensitivity": {n: {c: e for c, _, e in opts} for n, opts in options.items()}, "on_grid": exact}
     return schemes, report

@@ -22,10 +22,14 @@ from .gptq import HessianAccumulator, gptq_quantize
 from .modules import model_bits_per_weight, replace_linear
 
 METHODS = ("rtn", "gptq", "awq")
-# int4_g8 (6 bits a weight): the step between int4_g16 (5) and int8 (8); int4_g32_min (5): llama.cpp's Q4_1 grid,
-# on which weights that came from such a file sit exactly
+# int4_g8 (6 bits a weight): the step between int4_g16 (5) and int8 (8)
 DEFAULT_CANDIDATES = ("int2_g32_asym", "int3_g32", "int3_g16", "int4_g64", "int4_g32", "int4_g32_asym", "int4_g16",
-                      "int4_g32_min", "int4_g8", "int8")
+                      "int4_g8", "int8")
+# Grids a tensor's weights may already sit on exactly (llama.cpp's Q4_1 is int4_g32_min: a teacher that came from
+# such a file). Where requantizing onto one is exact, it joins that tensor's candidates at no estimated loss; where
+# the weights only lie near it (a student fine-tuned from such a teacher) it stays out: snapping them back undoes
+# what training moved, which a per-weight error estimate cannot see.
+DEFAULT_GRID_SCHEMES = ("int4_g32_min",)
 # A .cmx header beyond its JSON strings (tokenizer, chat template, config): per tensor an index entry
 # ({"dtype", "shape", "data_offsets"} under its name: ~107 bytes for SmolLM2's names), per weight matrix an entry in
 # the schemes map (~50), and a few fixed keys (format, version, checksum) and safetensors' padding; each with room
@@ -55,6 +59,7 @@ class QuantizeConfig:
     target_mb: float | None = None  # megabytes (10^6 bytes) of the exported .cmx (weights, tokenizer, metadata)
     target_bits: float | None = None  # stored bits per weight, averaged over every weight of the model
     candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    grid_schemes: list[str] = field(default_factory=lambda: list(DEFAULT_GRID_SCHEMES))  # see DEFAULT_GRID_SCHEMES
     calibration_blocks: int = 16
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to it
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
@@ -99,12 +104,13 @@ def check_config(cfg: QuantizeConfig) -> None:
             raise ValueError(f"quantize.{name} must be a positive number or null, got {value!r}")
     if not cfg.candidates:
         raise ValueError("quantize.candidates is empty: list the schemes a size budget may choose from")
-    for i, c in enumerate(cfg.candidates):
-        try:
-            if Scheme(c).bits == 32:
-                raise ValueError("'none' keeps a float layer and is no candidate")
-        except ValueError as err:
-            raise ValueError(f"quantize.candidates[{i}]: {err}") from None
+    for key, names in (("candidates", cfg.candidates), ("grid_schemes", cfg.grid_schemes)):
+        for i, c in enumerate(names):
+            try:
+                if Scheme(c).bits == 32:
+                    raise ValueError("'none' keeps a float layer and is no candidate")
+            except ValueError as err:
+                raise ValueError(f"quantize.{key}[{i}]: {err}") from None
 
 
 def plan(model: nn.Module, cfg: QuantizeConfig) -> dict[str, str]:
@@ -189,7 +195,8 @@ def quantize_model(model, cfg: QuantizeConfig, calibration: torch.Tensor | None 
         free = [n for n in schemes if n not in pinned]
         left = budget_bytes(model, cfg, schemes, reserved_bytes) - \
             sum(tensor_bytes(model, n, schemes[n]) for n in pinned)
-        chosen, report["allocation"] = allocate(model, free, list(cfg.candidates), left, stats)
+        chosen, report["allocation"] = allocate(model, free, list(cfg.candidates), left, stats,
+                                                list(cfg.grid_schemes))
         schemes.update(chosen)
     report["schemes"] = schemes
     linear_schemes = {n: s for n, s in schemes.items() if n != EMBED}

@@ -141,3 +141,28 @@ def test_file_overhead_covers_what_a_cmx_holds_besides_its_tensors(tiny_tokenize
     tensors = sum(t.numel() * t.element_size() for t in model_tensors(quantized, "float16").values())
     actual = path.stat().st_size - tensors
     assert actual <= reserved <= 1.1 * actual, (actual, reserved)  # and not far above it: tiny files fit too
+
+
+def test_a_grid_scheme_joins_only_the_tensors_that_sit_on_it_exactly(calib):
+    """Weights on llama.cpp's Q4_1 grid (int4_g32_min) requantize onto it for free: the allocation takes it there,
+    and leaves it out for tensors that only lie near that grid (a fine-tuned copy) or on none."""
+    from codexmini.ops.layouts import fake_quant
+    from codexmini.quantize.allocate import on_grid
+
+    model = seeded_model()
+    exact, near = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        w = fake_quant(model.get_submodule(exact).weight, "int4_g32_min")
+        model.get_submodule(exact).weight.copy_(w)
+        model.get_submodule(near).weight.copy_(w + 1e-4 * torch.randn_like(w))
+    assert on_grid(model.get_submodule(exact).weight.detach(), "int4_g32_min")
+    assert not on_grid(model.get_submodule(near).weight.detach(), "int4_g32_min")
+    stats = collect_stats(model, calib, [exact, near], fisher=True)
+    budget = 2 * tensor_bytes(model, exact, "int4_g32_min")
+    schemes, report = allocate(model, [exact, near], ["int3_g32", "int4_g32", "int8"], budget, stats,
+                               ["int4_g32_min"])
+    assert schemes[exact] == "int4_g32_min" and report["on_grid"] == {"int4_g32_min": 1}
+    assert "int4_g32_min" not in report["sensitivity"][near] and schemes[near] != "int4_g32_min"
+    assert report["sensitivity"][exact]["int4_g32_min"] == 0.0
+    with pytest.raises(ValueError, match=r"quantize.grid_schemes\[0\]"):
+        quantize_model(seeded_model(), QuantizeConfig(target_bits=5.0, grid_schemes=["int5_g32_min"]), calib)
