@@ -2,8 +2,8 @@
 
 Tensors are the model's weights, named as in the PyTorch model: float weights as `<name>` (fp32 or fp16) and
 quantized linear layers (and the token table) as `<name>.qweight` / `.scale` (fp16) / `.zero` (asymmetric group
-schemes only) / `.min` (fp16, `_min` group schemes only) in the portable layout of `codexmini.ops.layouts` (int8 per output channel; int4 / int3 / int2 in
-groups along each row). A tied head is the token table, stored once, quantized or not. The safetensors metadata
+schemes only) / `.min` (fp16, `_min` group schemes only) in the portable layout of `codexmini.ops.layouts` (int8
+per output channel; int4 / int3 / int2 in groups along each row). A tied head is the token table, stored once, quantized or not. The safetensors metadata
 (all strings) holds:
 
     format        "codexmini-cmx"

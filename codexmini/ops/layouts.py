@@ -463,10 +463,9 @@ def dequantize_group(q: GroupWeight) -> torch.Tensor:
     codes = unpack_bits(q.packed, q.bits).float()
     out_features = codes.shape[0]
     g = codes.reshape(out_features, -1, q.group_size)
-    if q.min is not None:
-        return from_codes(g, q.scale.float()[..., None], q.min.float()[..., None], q.bits,
-                          "min").reshape(out_features, q.in_features)
-    return ((g - q.zero.float()[..., None]) * q.scale.float()[..., None]).reshape(out_features, q.in_features)
+    offset, mode = (q.min, "min") if q.min is not None else (q.zero, "asym")
+    return from_codes(g, q.scale.float()[..., None], offset.float()[..., None], q.bits,
+                      mode).reshape(out_features, q.in_features)
 
 
 dequantize_int4 = dequantize_group  # the int4 case's historical name

@@ -18,8 +18,8 @@ expectation when the rounding errors are independent, and E is the larger of the
 errors are not independent: a student fine-tuned from a teacher whose weights sat on a grid keeps most of them near
 it, and a scheme that snaps them back onto that grid has a tiny squared error that undoes exactly what training
 moved, along the directions the gradients point (the diagonal cannot see that; the products g^T dW x do). For the
-token table the lookups add `1/2 mean_t sum_d g_td^2 dE[id_t, d]^2` (the gradient at each looked-up row). `allocate` then picks one scheme per tensor
-minimising the summed E under the byte budget, by a Lagrangian search over the price of a byte (the classic
+token table the lookups add `1/2 mean_t sum_d g_td^2 dE[id_t, d]^2` (the gradient at each looked-up row).
+`allocate` then picks one scheme per tensor minimising the summed E under the byte budget, by a Lagrangian search over the price of a byte (the classic
 multiple-choice knapsack relaxation: each tensor takes the scheme minimising E + price * bytes).
 """
 
