@@ -116,6 +116,7 @@ TABLE: dict[str, list] = {
     "quantize.target_mb": [0, -3.0, NAN, (40.0, {"quantize.target_bits": 4.0})],
     "quantize.target_bits": [0, NAN],
     "quantize.candidates": [[], ["none"], ["int4_g32", "int9"]],
+    "quantize.grid_schemes": [["none"], ["int4_g32_min", "int9_min"]],
     # export
     "export.dtype": ["bfloat8"],
     "export.kernels": ["fast"],
