@@ -186,7 +186,7 @@ class Layer:
             qkv = self.qkv(a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)  # query and key heads, in place
             if self.type == "softmax" and T == 1:
-                o = self._softmax_decode(qkv, st)
+                o = self._softmax_decode(qkv, [st])
             else:
                 q, k, v = (t.reshape(T, -1, self.hd).transpose(0, 1) for t in qkv.split(self.split_qkv, dim=-1))
                 o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
@@ -208,11 +208,10 @@ class Layer:
         if ext and self.qkv:
             qkv = _by_rows(self.qkv, a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
-            for i, st in enumerate(sts):
+            if self.type == "softmax":  # every session's heads in one call
+                rows.append(self._softmax_decode(qkv, sts))
+            for i, st in enumerate(sts if self.type != "softmax" else ()):
                 r = qkv[i:i + 1]
-                if self.type == "softmax":
-                    rows.append(self._softmax_decode(r, st))
-                    continue
                 q, k, v = (t.reshape(1, -1, self.hd).transpose(0, 1) for t in r.split(self.split_qkv, dim=-1))
                 rows.append(self._attend(q, k, v, st).transpose(0, 1).reshape(1, self.h * self.hd))
         else:
@@ -247,7 +246,7 @@ class Layer:
         rows = []
         for i, j, st in segments:
             if fused and self.type == "softmax" and j - i == 1:  # what `forward` does with one token
-                rows.append(self._softmax_decode(qkv[i:j], st))
+                rows.append(self._softmax_decode(qkv[i:j], [st]))
             else:
                 rows.append(self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1)
                             .reshape(j - i, self.h * self.hd))
@@ -299,12 +298,16 @@ class Layer:
                 buf[:, :n] = st[name][:, :n]
             st[name] = buf
 
-    def _softmax_decode(self, qkv: torch.Tensor, st: dict) -> torch.Tensor:
-        """One token through codexmini's fused attention kernel (the reference is `_softmax`)."""
-        n = st.get("n", 0)
-        self.grow_cache(st, n + 1)
-        o = self.ext.attend_decode(qkv, st["k"], st["v"], n, self.h, self.kv, self.hd, self.hd ** -0.5, 0)
-        st["n"] = n + 1
+    def _softmax_decode(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
+        """One token for each of the sessions `sts` (row i of qkv continues `sts[i]`) through codexmini's fused
+        attention kernel, all of them in one call (the reference is `_softmax`)."""
+        ns = [st.get("n", 0) for st in sts]
+        for st, n in zip(sts, ns):
+            self.grow_cache(st, n + 1)
+        o = self.ext.attend_decode_batch(qkv, [st["k"] for st in sts], [st["v"] for st in sts], ns, self.h, self.kv,
+                                         self.hd, self.hd ** -0.5, 0)
+        for st, n in zip(sts, ns):
+            st["n"] = n + 1
         return o
 
     def _softmax(self, q, k, v, st):
@@ -447,8 +450,9 @@ class Runtime:
 
         `act_dtype`: what the int kernels are fed. "auto" (the default) is each mode's fast choice: for "cmx",
         activations quantized to int8 per 32 columns with integer dot products while decoding (llama.cpp's
-        approach), and prompts' int matmuls (more than 4 rows) in bf16 where the CPU multiplies bf16 natively
-        (AVX-512 BF16, AMX, Arm BF16: about 1.5x the prefill speed; fp32 elsewhere); for "native", bf16 (torch's
+        approach; up to `decode_rows()` rows, prompt chunks included), and longer prompts' int matmuls in bf16
+        where the CPU multiplies bf16 natively and faster than fp32 (measured at load, `native.bf16_prompts_pay`:
+        about 1.5x the prefill speed on an AMD EPYC; fp32 elsewhere); for "native", bf16 (torch's
         CPU int kernels are fast only with bf16 inputs). "float32" gives results equal to the dequantized
         reference. Everything else (norms, attention, float layers) runs in fp32."""
         if threads:

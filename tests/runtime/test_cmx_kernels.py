@@ -62,7 +62,8 @@ def _int4(N, K, G, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("N, K, G", [(96, 64, 32), (37, 128, 64), (200, 576, 32), (64, 256, 128), (600, 64, 32)])
-@pytest.mark.parametrize("M", [1, 3, 8, 9])  # one row and up to GEMV_ROWS take the GEMV, more the tiled GEMM
+# one row and up to GEMV_ROWS take the GEMV (eight rows a pass: 19 is three passes), more the tiled GEMM
+@pytest.mark.parametrize("M", [1, 3, 8, 19, GEMV_ROWS + 1])
 def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
     t, W = _int4(N, K, G)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
@@ -87,7 +88,7 @@ def test_int4_kernel_equals_dequantized_reference(N, K, G, M):
 
 @needs_ext
 @pytest.mark.parametrize("N, K", [(33, 40), (300, 64), (1000, 576), (70, 96)])
-@pytest.mark.parametrize("M", [1, 2, 8, 9])
+@pytest.mark.parametrize("M", [1, 2, 8, 19, GEMV_ROWS + 1])
 @pytest.mark.parametrize("half", [False, True], ids=["fp32_scale", "fp16_scale"])
 def test_int8_kernel_equals_dequantized_reference(N, K, M, half):
     """Per-channel int8 with fp32 scales (older files) or fp16 ones (the portable layout's, read in place), signed."""
@@ -111,7 +112,7 @@ def test_int8_kernel_equals_dequantized_reference(N, K, M, half):
 
 @needs_ext
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-@pytest.mark.parametrize("M", [1, 3, 9])
+@pytest.mark.parametrize("M", [1, 3, 9, GEMV_ROWS + 1])
 @pytest.mark.parametrize("int8_act", [False, True])
 def test_parts_side_by_side_and_fused_silu_equal_the_reference(scheme, M, int8_act):
     """q/k/v (parts of different heights, one over a tile of 256 rows) side by side, and gate/up fused into
@@ -214,22 +215,25 @@ def test_runtime_decode_with_cmx_kernels_equals_the_dequantized_model(scheme, ti
     model, _ = quantize_model(model, QuantizeConfig(method="rtn", default=scheme,
                                                     rules=[{"pattern": "lm_head", "scheme": "int8"}]))
     path = export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx")
-    ids = torch.randint(4, 300, (1, 30), generator=torch.Generator().manual_seed(5))
+    P = GEMV_ROWS + 8  # a prompt longer than the GEMVs take
+    ids = torch.randint(4, 300, (1, P + 22), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = model(ids).logits[0]
     for act in ("float32", "auto"):
         rt = Runtime(path, kernels="cmx", act_dtype=act)
         assert rt.kernels == "cmx" and rt.act_dtype == {"float32": "float32", "auto": "int8"}[act]
         s = rt.new_session()
-        # 20-token prefill (tiled GEMM), a 3-token step (few-row GEMV), then token by token (one-row GEMV)
-        got = [rt.forward(ids[0, :20], s, all_logits=True), rt.forward(ids[0, 20:23], s, all_logits=True)]
-        got += [rt.forward(ids[0, t:t + 1], s, all_logits=True) for t in range(23, 30)]
+        # the prompt (tiled GEMM), a 12-token step (two passes of the GEMV), a 3-token step (one pass), then token by
+        # token (one-row GEMV)
+        got = [rt.forward(ids[0, :P], s, all_logits=True), rt.forward(ids[0, P:P + 12], s, all_logits=True),
+               rt.forward(ids[0, P + 12:P + 15], s, all_logits=True)]
+        got += [rt.forward(ids[0, t:t + 1], s, all_logits=True) for t in range(P + 15, P + 22)]
         got = torch.cat(got)
         if act == "float32":  # exact: the dequantized reference
             torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-3)
         else:  # fast activations: int8 while decoding, bf16 prompts where the CPU multiplies bf16 natively
             if not ext.bf16_prompts():  # the prompt stays exact
-                torch.testing.assert_close(got[:20], want[:20], atol=5e-4, rtol=1e-3)
+                torch.testing.assert_close(got[:P], want[:P], atol=5e-4, rtol=1e-3)
             assert (got - want).abs().max() < 0.02 * want.abs().max()
             assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
@@ -284,6 +288,29 @@ def test_one_token_attention_equals_sdpa_over_the_cache(window):
     with pytest.raises(RuntimeError, match="outside the cache capacity"):
         ext.attend_decode(qkv, kc, vc, cap, H, KV, hd, 1.0, 0)
 
+
+@needs_ext
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("long", [False, True], ids=["one_thread", "parallel"])  # little work stays on one thread
+def test_attention_of_a_batch_equals_each_sequence_alone(window, long):
+    """attend_decode_batch: row b of qkv continues its own caches at its own slot, computed as attend_decode on it
+    alone; a cache given twice is refused (two rows would write one slot)."""
+    g = torch.Generator().manual_seed(8)
+    H, KV, hd = 6, 2, 16
+    ns = [900, 3, 250, 0] if long else [9, 3, 17, 0]
+    caches = [(torch.randn(KV, n + 4, hd, generator=g), torch.randn(KV, n + 4, hd, generator=g)) for n in ns]
+    qkv = torch.randn(len(ns), (H + 2 * KV) * hd, generator=g)
+    alone = [(k.clone(), v.clone()) for k, v in caches]
+    want = torch.cat([ext.attend_decode(qkv[b:b + 1].clone(), k, v, n, H, KV, hd, hd ** -0.5, window)
+                      for b, ((k, v), n) in enumerate(zip(alone, ns))])
+    got = ext.attend_decode_batch(qkv, [k for k, _ in caches], [v for _, v in caches], ns, H, KV, hd, hd ** -0.5,
+                                  window)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for (k, v), (ka, va) in zip(caches, alone):
+        assert torch.equal(k, ka) and torch.equal(v, va)
+    k, v = caches[0]
+    with pytest.raises(RuntimeError, match="rows 0 and 1 share a cache"):
+        ext.attend_decode_batch(qkv[:2].contiguous(), [k, k], [v, v], ns[:2], H, KV, hd, 1.0, 0)
 
 @needs_ext
 @pytest.mark.parametrize("decay", [False, True])

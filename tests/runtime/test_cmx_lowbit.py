@@ -76,9 +76,10 @@ def _check(linear, args, W, M, K, N, seed=1):
 @pytest.mark.parametrize("half", [True, False], ids=["fp16_scale", "fp32_scale"])
 @pytest.mark.parametrize("sym", ["sym", "asym", "min"])
 def test_decoding_equals_the_dequantized_reference(bits, N, K, G, half, sym):
-    """One to GEMV_ROWS rows: the GEMV (every weight row read once for all of them)."""
+    """One to GEMV_ROWS rows: the GEMV (every weight row read once for all of them, eight rows a pass: every row
+    count of one pass, then several passes)."""
     args, W = _layer(bits, N, K, G, sym, half)
-    for M in range(1, GEMV_ROWS + 1):
+    for M in [*range(1, 9), 9, 17, GEMV_ROWS]:
         _check(_linear(bits)[0], args, W, M, K, N)
 
 
@@ -129,7 +130,7 @@ def test_symmetric_weight_with_its_zero_stored_equals_the_empty_zero(bits):
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
-@pytest.mark.parametrize("M", [1, 3, 8, 9])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, GEMV_ROWS + 1])
 @pytest.mark.parametrize("int8_act", [False, True])
 def test_parts_side_by_side_and_fused_silu_equal_the_reference(bits, M, int8_act):
     """q/k/v (heights over and under a tile of 256 rows, symmetric, asymmetric and min parts, fp16 and fp32 scales)

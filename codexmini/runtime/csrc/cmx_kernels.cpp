@@ -72,10 +72,17 @@ constexpr int64_t kTaskBytes = 1 << 15;  // and at least this many weight bytes:
 
 int64_t grain(int64_t row_bytes) { return std::max<int64_t>(kRowGrain, kTaskBytes / std::max<int64_t>(row_bytes, 1)); }
 constexpr int64_t kTileRows = 256;   // rows dequantized at a time for multi-row inputs
-// Inputs of up to this many rows (decoding, one row per sequence of a batch) take the GEMVs, which read each weight
-// row once for all of them; longer ones (prompts) the tiled GEMM. The runtime reads it (`gemv_rows()`) to cut a
-// bigger decoding batch into calls of this many rows.
+// The GEMVs compute up to this many rows of x (one per sequence of a decoding batch) in one pass over each weight
+// row: one kernel instance per row count.
 constexpr int64_t kGemvRows = 8;
+// Inputs of up to this many rows take the GEMVs, kGemvRows rows at a time, every chunk of rows over a block of
+// kBlockRows weight rows while that block is in cache; longer ones (prompts) the tiled GEMM. On a 2-core AVX-512
+// VNNI Xeon the chunked GEMVs with int8 activations cost 12-28 us per row of SmolLM2's matrices at 16-32 rows
+// against 25-100 for the tiled GEMM (which dequantizes every weight tile whatever the rows); near 64 rows they are
+// level. A row is computed exactly as it is alone, in any chunk. The runtime reads it (`gemv_rows()`) to cut a
+// bigger decoding batch into calls of this many rows.
+constexpr int64_t kDecodeRows = 32;
+constexpr int64_t kBlockRows = 64;
 
 // f(std::integral_constant<int, M>{}) for M = rows, 1 .. kGemvRows: the GEMVs' one kernel instance per row count.
 template <class F>
@@ -118,13 +125,16 @@ struct DequantRows {
 
 inline float silu_times(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
-// Whether this build's CPU multiplies bf16 natively (AVX-512 BF16, AMX or Arm BF16): there the fast activations
-// run prompts' matmuls in bf16, at about twice the fp32 rate.
+// Whether this build's CPU multiplies bf16 natively (AVX-512 BF16, AMX or Arm BF16). Where it does, the fast
+// activations may run prompts' matmuls in bf16: the runtime measures once whether torch's bf16 matmul beats its fp32
+// one here (it did, by 1.3-1.6x on whole prompts, on an AMD EPYC with AVX-512 BF16; on a Xeon with AVX-512 BF16 but no
+// AMX it ran at 0.4-0.75x) and sets `g_bf16_prompts` through set_bf16_prompts (native.load).
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__) || defined(__ARM_FEATURE_BF16)
-constexpr bool kBf16Prompts = true;
+constexpr bool kBf16Native = true;
 #else
-constexpr bool kBf16Prompts = false;
+constexpr bool kBf16Native = false;
 #endif
+bool g_bf16_prompts = false;
 
 // x [M, K] times one or more weights that read it, on MKL / oneDNN, dequantizing kTileRows rows of a weight at a
 // time (a prompt's matmul costs one dequantization of each weight). A prompt's temporaries are what bound the
@@ -1048,20 +1058,33 @@ void gemv_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, floa
   gemv_rows_plain(q, a, n0, n1, y, ldy);
 }
 
-// y[m, start_i + n] += (x W_i^T)[m, n] for one to eight rows of x and the weights side by side (of one bit width):
-// each weight row is read once for all rows of x, every part's rows in one parallel loop.
+// y[m, start_i + n] += (x W_i^T)[m, n] for one to kDecodeRows rows of x and the weights side by side (of one bit
+// width): each weight row is read once per chunk of kGemvRows rows of x (from cache after the first), every part's
+// rows in one parallel loop.
 void group_gemv(const at::Tensor& x, const std::vector<GroupWeight>& parts, bool int8_act, float* y, int64_t ldy) {
-  if (x.size(0) == 0) return;
+  const int64_t M = x.size(0);
+  if (M == 0) return;
   const bool q8 = int8_act && parts[0].K % 32 == 0;  // the int8 activations' blocks must tile the row
-  std::map<int64_t, Acts> acts;  // by group size (the parts of one call usually share it)
-  for (const auto& p : parts)
-    if (!acts.count(p.G)) acts.emplace(p.G, prepare(x, p, q8));
+  std::vector<std::map<int64_t, Acts>> acts;  // per chunk of rows, by group size (the parts usually share it)
+  acts.reserve((M + kGemvRows - 1) / kGemvRows);
+  for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
+    const at::Tensor xc = x.narrow(0, m0, std::min(kGemvRows, M - m0));
+    auto& chunk = acts.emplace_back();
+    for (const auto& p : parts)
+      if (!chunk.count(p.G)) chunk.emplace(p.G, prepare(xc, p, q8));
+  }
   std::vector<int64_t> start{0};
   for (const auto& p : parts) start.push_back(start.back() + p.N);
+  const int64_t block = acts.size() > 1 ? kBlockRows : start.back();
   at::parallel_for(0, start.back(), grain(parts[0].row_bytes()), [&](int64_t a, int64_t b) {
-    for (size_t i = 0; i < parts.size(); ++i) {
-      const int64_t r0 = std::max(a, start[i]) - start[i], r1 = std::min(b, start[i + 1]) - start[i];
-      if (r0 < r1) gemv_rows(parts[i], acts.at(parts[i].G), r0, r1, y + start[i], ldy);
+    for (int64_t s = a; s < b; s += block) {
+      const int64_t e = std::min(b, s + block);
+      for (size_t c = 0; c < acts.size(); ++c)
+        for (size_t i = 0; i < parts.size(); ++i) {
+          const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
+          if (r0 < r1)
+            gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i], ldy);
+        }
     }
   });
 }
@@ -1110,7 +1133,7 @@ at::Tensor group_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   check_input(x, q.K, linear_name(BITS));
   const int64_t M = x.size(0);
   check_residual(residual, M, q.N);
-  if (M > kGemvRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
+  if (M > kDecodeRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, int8_act && g_bf16_prompts);  // prompt
   at::Tensor y = new_output(residual, M, q.N);
   group_gemv(x, {q}, int8_act, y.data_ptr<float>(), q.N);
   return y;
@@ -1136,10 +1159,10 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
   const int64_t K = parts[0].K, M = x.size(0);
   for (const auto& p : parts) TORCH_CHECK(p.K == K, what, ": the weights read inputs of different widths");
   check_input(x, K, what.c_str());
-  if (M > kGemvRows) {  // prompts: every part into its columns of one output
+  if (M > kDecodeRows) {  // prompts: every part into its columns of one output
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
-    return tiled_gemm(x, K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
+    return tiled_gemm(x, K, rows, c10::nullopt, silu, int8_act && g_bf16_prompts);
   }
   int64_t total = 0;
   for (const auto& p : parts) total += p.N;
@@ -1291,17 +1314,38 @@ void q8_gemv_rows_vnni(const Q8Weight& q, const Q8Lanes& a, int64_t n0, int64_t 
 #define CMX_Q8_VNNI 0
 #endif
 
-template <int M>
-void q8_gemv(const Q8Weight& q, const float* x, const std::vector<QuantRow>& rows, float* y) {
+// y += x W^T * scale for one to kDecodeRows rows of x (`rows`: their int8 activations, or empty for fp32), kGemvRows
+// rows at a time over each block of kBlockRows weight rows (see group_gemv).
+void q8_gemv(const Q8Weight& q, const float* x, int64_t M, const std::vector<QuantRow>& rows, float* y) {
+  const int64_t chunks = (M + kGemvRows - 1) / kGemvRows, block = chunks > 1 ? kBlockRows : q.N;
+  auto rows_of = [&](int64_t c) { return std::min(kGemvRows, M - c * kGemvRows); };
 #if CMX_Q8_VNNI
   if (!rows.empty()) {
-    const Q8Lanes lanes(rows, q.K);
-    at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) { q8_gemv_rows_vnni<M>(q, lanes, a, b, y); });
+    std::vector<Q8Lanes> lanes;
+    lanes.reserve(chunks);
+    for (int64_t c = 0; c < chunks; ++c)
+      lanes.emplace_back(std::vector<QuantRow>(rows.begin() + c * kGemvRows, rows.begin() + c * kGemvRows + rows_of(c)),
+                         q.K);
+    at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) {
+      for (int64_t s = a; s < b; s += block)
+        for (int64_t c = 0; c < chunks; ++c)
+          with_rows(rows_of(c), [&](auto m) {
+            q8_gemv_rows_vnni<decltype(m)::value>(q, lanes[c], s, std::min(b, s + block), y + c * kGemvRows * q.N);
+          });
+    });
     return;
   }
 #endif
-  const QuantRow* xq = rows.empty() ? nullptr : rows.data();
-  at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) { q8_gemv_rows<M>(q, x, xq, a, b, y); });
+  at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) {
+    for (int64_t s = a; s < b; s += block)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const QuantRow* xq = rows.empty() ? nullptr : rows.data() + c * kGemvRows;
+        with_rows(rows_of(c), [&](auto m) {
+          q8_gemv_rows<decltype(m)::value>(q, x + c * kGemvRows * q.K, xq, s, std::min(b, s + block),
+                                           y + c * kGemvRows * q.N);
+        });
+      }
+  });
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -1311,14 +1355,14 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   check_input(x, K, "q8_linear");
   const int64_t M = x.size(0);
   check_residual(residual, M, N);
-  if (M > kGemvRows) return tiled_gemm(x, K, {q8.dequant()}, residual, false, int8_act && kBf16Prompts);  // prompt
+  if (M > kDecodeRows) return tiled_gemm(x, K, {q8.dequant()}, residual, false, int8_act && g_bf16_prompts);  // prompt
   at::Tensor y = new_output(residual, M, N);
   const float* xp = x.data_ptr<float>();
   std::vector<QuantRow> rows;  // int8 activations, where their 32-column blocks tile the row
   if (int8_act && K % 32 == 0)
     for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_row(xp + m * K, K));
   float* yp = y.data_ptr<float>();
-  if (M > 0) with_rows(M, [&](auto m) { q8_gemv<decltype(m)::value>(q8, xp, rows, yp); });
+  if (M > 0) q8_gemv(q8, xp, M, rows, yp);
   return y;
 }
 
@@ -1332,10 +1376,10 @@ at::Tensor q8_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qwe
   for (const auto& p : parts)
     TORCH_CHECK(p.K == parts[0].K, "q8_linear_cat: the weights read inputs of different widths");
   check_input(x, parts[0].K, "q8_linear_cat");
-  if (x.size(0) > kGemvRows) {
+  if (x.size(0) > kDecodeRows) {
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
-    return tiled_gemm(x, parts[0].K, rows, c10::nullopt, silu, int8_act && kBf16Prompts);
+    return tiled_gemm(x, parts[0].K, rows, c10::nullopt, silu, int8_act && g_bf16_prompts);
   }
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < qweights.size(); ++i)
@@ -1418,58 +1462,116 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// One decoding step of softmax attention with a KV cache, for one sequence or a batch of them (one per row of
+// qkv): appends each row's key and value, then attends its query heads. attend_decode is the one-sequence call;
+// attend_decode_batch runs every (row, head) of a batch in one parallel loop.
+struct KVCache {
+  float* k;
+  float* v;
+  int64_t cap, n;  // capacity in tokens; the slot this token goes into
+};
+
+KVCache kv_cache(at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t kv_heads, int64_t hd, const char* what) {
+  TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() &&
+              kcache.sizes() == vcache.sizes() &&
+              kcache.size(0) == kv_heads && kcache.size(2) == hd && kcache.scalar_type() == at::kFloat &&
+              vcache.scalar_type() == at::kFloat, what, ": caches must be float32 [KV, capacity, hd]");
+  const int64_t cap = kcache.size(1);
+  TORCH_CHECK(n >= 0 && n < cap, what, ": slot ", n, " is outside the cache capacity ", cap);
+  return {kcache.data_ptr<float>(), vcache.data_ptr<float>(), cap, n};
+}
+
+// Row q (C floats: H query heads, then KV keys, then KV values) into slot c.n of its cache.
+void kv_append(const float* q, const KVCache& c, int64_t heads, int64_t kv_heads, int64_t hd) {
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    std::copy(q + (heads + g) * hd, q + (heads + g + 1) * hd, c.k + (g * c.cap + c.n) * hd);
+    std::copy(q + (heads + kv_heads + g) * hd, q + (heads + kv_heads + g + 1) * hd, c.v + (g * c.cap + c.n) * hd);
+  }
+}
+
+// Query head h of row q over slots [lo, c.n] of its KV group, into oh [hd]; p: scratch of at least c.n + 1 - lo.
+void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, int64_t hd, float scale, int64_t lo,
+                 float* p, float* oh) {
+  const int64_t S = c.n + 1 - lo;
+  const float* qh = q + h * hd;
+  const float* K = c.k + ((h / groups) * c.cap + lo) * hd;
+  const float* V = c.v + ((h / groups) * c.cap + lo) * hd;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    p[j] = dot(qh, K + j * hd, hd) * scale;
+    m = std::max(m, p[j]);
+  }
+  float denom = 0.f;
+  for (int64_t j = 0; j < S; ++j) {
+    p[j] = std::exp(p[j] - m);
+    denom += p[j];
+  }
+  std::fill(oh, oh + hd, 0.f);
+  for (int64_t j = 0; j < S; ++j) {
+    const float pj = p[j] / denom;
+    const float* vj = V + j * hd;
+    for (int64_t d = 0; d < hd; ++d) oh[d] += pj * vj[d];
+  }
+}
+
+void check_qkv(const at::Tensor& qkv, int64_t rows, int64_t heads, int64_t kv_heads, int64_t hd, const char* what) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == rows && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
+              qkv.size(1) >= (heads + 2 * kv_heads) * hd, what, ": qkv must be float32 [", rows,
+              ", (H + 2 KV) hd]");
+  TORCH_CHECK(heads % kv_heads == 0, what, ": ", heads, " heads do not split into ", kv_heads, " groups");
+}
+
+// Row b of qkv [B, C] continues caches[b] (kcaches[b] / vcaches[b] [KV, capacity, hd], this token into slot ns[b]):
+// writes its key and value, then attends each query head over slots [n + 1 - window, n] (all of 0..n when window
+// <= 0) of its KV group. Returns [B, heads * hd]: every row computed as it is alone.
+at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, std::vector<at::Tensor> vcaches,
+                       const std::vector<int64_t>& ns, int64_t heads, int64_t kv_heads, int64_t hd, double scale,
+                       int64_t window, const char* what) {
+  const int64_t B = static_cast<int64_t>(ns.size());
+  TORCH_CHECK(B > 0 && static_cast<int64_t>(kcaches.size()) == B && static_cast<int64_t>(vcaches.size()) == B,
+              what, ": one key cache, value cache and slot per row");
+  check_qkv(qkv, B, heads, kv_heads, hd, what);
+  std::vector<KVCache> caches;
+  int64_t work = 0, longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    caches.push_back(kv_cache(kcaches[b], vcaches[b], ns[b], kv_heads, hd, what));
+    for (int64_t j = 0; j < b; ++j)
+      TORCH_CHECK(caches[j].k != caches[b].k, what, ": rows ", j, " and ", b, " share a cache");
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, ns[b] + 1 - window) : 0;
+    work += (ns[b] + 1 - lo) * hd * heads;
+    longest = std::max(longest, ns[b] + 1 - lo);
+  }
+  const int64_t C = qkv.size(1), groups = heads / kv_heads;
+  const float* q = qkv.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) kv_append(q + b * C, caches[b], heads, kv_heads, hd);
+  at::Tensor out = at::empty({B, heads * hd}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  // one (row, head) per task; little work in all (short caches, few rows): one thread, no fork/join
+  const int64_t grain = work >= 16384 * heads ? 1 : B * heads;
+  at::parallel_for(0, B * heads, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(longest);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / heads, h = t % heads, n = caches[b].n;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, n + 1 - window) : 0;
+      attend_head(q + b * C, caches[b], h, groups, hd, static_cast<float>(scale), lo, p.data(),
+                  o + (b * heads + h) * hd);
+    }
+  });
+  return out;
+}
+
 // One decoding step of softmax attention with a KV cache: writes this token's key and value (rows of qkv [1, C]
 // after the query heads) into slot n of kcache / vcache [KV, capacity, hd], then attends each query head over
 // slots [n + 1 - window, n] (all of 0..n when window <= 0) of its KV group. Returns [1, heads * hd].
 at::Tensor attend_decode(const at::Tensor& qkv, at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t heads,
                          int64_t kv_heads, int64_t hd, double scale, int64_t window) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == 1 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
-              qkv.size(1) >= (heads + 2 * kv_heads) * hd, "attend_decode: qkv must be float32 [1, (H + 2 KV) hd]");
-  TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() &&
-              kcache.sizes() == vcache.sizes() &&
-              kcache.size(0) == kv_heads && kcache.size(2) == hd && kcache.scalar_type() == at::kFloat &&
-              vcache.scalar_type() == at::kFloat, "attend_decode: caches must be float32 [KV, capacity, hd]");
-  const int64_t cap = kcache.size(1);
-  TORCH_CHECK(n >= 0 && n < cap, "attend_decode: slot ", n, " is outside the cache capacity ", cap);
-  TORCH_CHECK(heads % kv_heads == 0, "attend_decode: ", heads, " heads do not split into ", kv_heads, " groups");
-  const float* q = qkv.data_ptr<float>();
-  float* kc = kcache.data_ptr<float>();
-  float* vc = vcache.data_ptr<float>();
-  for (int64_t g = 0; g < kv_heads; ++g) {
-    std::copy(q + (heads + g) * hd, q + (heads + g + 1) * hd, kc + (g * cap + n) * hd);
-    std::copy(q + (heads + kv_heads + g) * hd, q + (heads + kv_heads + g + 1) * hd, vc + (g * cap + n) * hd);
-  }
-  const int64_t lo = window > 0 ? std::max<int64_t>(0, n + 1 - window) : 0, S = n + 1 - lo;
-  const int64_t groups = heads / kv_heads;
-  at::Tensor out = at::empty({1, heads * hd}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  const int64_t grain = S * hd >= 16384 ? 1 : heads;  // short caches: one thread, no fork/join
-  at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(S);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = q + h * hd;
-      const float* K = kc + ((h / groups) * cap + lo) * hd;
-      const float* V = vc + ((h / groups) * cap + lo) * hd;
-      float m = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        p[j] = dot(qh, K + j * hd, hd) * static_cast<float>(scale);
-        m = std::max(m, p[j]);
-      }
-      float denom = 0.f;
-      for (int64_t j = 0; j < S; ++j) {
-        p[j] = std::exp(p[j] - m);
-        denom += p[j];
-      }
-      float* oh = o + h * hd;
-      std::fill(oh, oh + hd, 0.f);
-      for (int64_t j = 0; j < S; ++j) {
-        const float pj = p[j] / denom;
-        const float* vj = V + j * hd;
-        for (int64_t d = 0; d < hd; ++d) oh[d] += pj * vj[d];
-      }
-    }
-  });
-  return out;
+  return attend_rows(qkv, {kcache}, {vcache}, {n}, heads, kv_heads, hd, scale, window, "attend_decode");
+}
+
+at::Tensor attend_decode_batch(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, std::vector<at::Tensor> vcaches,
+                               const std::vector<int64_t>& ns, int64_t heads, int64_t kv_heads, int64_t hd,
+                               double scale, int64_t window) {
+  return attend_rows(qkv, kcaches, vcaches, ns, heads, kv_heads, hd, scale, window, "attend_decode_batch");
 }
 
 // One decoding step of linear attention on a fixed-size state, in place: for each head h (KV group g = h / (H/KV)),
@@ -1685,13 +1787,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up]");
   m.def("attend_decode", &attend_decode, "append this token's key/value to the cache and attend (one token)");
+  m.def("attend_decode_batch", &attend_decode_batch, "attend_decode for several sequences, one row of qkv each, "
+        "in one parallel loop");
   m.def("linear_decode_", &linear_decode_, "one token of linear attention on its state, in place");
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
   m.def("hybrid_decode_", &hybrid_decode_, "one token of a hybrid (window + linear) layer, in place");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
-  m.def("gemv_rows", [] { return kGemvRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
+  m.def("gemv_rows", [] { return kDecodeRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
         "rows the tiled GEMM (prompts)");
-  m.def("bf16_prompts", [] { return kBf16Prompts; }, "whether the fast activations run prompts' matmuls in bf16");
+  m.def("bf16_prompts", [] { return g_bf16_prompts; }, "whether the fast activations run prompts' matmuls in bf16");
+  m.def("bf16_native", [] { return kBf16Native; }, "whether this build's CPU multiplies bf16 natively");
+  m.def("set_bf16_prompts", [](bool on) {
+    TORCH_CHECK(!on || kBf16Native, "set_bf16_prompts: this build's CPU does not multiply bf16 natively");
+    g_bf16_prompts = on;
+  }, "run the fast activations' prompt matmuls in bf16 (true) or fp32");
   m.def("block", &block, "group sizes of `bits`-bit weights that are a multiple of this take the SIMD kernels "
         "(other sizes the layout allows run in plain C++)", py::arg("bits") = 4);
 }
