@@ -5,7 +5,12 @@ order (same seed), same steps: one run with the KD loss (forward KL + 10% CE), o
 Prints validation perplexity of both (held-out stdlib files), then throughput of each step kind and the fraction
 of this machine's matmul peak (measured in the same run: median of 5 fp32 2048^3 matmuls) that it reaches.
 
+`--data NAME` trains on a data config of `codexmini/configs/data/` instead (e.g. `mixture`: stdlib code, the
+teacher's own samples, docs, man pages and licences, with other projects' Python held out) and adds a table per
+domain: perplexity as a ratio to the teacher's and KL(teacher || student) on each domain's held-out documents.
+
     .venv/bin/python scripts/bench_distill.py --steps 40     # about 15 minutes on 2 cores
+    .venv/bin/python scripts/bench_distill.py --steps 400 --data mixture     # the quickstart's budget x 10
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from codexmini.data import DataConfig, build_data, perplexity
+from codexmini.data.domains import evaluate_domains
+from codexmini.data.schema import as_data_config
 from codexmini.distill import DistillConfig, distill
 from codexmini.train import TrainerConfig
 from codexmini.models.from_teacher import student_from_teacher
@@ -44,22 +53,38 @@ def main() -> None:
     p.add_argument("--keep-layers", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--data", help="a data config of codexmini/configs/data/ (default: 400 stdlib files)")
     args = p.parse_args()
     torch.manual_seed(0)
     peak = matmul_peak_gflops()
     teacher, tok = load_teacher("smollm2-135m-instruct")
-    data = build_data(DataConfig(max_files=400, block_size=256, max_val_blocks=16), tok)
+    held_out = []  # domains no step trains on
+    if args.data:
+        path = Path(__file__).resolve().parents[1] / "codexmini" / "configs" / "data" / f"{args.data}.yaml"
+        if not path.is_file():
+            raise SystemExit(f"--data {args.data}: no {path}")
+        data_cfg = as_data_config(yaml.safe_load(path.read_text()))
+        held_out = [src.name for _, src in data_cfg.resolved_sources() if src.eval_only]
+        data = build_data(data_cfg, tok, teacher=teacher)
+    else:
+        data = build_data(DataConfig(max_files=400, block_size=256, max_val_blocks=16), tok)
     layers = select_layers(teacher, data.calibration, args.keep_layers)
     init = student_from_teacher(teacher, layers, {i: t for i, t in LAYER_TYPES.items() if i < len(layers)})
     teacher_ppl = perplexity(teacher, data.val)["ppl"]
     init_ppl = perplexity(init, data.val)["ppl"]
     trainer = TrainerConfig(max_steps=args.steps, batch_size=4, lr=args.lr, warmup_steps=max(args.steps // 10, 1),
                             eval_every=10 ** 9, checkpoint_every=10 ** 9, mixed_precision=args.precision)
-    results = {}
+    results, domains = {}, {}
+    if len(data.val_domains) > 1:
+        domains["teacher"] = evaluate_domains(teacher, data)
+        domains["student init"] = evaluate_domains(init, data, teacher)
     for name, cfg, t in (("KD (forward KL, kd_ratio 0.9)", DistillConfig(kd_ratio=0.9), teacher),
                          ("cross-entropy only", DistillConfig(kd_ratio=0.0), None)):
-        _, metrics = distill(copy.deepcopy(init), t, data.train, data.val, cfg, trainer, tokenizer=tok)
+        student, metrics = distill(copy.deepcopy(init), t, data.train, data.val, cfg, trainer, tokenizer=tok)
         results[name] = metrics
+        if len(data.val_domains) > 1:
+            domains[name] = evaluate_domains(student, data, teacher)
+        del student
     tokens = args.steps * trainer.batch_size * data.train.shape[1]
     n_s, n_t = init.num_parameters(), teacher.num_parameters()
     print(f"\n# {args.steps} steps x {trainer.batch_size}x{data.train.shape[1]} tokens ({tokens:,} tokens), "
@@ -70,6 +95,21 @@ def main() -> None:
     for name, m in results.items():
         print(f"| {name} | {m['val_ppl']:.2f} | {m['val_ppl'] / init_ppl:.2f}x | {m['val_ppl'] / teacher_ppl:.2f}x |")
     print(f"| teacher | {teacher_ppl:.2f} | | 1.00x |")
+    if domains:
+        names = list(data.val_domains)
+        base = domains["teacher"]
+        print("\nPer domain (held-out documents): perplexity as a ratio to the teacher's; KL(teacher || student) in "
+              "nats per token. Trained on: " + ", ".join(n for n in names if n not in held_out) +
+              "; never trained on: " + (", ".join(held_out) or "none"))
+        print("\n| run | " + " | ".join(f"{n} ppl" for n in names) + " | "
+              + " | ".join(f"{n} KL" for n in names) + " |")
+        print("|---|" + "---|" * (2 * len(names)))
+        print("| teacher (ppl) | " + " | ".join(f"{base[n]['ppl']:.2f}" for n in names) + " |" + " |" * len(names))
+        for run, res in domains.items():
+            if run == "teacher":
+                continue
+            print(f"| {run} | " + " | ".join(f"{res[n]['ppl'] / base[n]['ppl']:.2f}x" for n in names) + " | "
+                  + " | ".join(f"{res[n]['kl']:.3f}" for n in names) + " |")
     print(f"\nmatmul peak (fp32, 2048^3, median of 5): {peak:.0f} GFLOP/s")
     print("\n| step | tokens/s | model GFLOP/s | fraction of peak | vs CE step |")
     print("|---|---|---|---|---|")

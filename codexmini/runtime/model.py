@@ -210,7 +210,9 @@ class Layer:
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
             if self.type == "softmax":  # every session's heads in one call
                 rows.append(self._softmax_decode(qkv, sts))
-            for i, st in enumerate(sts if self.type != "softmax" else ()):
+            elif self.type == "linear":
+                rows.append(self._linear_decode_rows(qkv, sts))
+            for i, st in enumerate(sts if self.type == "hybrid" else ()):
                 r = qkv[i:i + 1]
                 q, k, v = (t.reshape(1, -1, self.hd).transpose(0, 1) for t in r.split(self.split_qkv, dim=-1))
                 rows.append(self._attend(q, k, v, st).transpose(0, 1).reshape(1, self.h * self.hd))
@@ -342,6 +344,22 @@ class Layer:
         o = ext.linear_decode_(self._state(st), fq, fk, v.reshape(self.kv, self.hd).contiguous(),
                                self.decay_mult, NORMALISER_EPS)
         return o[:, None]
+
+    def _linear_decode_rows(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
+        """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`): the
+        feature maps of every row's heads and every state's update in one call each; `[B, H * hd]`, row i equal to
+        `_linear_decode` of row i alone."""
+        B, H, KV, D = qkv.shape[0], self.h, self.kv, self.hd
+        q, k, v = qkv.split(self.split_qkv, dim=-1)
+        if self.fm_w is not None:
+            fq = self.ext.hedgehog(q.reshape(B * H, D).contiguous(), self.fm_w["q"])
+            fk = self.ext.hedgehog(k.reshape(B * KV, D).contiguous(), self.fm_w["k"])
+        else:  # [heads, rows, F] as `_phi` maps them, then row-major
+            fq = self._phi(q.reshape(B, H, D).transpose(0, 1), "q").transpose(0, 1).contiguous()
+            fk = self._phi(k.reshape(B, KV, D).transpose(0, 1), "k").transpose(0, 1).contiguous()
+        o = self.ext.linear_decode_batch_([self._state(st) for st in sts], fq, fk, v.contiguous(), self.decay_mult,
+                                          NORMALISER_EPS)
+        return o.reshape(B, H * D)
 
     def _linear(self, q, k, v, st):
         if self.ext is not None and q.shape[1] == 1:

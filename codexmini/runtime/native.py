@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..ops.cpu import bf16_matmul_pays
 
 SOURCE = Path(__file__).parent / "csrc" / "cmx_kernels.cpp"
 _state: dict = {}
@@ -72,29 +73,10 @@ def load(verbose: bool = False):
 
 
 def bf16_prompts_pay(module) -> bool:
-    """Whether prompts' matmuls should run in bf16 with the fast activations: where the CPU multiplies bf16 natively
-    and torch's bf16 matmul is measurably faster here than its fp32 one on a prompt tile's shape (median of 5, a few
-    milliseconds in all). Native bf16 is not enough: on a Xeon with AVX-512 BF16 but no AMX it ran at 0.4-0.75x the
-    fp32 rate, on an AMD EPYC faster. `CODEXMINI_BF16_PROMPTS=0|1` decides instead (where the CPU can)."""
-    if not module.bf16_native():
-        return False
-    forced = os.environ.get("CODEXMINI_BF16_PROMPTS")
-    if forced in ("0", "1"):
-        return forced == "1"
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(128, 576, generator=g), torch.randn(576, 256, generator=g)
-
-    def median_s(a, b) -> float:
-        a @ b
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(10):
-                a @ b
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[2]
-
-    return median_s(x.bfloat16(), w.bfloat16()) < 0.85 * median_s(x, w)
+    """Whether prompts' matmuls should run in bf16 with the fast activations: where the kernels' build multiplies
+    bf16 natively and torch's bf16 matmul is measurably faster here than its fp32 one on a prompt tile's shape
+    (`ops.cpu.bf16_matmul_pays`; `CODEXMINI_CPU_BF16=0|1` decides instead)."""
+    return bf16_matmul_pays(128, 576, 256, native=bool(module.bf16_native()))
 
 
 def load_error() -> str | None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+
+from ..ops.cpu import bf16_matmul_pays
 
 
 def resolve_precision(setting: str) -> str:
-    """'auto' -> bf16 on a CUDA device with bf16 or a CPU with AVX-512 bf16 (measured faster, see README);
+    """'auto' -> bf16 on a CUDA device with bf16, or on a CPU whose bf16 matmul is measurably faster than its fp32 one
+    at a training step's shape (`ops.cpu.bf16_matmul_pays`: AVX-512 BF16 or AMX is not enough, see there);
     otherwise fp32 ('no'). Any other setting is returned as is."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+    return "bf16" if bf16_matmul_pays(1024, 576, 1536) else "no"
 
 
 def reset_accelerate_precision(precision: str) -> None:

@@ -49,7 +49,8 @@ def test_batched_decode_equals_decoding_alone(variant, kernels, tiny_tokenizer, 
 
 def test_batched_decode_of_an_int_model_is_exact(tiny_tokenizer, tmp_path):
     """Every linear layer and the head in int kernels: each row of a batch is computed exactly as alone."""
-    model = _model(layer_types=["softmax", "hybrid"], feature_map="hedgehog", tie_word_embeddings=False)
+    model = _model(layer_types=["softmax", "hybrid", "linear"], num_hidden_layers=3, feature_map="hedgehog",
+                   linear_decay=True, tie_word_embeddings=False)
     model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32",
                                                     rules=[{"pattern": "lm_head", "scheme": "int8"}]))
     rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))

@@ -332,6 +332,28 @@ def test_linear_decode_step_equals_the_reference(decay):
 
 
 @needs_ext
+def test_linear_steps_and_feature_maps_of_a_batch_equal_each_sequence_alone():
+    """linear_decode_batch_ (row b on its own state) and hedgehog on several tokens' heads give, bit for bit, what
+    one call per sequence gives; a state given twice is refused."""
+    g = torch.Generator().manual_seed(9)
+    B, H, KV, F, D, hd, Fh = 3, 4, 2, 12, 8, 16, 6
+    states = [torch.rand(H, F, D + 1, generator=g) for _ in range(B)]
+    fq, fk, v = torch.rand(B, H, F, generator=g), torch.rand(B, KV, F, generator=g), torch.randn(B, KV, D, generator=g)
+    a = torch.rand(H, generator=g)
+    alone = [s.clone() for s in states]
+    want = torch.stack([ext.linear_decode_(s, fq[b].contiguous(), fk[b].contiguous(), v[b].contiguous(), a, 1e-6)
+                        for b, s in enumerate(alone)])
+    got = ext.linear_decode_batch_(states, fq, fk, v, a, 1e-6)
+    assert torch.equal(got, want) and all(torch.equal(s, t) for s, t in zip(states, alone))
+    with pytest.raises(RuntimeError, match="rows 0 and 1 share a state"):
+        ext.linear_decode_batch_([states[0], states[0]], fq[:2].contiguous(), fk[:2].contiguous(),
+                                 v[:2].contiguous(), a, 1e-6)
+    x, w = torch.randn(B * H, hd, generator=g), torch.randn(H, hd, Fh, generator=g)
+    one_by_one = torch.cat([ext.hedgehog(x[b * H:(b + 1) * H].contiguous(), w) for b in range(B)])
+    assert torch.equal(ext.hedgehog(x, w), one_by_one)
+
+
+@needs_ext
 @pytest.mark.parametrize("decay", [False, True])
 def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay):
     """Token by token through the fused hybrid step (a ring buffer that fills, then wraps twice) against ops'

@@ -1578,74 +1578,97 @@ at::Tensor attend_decode_batch(const at::Tensor& qkv, std::vector<at::Tensor> kc
 //   state[h] = decay[h] * state[h] + fk[g]^T [v[g], 1],   o = fq[h] state[h],   out[h] = o[:D] / (o[D] + eps).
 // state [H, F, D+1], fq [H, F], fk [KV, F], v [KV, D]; decay [H] multiplicative, or empty for none. One pass over
 // the state (the reference, codexmini.ops.linear_attn's recurrence, makes several and allocates each).
-at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
-                          const at::Tensor& decay, double eps) {
-  TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.scalar_type() == at::kFloat,
-              "linear_decode_: state must be float32 [H, F, D+1]");
-  const int64_t H = state.size(0), Fd = state.size(1), D = state.size(2) - 1;
-  TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == H * Fd,
-              "linear_decode_: fq must be float32 [H, F]");
+// Rows b = 0..B-1 (one token of a sequence each) on their own states: states[b] [H, F, D+1], fq [B, H, F],
+// fk [B, KV, F], v [B, KV, D]; returns [B, H, D]. Every (row, head) in one parallel loop.
+at::Tensor linear_rows(std::vector<at::Tensor> states, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                       const at::Tensor& decay, double eps, const char* what) {
+  const int64_t B = static_cast<int64_t>(states.size());
+  TORCH_CHECK(B > 0, what, ": no state");
+  for (const auto& st : states)
+    TORCH_CHECK(st.dim() == 3 && st.is_contiguous() && st.scalar_type() == at::kFloat &&
+                st.sizes() == states[0].sizes(), what, ": states must be float32 [H, F, D+1], all of one shape");
+  const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1;
+  TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == B * H * Fd,
+              what, ": fq must be float32 [H, F] per row");
   TORCH_CHECK(fk.is_contiguous() && v.is_contiguous() && fk.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat && fk.numel() % Fd == 0,
-              "linear_decode_: fk / v must be float32 [KV, F] / [KV, D]");
-  const int64_t KV = fk.numel() / Fd;
-  TORCH_CHECK(KV > 0 && H % KV == 0 && v.numel() == KV * D, "linear_decode_: ", KV, " key heads do not match ", H,
-              " heads and v of ", v.numel(), " values");
+              v.scalar_type() == at::kFloat && fk.numel() % (B * Fd) == 0,
+              what, ": fk / v must be float32 [KV, F] / [KV, D] per row");
+  const int64_t KV = fk.numel() / (B * Fd);
+  TORCH_CHECK(KV > 0 && H % KV == 0 && v.numel() == B * KV * D, what, ": ", KV, " key heads do not match ", H,
+              " heads and v of ", v.numel() / B, " values per row");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
-              "linear_decode_: decay must be empty or float32 [H]");
+              what, ": decay must be empty or float32 [H]");
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < b; ++j)
+      TORCH_CHECK(states[j].data_ptr() != states[b].data_ptr(), what, ": rows ", j, " and ", b, " share a state");
   const int64_t groups = H / KV, V1 = D + 1;
-  float* S = state.data_ptr<float>();
+  std::vector<float*> S;
+  for (auto& st : states) S.push_back(st.data_ptr<float>());
   const float* q = fq.data_ptr<float>();
   const float* k = fk.data_ptr<float>();
   const float* vv = v.data_ptr<float>();
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty({H, D}, at::kFloat);
+  at::Tensor out = at::empty({B, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, H, Fd * V1 >= 4096 ? 1 : H, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(0, B * H, Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     std::vector<float> v1(V1), acc(V1);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t g = h / groups;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, g = b * KV + h / groups;
       std::copy(vv + g * D, vv + (g + 1) * D, v1.begin());
       v1[D] = 1.f;
       std::fill(acc.begin(), acc.end(), 0.f);
       const float a = dec ? dec[h] : 1.f;
       for (int64_t f = 0; f < Fd; ++f) {
-        float* row = S + (h * Fd + f) * V1;
-        const float kf = k[g * Fd + f], qf = q[h * Fd + f];
+        float* row = S[b] + (h * Fd + f) * V1;
+        const float kf = k[g * Fd + f], qf = q[t * Fd + f];
         for (int64_t d = 0; d < V1; ++d) {
           row[d] = a * row[d] + kf * v1[d];
           acc[d] += qf * row[d];
         }
       }
       const float inv = 1.f / (acc[D] + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) o[h * D + d] = acc[d] * inv;
+      for (int64_t d = 0; d < D; ++d) o[t * D + d] = acc[d] * inv;
     }
   });
   return out;
 }
 
-// Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)].
+at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                          const at::Tensor& decay, double eps) {
+  TORCH_CHECK(state.dim() == 3, "linear_decode_: state must be float32 [H, F, D+1]");
+  return linear_rows({state}, fq, fk, v, decay, eps, "linear_decode_")[0];
+}
+
+// linear_decode_ for several sequences, one token each (fq [B, H, F], fk [B, KV, F], v [B, KV, D]), in one call.
+at::Tensor linear_decode_batch_(std::vector<at::Tensor> states, const at::Tensor& fq, const at::Tensor& fk,
+                                const at::Tensor& v, const at::Tensor& decay, double eps) {
+  return linear_rows(states, fq, fk, v, decay, eps, "linear_decode_batch_");
+}
+
+// Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)];
+// or of several tokens, x [R, D] with R a multiple of H (row r is head r % H of token r / H), out [R, 2 Fh].
 at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat &&
-              w.scalar_type() == at::kFloat &&
-              w.dim() == 3 && x.numel() == w.size(0) * w.size(1), "hedgehog: x must be float32 [H, D], w [H, D, Fh]");
-  const int64_t H = w.size(0), D = w.size(1), Fh = w.size(2);
-  at::Tensor out = at::empty({H, 2 * Fh}, at::kFloat);
+              w.scalar_type() == at::kFloat && w.dim() == 3 && x.numel() > 0 &&
+              x.numel() % (w.size(0) * w.size(1)) == 0, "hedgehog: x must be float32 [H, D] (per token), w [H, D, Fh]");
+  const int64_t H = w.size(0), D = w.size(1), Fh = w.size(2), R = x.numel() / D;
+  at::Tensor out = at::empty({R, 2 * Fh}, at::kFloat);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* o = out.data_ptr<float>();
   std::vector<float> proj(Fh);
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = r % H;
     std::fill(proj.begin(), proj.end(), 0.f);
     for (int64_t d = 0; d < D; ++d) {
-      const float xd = xp[h * D + d];
+      const float xd = xp[r * D + d];
       const float* wr = wp + (h * D + d) * Fh;
       for (int64_t f = 0; f < Fh; ++f) proj[f] += xd * wr[f];
     }
     float mx = -INFINITY, mn = INFINITY;
     for (int64_t f = 0; f < Fh; ++f) { mx = std::max(mx, proj[f]); mn = std::min(mn, proj[f]); }
     float sp = 0.f, sn = 0.f;
-    float* op = o + h * 2 * Fh;
+    float* op = o + r * 2 * Fh;
     for (int64_t f = 0; f < Fh; ++f) {
       op[f] = std::exp(proj[f] - mx);
       op[Fh + f] = std::exp(mn - proj[f]);
@@ -1759,39 +1782,46 @@ std::string isa() { return kIsa; }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q8_linear", &q8_linear, "y = x W^T (+ residual) for a per-channel int8 weight; int8_act: one to eight "
-        "rows are quantized to int8 per 32 columns for integer dot products (llama.cpp's approach)",
+  // The matmuls and attention run without the GIL (their arguments are converted before it is let go, their
+  // results after it is taken back): a server's HTTP thread works while the engine's thread computes.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("q8_linear", &q8_linear, nogil, "y = x W^T (+ residual) for a per-channel int8 weight; int8_act: up to "
+        "gemv_rows() rows are quantized to int8 per 32 columns for integer dot products (llama.cpp's approach)",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
-  m.def("q4_linear", &group_linear<4>, "y = x W^T (+ residual) for a portable-layout int4 weight (zero: empty for "
-        "symmetric, float16 mins for the _min schemes); int8_act: one to eight rows are quantized to int8 per 32 columns for integer dot products",
+  m.def("q4_linear", &group_linear<4>, nogil, "y = x W^T (+ residual) for a portable-layout int4 weight (zero: "
+        "empty for symmetric, float16 mins for the _min schemes); int8_act: up to gemv_rows() rows are quantized to "
+        "int8 per 32 columns for integer dot products",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
-  m.def("q3_linear", &group_linear<3>, "as q4_linear, for a portable-layout int3 weight (low plane, then high bits)",
+  m.def("q3_linear", &group_linear<3>, nogil, "as q4_linear, for a portable-layout int3 weight (low plane, then "
+        "high bits)",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
-  m.def("q2_linear", &group_linear<2>, "as q4_linear, for a portable-layout int2 weight",
+  m.def("q2_linear", &group_linear<2>, nogil, "as q4_linear, for a portable-layout int2 weight",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none(),
         py::arg("int8_act") = false);
   for (int bits : {4, 3, 2}) {
     const std::string name = std::string(linear_name(bits)) + "_cat";
     auto fn = bits == 4 ? &group_linear_cat<4> : bits == 3 ? &group_linear_cat<3> : &group_linear_cat<2>;
-    m.def(name.c_str(), fn, "several group-quantized layers of one bit width on one input, outputs side by side; "
-          "silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
+    m.def(name.c_str(), fn, nogil, "several group-quantized layers of one bit width on one input, outputs side by "
+          "side; silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
           py::arg("int8_act") = false, py::arg("silu") = false);
   }
-  m.def("q8_linear_cat", &q8_linear_cat, "several int8 layers on one input, outputs side by side; silu: "
+  m.def("q8_linear_cat", &q8_linear_cat, nogil, "several int8 layers on one input, outputs side by side; silu: "
         "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("int8_act") = false,
         py::arg("silu") = false);
   m.def("rms_norm", &rms_norm, "w * x / sqrt(mean(x^2) + eps) per row");
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up]");
-  m.def("attend_decode", &attend_decode, "append this token's key/value to the cache and attend (one token)");
-  m.def("attend_decode_batch", &attend_decode_batch, "attend_decode for several sequences, one row of qkv each, "
+  m.def("attend_decode", &attend_decode, nogil, "append this token's key/value to the cache and attend (one token)");
+  m.def("attend_decode_batch", &attend_decode_batch, nogil, "attend_decode for several sequences, one row of qkv each, "
         "in one parallel loop");
-  m.def("linear_decode_", &linear_decode_, "one token of linear attention on its state, in place");
+  m.def("linear_decode_", &linear_decode_, nogil, "one token of linear attention on its state, in place");
+  m.def("linear_decode_batch_", &linear_decode_batch_, nogil, "linear_decode_ for several sequences (one token and one "
+        "state each) in one parallel loop");
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
-  m.def("hybrid_decode_", &hybrid_decode_, "one token of a hybrid (window + linear) layer, in place");
+  m.def("hybrid_decode_", &hybrid_decode_, nogil, "one token of a hybrid (window + linear) layer, in place");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("gemv_rows", [] { return kDecodeRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
         "rows the tiled GEMM (prompts)");
