@@ -40,9 +40,9 @@ from .kernels import (CmxConcatLinear, CmxGroupLinear, CmxInt8Linear, make_fused
 @functools.cache
 def decode_rows() -> int:
     """How many rows codexmini's int kernels take as decoding (each row computed exactly as it is alone, every
-    weight row read once for all of them); more rows are a prompt to them, which dequantizes every weight tile:
-    right for hundreds of rows, ~10x slower for a few. So a batched decode step calls them on at most this many
-    rows at a time (`_by_rows`). The number is the kernels' own (`gemv_rows()`)."""
+    weight row read once per eight of them); more rows are a prompt to them, which dequantizes every weight tile:
+    right for hundreds of rows, 2-4x slower per row for a few dozen. So a batched decode step calls them on at most
+    this many rows at a time (`_by_rows`). The number is the kernels' own (`gemv_rows()`)."""
     from . import native
 
     ext = native.load()
