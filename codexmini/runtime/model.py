@@ -212,10 +212,8 @@ class Layer:
                 rows.append(self._softmax_decode(qkv, sts))
             elif self.type == "linear":
                 rows.append(self._linear_decode_rows(qkv, sts))
-            for i, st in enumerate(sts if self.type == "hybrid" else ()):
-                r = qkv[i:i + 1]
-                q, k, v = (t.reshape(1, -1, self.hd).transpose(0, 1) for t in r.split(self.split_qkv, dim=-1))
-                rows.append(self._attend(q, k, v, st).transpose(0, 1).reshape(1, self.h * self.hd))
+            else:
+                rows.append(self._hybrid_decode_rows(qkv, sts))
         else:
             q, k, v = _by_rows(self.qkv, a).split(self.split_qkv, dim=-1) if self.qkv else \
                 (_by_rows(self.q, a), _by_rows(self.k, a), _by_rows(self.v, a))
@@ -349,17 +347,23 @@ class Layer:
         """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`): the
         feature maps of every row's heads and every state's update in one call each; `[B, H * hd]`, row i equal to
         `_linear_decode` of row i alone."""
-        B, H, KV, D = qkv.shape[0], self.h, self.kv, self.hd
+        B, H, D = qkv.shape[0], self.h, self.hd
         q, k, v = qkv.split(self.split_qkv, dim=-1)
-        if self.fm_w is not None:
-            fq = self.ext.hedgehog(q.reshape(B * H, D).contiguous(), self.fm_w["q"])
-            fk = self.ext.hedgehog(k.reshape(B * KV, D).contiguous(), self.fm_w["k"])
-        else:  # [heads, rows, F] as `_phi` maps them, then row-major
-            fq = self._phi(q.reshape(B, H, D).transpose(0, 1), "q").transpose(0, 1).contiguous()
-            fk = self._phi(k.reshape(B, KV, D).transpose(0, 1), "k").transpose(0, 1).contiguous()
+        fq, fk = self._features_rows(q, k)
         o = self.ext.linear_decode_batch_([self._state(st) for st in sts], fq, fk, v.contiguous(), self.decay_mult,
                                           NORMALISER_EPS)
         return o.reshape(B, H * D)
+
+    def _features_rows(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature maps of B tokens' query heads `[B, H, F]` and key heads `[B, KV, F]` (from q `[B, H * hd]`, k
+        `[B, KV * hd]`), each row as `_features_one` maps it."""
+        B, H, KV, D = q.shape[0], self.h, self.kv, self.hd
+        if self.fm_w is not None:
+            return (self.ext.hedgehog(q.reshape(B * H, D).contiguous(), self.fm_w["q"]).reshape(B, H, -1),
+                    self.ext.hedgehog(k.reshape(B * KV, D).contiguous(), self.fm_w["k"]).reshape(B, KV, -1))
+        # [heads, rows, F] as `_phi` maps them, then row-major
+        return (self._phi(q.reshape(B, H, D).transpose(0, 1), "q").transpose(0, 1).contiguous(),
+                self._phi(k.reshape(B, KV, D).transpose(0, 1), "k").transpose(0, 1).contiguous())
 
     def _linear(self, q, k, v, st):
         if self.ext is not None and q.shape[1] == 1:
@@ -379,13 +383,11 @@ class Layer:
         return (self._phi(q, "q").reshape(self.h, -1).contiguous(),
                 self._phi(k, "k").reshape(self.kv, -1).contiguous())
 
-    def _hybrid_decode(self, q, k, v, st):
-        """One token through codexmini's fused hybrid step (the reference is `_hybrid`: ops' `hybrid_attn`): the
-        window lives in a ring buffer (`wmeta` = count, oldest slot) while decoding; `window_to_time_order` turns it
-        back into the reference's layout."""
-        fq, fk = self._features_one(q, k)
-        H, w, D = self.h, self.window, self.hd
+    def _ring(self, st: dict) -> dict:
+        """The session's window as the decode ring buffer (`wmeta` = count, oldest slot), made from the time-ordered
+        window the first time a token is decoded; `window_to_time_order` turns it back."""
         if "wmeta" not in st:
+            H, w, D = self.h, self.window, self.hd
             n = st["wk"].shape[1] if "wk" in st else 0
             for name, width in (("wk", D), ("wfk", self.n_features), ("wv1", D + 1)):
                 ring = torch.zeros(H, w, width)
@@ -393,11 +395,33 @@ class Layer:
                     ring[:, :n] = st[name]
                 st[name] = ring
             st["wmeta"] = torch.tensor([n, 0], dtype=torch.long)
+        return st
+
+    def _hybrid_decode(self, q, k, v, st):
+        """One token through codexmini's fused hybrid step (the reference is `_hybrid`: ops' `hybrid_attn`): the
+        window lives in a ring buffer (`_ring`) while decoding; `window_to_time_order` turns it back into the
+        reference's layout."""
+        fq, fk = self._features_one(q, k)
+        H, D = self.h, self.hd
+        st = self._ring(st)
         o = self.ext.hybrid_decode_(self._state(st), st["wk"], st["wfk"], st["wv1"], st["wmeta"],
                                     q.reshape(H, D).contiguous(), k.reshape(self.kv, D).contiguous(),
                                     v.reshape(self.kv, D).contiguous(), fq, fk, self.decay_mult, D ** -0.5,
                                     NORMALISER_EPS)
         return o[:, None]
+
+    def _hybrid_decode_rows(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
+        """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`) in one
+        call; `[B, H * hd]`, row i equal to `_hybrid_decode` of row i alone."""
+        B, H, KV, D = qkv.shape[0], self.h, self.kv, self.hd
+        q, k, v = (t.contiguous() for t in qkv.split(self.split_qkv, dim=-1))
+        fq, fk = self._features_rows(q, k)
+        sts = [self._ring(st) for st in sts]
+        o = self.ext.hybrid_decode_batch_([self._state(st) for st in sts], [st["wk"] for st in sts],
+                                          [st["wfk"] for st in sts], [st["wv1"] for st in sts],
+                                          [st["wmeta"] for st in sts], q, k, v, fq, fk, self.decay_mult, D ** -0.5,
+                                          NORMALISER_EPS)
+        return o.reshape(B, H * D)
 
     def window_to_time_order(self, st: dict) -> None:
         """A hybrid layer's window back from the decode ring buffer to time order (what `_hybrid` and saved

@@ -382,6 +382,36 @@ def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay):
     torch.testing.assert_close(got, naive[0], atol=1e-5, rtol=1e-5)
 
 
+
+
+@needs_ext
+def test_hybrid_steps_of_a_batch_equal_each_sequence_alone():
+    """hybrid_decode_batch_: three sequences at different window fills (empty, part full, wrapped), each on its own
+    state and ring, give bit for bit what one hybrid_decode_ call per sequence gives; a state given twice is
+    refused."""
+    g = torch.Generator().manual_seed(10)
+    B, H, KV, D, F, w = 3, 4, 2, 8, 12, 5
+    a = torch.rand(H, generator=g) * 0.5 + 0.5
+
+    def seq(filled):
+        state, meta = torch.rand(H, F, D + 1, generator=g), torch.tensor([min(filled, w), filled % w if filled >= w
+                                                                          else 0], dtype=torch.long)
+        return [state, torch.randn(H, w, D, generator=g), torch.rand(H, w, F, generator=g),
+                torch.rand(H, w, D + 1, generator=g), meta]
+
+    seqs = [seq(n) for n in (0, 3, 7)]
+    alone = [[t.clone() for t in s] for s in seqs]
+    q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
+    k, v, fk = torch.randn(B, KV, D, generator=g), torch.randn(B, KV, D, generator=g), torch.rand(B, KV, F, generator=g)
+    want = torch.stack([ext.hybrid_decode_(*s, q[b].contiguous(), k[b].contiguous(), v[b].contiguous(),
+                                           fq[b].contiguous(), fk[b].contiguous(), a, D ** -0.5, 1e-6)
+                        for b, s in enumerate(alone)])
+    got = ext.hybrid_decode_batch_(*[[s[i] for s in seqs] for i in range(5)], q, k, v, fq, fk, a, D ** -0.5, 1e-6)
+    assert torch.equal(got, want)
+    assert all(torch.equal(x, y) for s, t in zip(seqs, alone) for x, y in zip(s, t))  # states, rings and metas
+    with pytest.raises(RuntimeError, match="rows 0 and 1 share a state"):
+        ext.hybrid_decode_batch_(*[[seqs[0][i]] * 2 for i in range(5)], q[:2].contiguous(), k[:2].contiguous(),
+                                 v[:2].contiguous(), fq[:2].contiguous(), fk[:2].contiguous(), a, D ** -0.5, 1e-6)
 def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):
     """No C++ compiler: load() returns None with the reason, auto picks torch's kernels, cmx is refused clearly."""
     import subprocess

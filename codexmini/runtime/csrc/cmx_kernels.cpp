@@ -1680,60 +1680,87 @@ at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+// One sequence's buffers for a hybrid step, checked: state [H, F, D+1], the window ring (wk [H, w, D], wfk [H, w, F],
+// wv1 [H, w, D+1]) and meta [count, oldest].
+struct HybridSeq {
+  float *S, *K, *FK, *VV;
+  int64_t* meta;
+  int64_t count, oldest;
+};
+
+HybridSeq hybrid_seq(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
+                     const at::Tensor& like_state, const at::Tensor& like_wk, const char* what) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &wk, &wfk, &wv1})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, what, ": tensors must be contiguous float32");
+  TORCH_CHECK(meta.numel() == 2 && meta.scalar_type() == at::kLong && meta.is_contiguous(),
+              what, ": meta must be int64 [count, oldest]");
+  const int64_t H = like_state.size(0), Fd = like_state.size(1), D = like_state.size(2) - 1, W = like_wk.size(1);
+  TORCH_CHECK(state.sizes() == like_state.sizes() && wk.sizes() == at::IntArrayRef({H, W, D}) &&
+              wfk.sizes() == at::IntArrayRef({H, W, Fd}) && wv1.sizes() == at::IntArrayRef({H, W, D + 1}),
+              what, ": window buffers must be [H, w, D|F|D+1], every sequence's of one shape");
+  int64_t* mp = meta.data_ptr<int64_t>();
+  TORCH_CHECK(mp[0] >= 0 && mp[0] <= W && mp[1] >= 0 && mp[1] < W, what, ": bad window meta");
+  return {state.data_ptr<float>(), wk.data_ptr<float>(), wfk.data_ptr<float>(), wv1.data_ptr<float>(), mp, mp[0],
+          mp[1]};
+}
+
 // One decoding step of a hybrid layer: softmax attention over a sliding window of the last `w` keys plus linear
-// attention over every key that has left it. The window is a ring buffer in place: wk [H, w, D], wfk [H, w, F],
-// wv1 [H, w, D+1] (keys, their features and [value, 1], per query head), with meta = [count, oldest slot] (int64,
-// updated in place). When the window is full its oldest key leaves into the state (state = decay * state +
-// fk_old^T v1_old, decay applied every step); the new key takes a slot; then
+// attention over every key that has left it, for B sequences (one token each) in one parallel loop over their heads.
+// The window is a ring buffer in place: wk [H, w, D], wfk [H, w, F], wv1 [H, w, D+1] (keys, their features and
+// [value, 1], per query head), with meta = [count, oldest slot] (int64, updated in place). When the window is full
+// its oldest key leaves into the state (state = decay * state + fk_old^T v1_old, decay applied every step); the new
+// key takes a slot; then
 //   out[h] = (sum_j a_j v_j + (fq[h] state[h])[:D]) / (sum_j a_j + (fq[h] state[h])[D] + eps),
 //   a_j = exp(q[h] . k_j * scale - max), j over the window (this token included).
+// Row b's inputs: q [H, D], k / v [KV, D], fq [H, F], fk [KV, F] (rows of q [B, H, D] etc.); returns [B, H, D].
 // The reference is codexmini.ops.hybrid.hybrid_attn (tensors in time order instead of a ring).
-at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
-                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
-                          const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &wk, &wfk, &wv1, &q, &k, &v, &fq, &fk})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "hybrid_decode_: tensors must be contiguous float32");
-  TORCH_CHECK(meta.numel() == 2 && meta.scalar_type() == at::kLong,
-              "hybrid_decode_: meta must be int64 [count, oldest]");
-  const int64_t H = state.size(0), Fd = state.size(1), D = state.size(2) - 1, W = wk.size(1);
-  TORCH_CHECK(wk.sizes() == at::IntArrayRef({H, W, D}) && wfk.sizes() == at::IntArrayRef({H, W, Fd}) &&
-              wv1.sizes() == at::IntArrayRef({H, W, D + 1}), "hybrid_decode_: window buffers must be [H, w, D|F|D+1]");
-  const int64_t KV = k.numel() / D;
-  TORCH_CHECK(q.numel() == H * D && fq.numel() == H * Fd && KV > 0 && H % KV == 0 && v.numel() == KV * D &&
-              fk.numel() == KV * Fd, "hybrid_decode_: q/k/v/fq/fk shapes do not match the state");
+at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> wks, std::vector<at::Tensor> wfks,
+                       std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk,
+                       const at::Tensor& decay, double scale, double eps, const char* what) {
+  const int64_t B = static_cast<int64_t>(states.size());
+  TORCH_CHECK(B > 0 && wks.size() == states.size() && wfks.size() == states.size() && wv1s.size() == states.size() &&
+              metas.size() == states.size(), what, ": one state, window and meta per sequence");
+  TORCH_CHECK(states[0].dim() == 3 && wks[0].dim() == 3, what, ": state must be [H, F, D+1], the window [H, w, D]");
+  std::vector<HybridSeq> seqs;
+  for (int64_t b = 0; b < B; ++b) {
+    seqs.push_back(hybrid_seq(states[b], wks[b], wfks[b], wv1s[b], metas[b], states[0], wks[0], what));
+    for (int64_t j = 0; j < b; ++j)
+      TORCH_CHECK(seqs[j].S != seqs[b].S && seqs[j].K != seqs[b].K, what, ": rows ", j, " and ", b,
+                  " share a state");
+  }
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &fq, &fk})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, what, ": tensors must be contiguous float32");
+  const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1, W = wks[0].size(1);
+  const int64_t KV = k.numel() / (B * D);
+  TORCH_CHECK(q.numel() == B * H * D && fq.numel() == B * H * Fd && KV > 0 && H % KV == 0 &&
+              k.numel() == B * KV * D && v.numel() == B * KV * D && fk.numel() == B * KV * Fd,
+              what, ": q/k/v/fq/fk shapes do not match the state");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
-              "hybrid_decode_: decay must be empty or float32 [H]");
-  int64_t* mp = meta.data_ptr<int64_t>();
-  const int64_t count = mp[0], oldest = mp[1];
-  TORCH_CHECK(count >= 0 && count <= W && oldest >= 0 && oldest < W, "hybrid_decode_: bad window meta");
-  const bool full = count == W;
-  const int64_t slot = full ? oldest : (oldest + count) % W;
+              what, ": decay must be empty or float32 [H]");
   const int64_t groups = H / KV, V1 = D + 1;
-  float* S = state.data_ptr<float>();
-  float* K = wk.data_ptr<float>();
-  float* FK = wfk.data_ptr<float>();
-  float* VV = wv1.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const float* fqp = fq.data_ptr<float>();
   const float* fkp = fk.data_ptr<float>();
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
-  const int64_t n = full ? W : count + 1;
-  at::Tensor out = at::empty({H, D}, at::kFloat);
+  at::Tensor out = at::empty({B, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, H, H, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(0, B * H, B * H * Fd * V1 >= 4096 * H ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     std::vector<float> lin(V1), num(D), a(W);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t g = h / groups;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, g = b * KV + h / groups;
+      const HybridSeq& sq = seqs[b];
+      const bool full = sq.count == W;
+      const int64_t slot = full ? sq.oldest : (sq.oldest + sq.count) % W, n = full ? W : sq.count + 1;
       const float dh = dec ? dec[h] : 1.f;
-      const float* fold = FK + (h * W + slot) * Fd;   // the leaving key's features (when full)
-      const float* vold = VV + (h * W + slot) * V1;
+      const float* fold = sq.FK + (h * W + slot) * Fd;   // the leaving key's features (when full)
+      const float* vold = sq.VV + (h * W + slot) * V1;
       std::fill(lin.begin(), lin.end(), 0.f);
       for (int64_t f = 0; f < Fd; ++f) {
-        float* row = S + (h * Fd + f) * V1;
-        const float qf = fqp[h * Fd + f];
+        float* row = sq.S + (h * Fd + f) * V1;
+        const float qf = fqp[t * Fd + f];
         if (full) {
           const float kf = fold[f];
           for (int64_t d = 0; d < V1; ++d) {
@@ -1748,33 +1775,50 @@ at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at
         }
       }
       // the new token takes the slot
-      std::copy(kp + g * D, kp + (g + 1) * D, K + (h * W + slot) * D);
-      std::copy(fkp + g * Fd, fkp + (g + 1) * Fd, FK + (h * W + slot) * Fd);
-      std::copy(vp + g * D, vp + (g + 1) * D, VV + (h * W + slot) * V1);
-      VV[(h * W + slot) * V1 + D] = 1.f;
+      std::copy(kp + g * D, kp + (g + 1) * D, sq.K + (h * W + slot) * D);
+      std::copy(fkp + g * Fd, fkp + (g + 1) * Fd, sq.FK + (h * W + slot) * Fd);
+      std::copy(vp + g * D, vp + (g + 1) * D, sq.VV + (h * W + slot) * V1);
+      sq.VV[(h * W + slot) * V1 + D] = 1.f;
       // softmax over the window (slots in any order: the sum does not care)
       float m = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t sl = full ? j : (oldest + j) % W;
-        a[j] = dot(qp + h * D, K + (h * W + sl) * D, D) * static_cast<float>(scale);
+        const int64_t sl = full ? j : (sq.oldest + j) % W;
+        a[j] = dot(qp + t * D, sq.K + (h * W + sl) * D, D) * static_cast<float>(scale);
         m = std::max(m, a[j]);
       }
       float den = 0.f;
       std::fill(num.begin(), num.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t sl = full ? j : (oldest + j) % W;
+        const int64_t sl = full ? j : (sq.oldest + j) % W;
         const float e = std::exp(a[j] - m);
         den += e;
-        const float* vj = VV + (h * W + sl) * V1;
+        const float* vj = sq.VV + (h * W + sl) * V1;
         for (int64_t d = 0; d < D; ++d) num[d] += e * vj[d];
       }
       const float inv = 1.f / (den + lin[D] + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) o[h * D + d] = (num[d] + lin[d]) * inv;
+      for (int64_t d = 0; d < D; ++d) o[t * D + d] = (num[d] + lin[d]) * inv;
     }
   });
-  if (full) mp[1] = (oldest + 1) % W;
-  else mp[0] = count + 1;
+  for (const HybridSeq& sq : seqs) {
+    if (sq.count == W) sq.meta[1] = (sq.oldest + 1) % W;
+    else sq.meta[0] = sq.count + 1;
+  }
   return out;
+}
+
+at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
+                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
+                          const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
+  return hybrid_rows({state}, {wk}, {wfk}, {wv1}, {meta}, q, k, v, fq, fk, decay, scale, eps, "hybrid_decode_")[0];
+}
+
+// hybrid_decode_ for several sequences (one token each; q [B, H, D], k / v [B, KV, D], fq [B, H, F], fk [B, KV, F]).
+at::Tensor hybrid_decode_batch_(std::vector<at::Tensor> states, std::vector<at::Tensor> wks,
+                                std::vector<at::Tensor> wfks, std::vector<at::Tensor> wv1s,
+                                std::vector<at::Tensor> metas, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk,
+                                const at::Tensor& decay, double scale, double eps) {
+  return hybrid_rows(states, wks, wfks, wv1s, metas, q, k, v, fq, fk, decay, scale, eps, "hybrid_decode_batch_");
 }
 
 std::string isa() { return kIsa; }
@@ -1822,6 +1866,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "state each) in one parallel loop");
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
   m.def("hybrid_decode_", &hybrid_decode_, nogil, "one token of a hybrid (window + linear) layer, in place");
+  m.def("hybrid_decode_batch_", &hybrid_decode_batch_, nogil, "hybrid_decode_ for several sequences (one token and "
+        "one state each) in one parallel loop");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("gemv_rows", [] { return kDecodeRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
         "rows the tiled GEMM (prompts)");
