@@ -335,18 +335,15 @@ class Layer:
         return st["state"]
 
     def _linear_decode(self, q, k, v, st):
-        """One token through codexmini's fused linear-attention step (the reference is `_linear`: ops'
-        `linear_attn`, then `normalise`)."""
-        ext = self.ext
-        fq, fk = self._features_one(q, k)
-        o = ext.linear_decode_(self._state(st), fq, fk, v.reshape(self.kv, self.hd).contiguous(),
-                               self.decay_mult, NORMALISER_EPS)
-        return o[:, None]
+        """One token (q `[H, 1, hd]`, k / v `[KV, 1, hd]`) through codexmini's fused linear-attention step: the
+        batched step with one row (the reference is `_linear`: ops' `linear_attn`, then `normalise`)."""
+        qkv = torch.cat([q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1)], dim=-1)
+        return self._linear_decode_rows(qkv, [st]).reshape(self.h, 1, self.hd)
 
     def _linear_decode_rows(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
         """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`): the
-        feature maps of every row's heads and every state's update in one call each; `[B, H * hd]`, row i equal to
-        `_linear_decode` of row i alone."""
+        feature maps of every row's heads and every state's update in one call each; `[B, H * hd]`, every row
+        computed exactly as it is alone."""
         B, H, D = qkv.shape[0], self.h, self.hd
         q, k, v = qkv.split(self.split_qkv, dim=-1)
         fq, fk = self._features_rows(q, k)
@@ -356,7 +353,7 @@ class Layer:
 
     def _features_rows(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature maps of B tokens' query heads `[B, H, F]` and key heads `[B, KV, F]` (from q `[B, H * hd]`, k
-        `[B, KV * hd]`), each row as `_features_one` maps it."""
+        `[B, KV * hd]`)."""
         B, H, KV, D = q.shape[0], self.h, self.kv, self.hd
         if self.fm_w is not None:
             return (self.ext.hedgehog(q.reshape(B * H, D).contiguous(), self.fm_w["q"]).reshape(B, H, -1),
@@ -375,14 +372,6 @@ class Layer:
         _store(st, "state", state[0])
         return normalise(o[0])
 
-    def _features_one(self, q, k):
-        """Feature maps of one token's query heads `[H, F]` and key heads `[KV, F]` (not repeated)."""
-        if self.fm_w is not None:
-            return (self.ext.hedgehog(q.reshape(self.h, self.hd), self.fm_w["q"]),
-                    self.ext.hedgehog(k.reshape(self.kv, self.hd), self.fm_w["k"]))
-        return (self._phi(q, "q").reshape(self.h, -1).contiguous(),
-                self._phi(k, "k").reshape(self.kv, -1).contiguous())
-
     def _ring(self, st: dict) -> dict:
         """The session's window as the decode ring buffer (`wmeta` = count, oldest slot), made from the time-ordered
         window the first time a token is decoded; `window_to_time_order` turns it back."""
@@ -398,21 +387,15 @@ class Layer:
         return st
 
     def _hybrid_decode(self, q, k, v, st):
-        """One token through codexmini's fused hybrid step (the reference is `_hybrid`: ops' `hybrid_attn`): the
-        window lives in a ring buffer (`_ring`) while decoding; `window_to_time_order` turns it back into the
-        reference's layout."""
-        fq, fk = self._features_one(q, k)
-        H, D = self.h, self.hd
-        st = self._ring(st)
-        o = self.ext.hybrid_decode_(self._state(st), st["wk"], st["wfk"], st["wv1"], st["wmeta"],
-                                    q.reshape(H, D).contiguous(), k.reshape(self.kv, D).contiguous(),
-                                    v.reshape(self.kv, D).contiguous(), fq, fk, self.decay_mult, D ** -0.5,
-                                    NORMALISER_EPS)
-        return o[:, None]
+        """One token (q `[H, 1, hd]`, k / v `[KV, 1, hd]`) through codexmini's fused hybrid step: the batched step with
+        one row (the reference is `_hybrid`: ops' `hybrid_attn`). The window lives in a ring buffer (`_ring`) while
+        decoding; `window_to_time_order` turns it back into the reference's layout."""
+        qkv = torch.cat([q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1)], dim=-1)
+        return self._hybrid_decode_rows(qkv, [st]).reshape(self.h, 1, self.hd)
 
     def _hybrid_decode_rows(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
         """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`) in one
-        call; `[B, H * hd]`, row i equal to `_hybrid_decode` of row i alone."""
+        call; `[B, H * hd]`, every row computed exactly as it is alone."""
         B, H, KV, D = qkv.shape[0], self.h, self.kv, self.hd
         q, k, v = (t.contiguous() for t in qkv.split(self.split_qkv, dim=-1))
         fq, fk = self._features_rows(q, k)
