@@ -19,14 +19,15 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
-import yaml
+from omegaconf import OmegaConf
 
 from codexmini.data import DataConfig, build_data, perplexity
 from codexmini.data.domains import evaluate_domains
 from codexmini.data.schema import as_data_config
+from codexmini.config import compose
+from codexmini.report import render_domains
 from codexmini.distill import DistillConfig, distill
 from codexmini.train import TrainerConfig
 from codexmini.models.from_teacher import student_from_teacher
@@ -60,10 +61,9 @@ def main() -> None:
     teacher, tok = load_teacher("smollm2-135m-instruct")
     held_out = []  # domains no step trains on
     if args.data:
-        path = Path(__file__).resolve().parents[1] / "codexmini" / "configs" / "data" / f"{args.data}.yaml"
-        if not path.is_file():
-            raise SystemExit(f"--data {args.data}: no {path}")
-        data_cfg = as_data_config(yaml.safe_load(path.read_text()))
+        # the data group as a recipe composes it (unknown names are refused by Hydra with the ones it has)
+        data_cfg = as_data_config(OmegaConf.to_container(compose("quickstart", [f"data={args.data}"]).data,
+                                                         resolve=True))
         held_out = [src.name for _, src in data_cfg.resolved_sources() if src.eval_only]
         data = build_data(data_cfg, tok, teacher=teacher)
     else:
@@ -97,19 +97,12 @@ def main() -> None:
     print(f"| teacher | {teacher_ppl:.2f} | | 1.00x |")
     if domains:
         names = list(data.val_domains)
-        base = domains["teacher"]
+        teacher_domains = domains.pop("teacher")
         print("\nPer domain (held-out documents): perplexity as a ratio to the teacher's; KL(teacher || student) in "
               "nats per token. Trained on: " + ", ".join(n for n in names if n not in held_out) +
-              "; never trained on: " + (", ".join(held_out) or "none"))
-        print("\n| run | " + " | ".join(f"{n} ppl" for n in names) + " | "
-              + " | ".join(f"{n} KL" for n in names) + " |")
-        print("|---|" + "---|" * (2 * len(names)))
-        print("| teacher (ppl) | " + " | ".join(f"{base[n]['ppl']:.2f}" for n in names) + " |" + " |" * len(names))
-        for run, res in domains.items():
-            if run == "teacher":
-                continue
-            print(f"| {run} | " + " | ".join(f"{res[n]['ppl'] / base[n]['ppl']:.2f}x" for n in names) + " | "
-                  + " | ".join(f"{res[n]['kl']:.3f}" for n in names) + " |")
+              "; never trained on: " + (", ".join(held_out) or "none") + "\n")
+        print(render_domains([{"stage": run, "domains": res, "teacher_domains": teacher_domains}
+                              for run, res in domains.items()]))
     print(f"\nmatmul peak (fp32, 2048^3, median of 5): {peak:.0f} GFLOP/s")
     print("\n| step | tokens/s | model GFLOP/s | fraction of peak | vs CE step |")
     print("|---|---|---|---|---|")

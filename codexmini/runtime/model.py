@@ -210,10 +210,9 @@ class Layer:
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
             if self.type == "softmax":  # every session's heads in one call
                 rows.append(self._softmax_decode(qkv, sts))
-            elif self.type == "linear":
-                rows.append(self._linear_decode_rows(qkv, sts))
             else:
-                rows.append(self._hybrid_decode_rows(qkv, sts))
+                decode = self._linear_decode_rows if self.type == "linear" else self._hybrid_decode_rows
+                rows.append(decode(*qkv.split(self.split_qkv, dim=-1), sts))
         else:
             q, k, v = _by_rows(self.qkv, a).split(self.split_qkv, dim=-1) if self.qkv else \
                 (_by_rows(self.q, a), _by_rows(self.k, a), _by_rows(self.v, a))
@@ -337,15 +336,14 @@ class Layer:
     def _linear_decode(self, q, k, v, st):
         """One token (q `[H, 1, hd]`, k / v `[KV, 1, hd]`) through codexmini's fused linear-attention step: the
         batched step with one row (the reference is `_linear`: ops' `linear_attn`, then `normalise`)."""
-        qkv = torch.cat([q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1)], dim=-1)
-        return self._linear_decode_rows(qkv, [st]).reshape(self.h, 1, self.hd)
+        return self._linear_decode_rows(q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1), [st]).reshape(
+            self.h, 1, self.hd)
 
-    def _linear_decode_rows(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
-        """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`): the
-        feature maps of every row's heads and every state's update in one call each; `[B, H * hd]`, every row
-        computed exactly as it is alone."""
-        B, H, D = qkv.shape[0], self.h, self.hd
-        q, k, v = qkv.split(self.split_qkv, dim=-1)
+    def _linear_decode_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sts: list[dict]) -> torch.Tensor:
+        """One token for each of the sessions `sts` (row i of q `[B, H * hd]`, rotated, and of k / v `[B, KV * hd]`
+        continues `sts[i]`): the feature maps of every row's heads and every state's update in one call each;
+        `[B, H * hd]`, every row computed exactly as it is alone."""
+        B, H, D = q.shape[0], self.h, self.hd
         fq, fk = self._features_rows(q, k)
         o = self.ext.linear_decode_batch_([self._state(st) for st in sts], fq, fk, v.contiguous(), self.decay_mult,
                                           NORMALISER_EPS)
@@ -390,14 +388,14 @@ class Layer:
         """One token (q `[H, 1, hd]`, k / v `[KV, 1, hd]`) through codexmini's fused hybrid step: the batched step with
         one row (the reference is `_hybrid`: ops' `hybrid_attn`). The window lives in a ring buffer (`_ring`) while
         decoding; `window_to_time_order` turns it back into the reference's layout."""
-        qkv = torch.cat([q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1)], dim=-1)
-        return self._hybrid_decode_rows(qkv, [st]).reshape(self.h, 1, self.hd)
+        return self._hybrid_decode_rows(q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1), [st]).reshape(
+            self.h, 1, self.hd)
 
-    def _hybrid_decode_rows(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
-        """One token for each of the sessions `sts` (row i of qkv `[B, C]`, rotated, continues `sts[i]`) in one
-        call; `[B, H * hd]`, every row computed exactly as it is alone."""
-        B, H, KV, D = qkv.shape[0], self.h, self.kv, self.hd
-        q, k, v = (t.contiguous() for t in qkv.split(self.split_qkv, dim=-1))
+    def _hybrid_decode_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sts: list[dict]) -> torch.Tensor:
+        """One token for each of the sessions `sts` (rows as `_linear_decode_rows` takes them) in one call;
+        `[B, H * hd]`, every row computed exactly as it is alone."""
+        B, H, D = q.shape[0], self.h, self.hd
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         fq, fk = self._features_rows(q, k)
         sts = [self._ring(st) for st in sts]
         o = self.ext.hybrid_decode_batch_([self._state(st) for st in sts], [st["wk"] for st in sts],

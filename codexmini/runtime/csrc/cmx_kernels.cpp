@@ -1058,6 +1058,18 @@ void gemv_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, floa
   gemv_rows_plain(q, a, n0, n1, y, ldy);
 }
 
+// The GEMVs' parallel loop over weight rows [0, N): each task walks its rows a block of kBlockRows at a time (all
+// at once when x is one chunk) and calls f(chunk, r0, r1) for every chunk of kGemvRows rows of x on the block, so a
+// block is read from memory once and from cache for the other chunks.
+template <class F>
+void over_blocks(int64_t N, int64_t grain_rows, int64_t chunks, F&& f) {
+  const int64_t block = chunks > 1 ? kBlockRows : N;
+  at::parallel_for(0, N, grain_rows, [&](int64_t a, int64_t b) {
+    for (int64_t s = a; s < b; s += block)
+      for (int64_t c = 0; c < chunks; ++c) f(c, s, std::min(b, s + block));
+  });
+}
+
 // y[m, start_i + n] += (x W_i^T)[m, n] for one to kDecodeRows rows of x and the weights side by side (of one bit
 // width): each weight row is read once per chunk of kGemvRows rows of x (from cache after the first), every part's
 // rows in one parallel loop.
@@ -1075,16 +1087,11 @@ void group_gemv(const at::Tensor& x, const std::vector<GroupWeight>& parts, bool
   }
   std::vector<int64_t> start{0};
   for (const auto& p : parts) start.push_back(start.back() + p.N);
-  const int64_t block = acts.size() > 1 ? kBlockRows : start.back();
-  at::parallel_for(0, start.back(), grain(parts[0].row_bytes()), [&](int64_t a, int64_t b) {
-    for (int64_t s = a; s < b; s += block) {
-      const int64_t e = std::min(b, s + block);
-      for (size_t c = 0; c < acts.size(); ++c)
-        for (size_t i = 0; i < parts.size(); ++i) {
-          const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
-          if (r0 < r1)
-            gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i], ldy);
-        }
+  over_blocks(start.back(), grain(parts[0].row_bytes()), static_cast<int64_t>(acts.size()),
+              [&](int64_t c, int64_t s, int64_t e) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
+      if (r0 < r1) gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i], ldy);
     }
   });
 }
@@ -1317,7 +1324,7 @@ void q8_gemv_rows_vnni(const Q8Weight& q, const Q8Lanes& a, int64_t n0, int64_t 
 // y += x W^T * scale for one to kDecodeRows rows of x (`rows`: their int8 activations, or empty for fp32), kGemvRows
 // rows at a time over each block of kBlockRows weight rows (see group_gemv).
 void q8_gemv(const Q8Weight& q, const float* x, int64_t M, const std::vector<QuantRow>& rows, float* y) {
-  const int64_t chunks = (M + kGemvRows - 1) / kGemvRows, block = chunks > 1 ? kBlockRows : q.N;
+  const int64_t chunks = (M + kGemvRows - 1) / kGemvRows;
   auto rows_of = [&](int64_t c) { return std::min(kGemvRows, M - c * kGemvRows); };
 #if CMX_Q8_VNNI
   if (!rows.empty()) {
@@ -1326,25 +1333,19 @@ void q8_gemv(const Q8Weight& q, const float* x, int64_t M, const std::vector<Qua
     for (int64_t c = 0; c < chunks; ++c)
       lanes.emplace_back(std::vector<QuantRow>(rows.begin() + c * kGemvRows, rows.begin() + c * kGemvRows + rows_of(c)),
                          q.K);
-    at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) {
-      for (int64_t s = a; s < b; s += block)
-        for (int64_t c = 0; c < chunks; ++c)
-          with_rows(rows_of(c), [&](auto m) {
-            q8_gemv_rows_vnni<decltype(m)::value>(q, lanes[c], s, std::min(b, s + block), y + c * kGemvRows * q.N);
-          });
+    over_blocks(q.N, grain(q.K), chunks, [&](int64_t c, int64_t s, int64_t e) {
+      with_rows(rows_of(c), [&](auto m) {
+        q8_gemv_rows_vnni<decltype(m)::value>(q, lanes[c], s, e, y + c * kGemvRows * q.N);
+      });
     });
     return;
   }
 #endif
-  at::parallel_for(0, q.N, grain(q.K), [&](int64_t a, int64_t b) {
-    for (int64_t s = a; s < b; s += block)
-      for (int64_t c = 0; c < chunks; ++c) {
-        const QuantRow* xq = rows.empty() ? nullptr : rows.data() + c * kGemvRows;
-        with_rows(rows_of(c), [&](auto m) {
-          q8_gemv_rows<decltype(m)::value>(q, x + c * kGemvRows * q.K, xq, s, std::min(b, s + block),
-                                           y + c * kGemvRows * q.N);
-        });
-      }
+  over_blocks(q.N, grain(q.K), chunks, [&](int64_t c, int64_t s, int64_t e) {
+    const QuantRow* xq = rows.empty() ? nullptr : rows.data() + c * kGemvRows;
+    with_rows(rows_of(c), [&](auto m) {
+      q8_gemv_rows<decltype(m)::value>(q, x + c * kGemvRows * q.K, xq, s, e, y + c * kGemvRows * q.N);
+    });
   });
 }
 
@@ -1465,20 +1466,29 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // One decoding step of softmax attention with a KV cache, for one sequence or a batch of them (one per row of
 // qkv): appends each row's key and value, then attends its query heads. attend_decode is the one-sequence call;
 // attend_decode_batch runs every (row, head) of a batch in one parallel loop.
+// Each of a batch's rows updates its own state in place: two rows given one buffer would write it twice.
+void check_distinct(const std::vector<const void*>& buffers, const char* what, const char* noun) {
+  for (size_t b = 0; b < buffers.size(); ++b)
+    for (size_t j = 0; j < b; ++j)
+      TORCH_CHECK(buffers[j] != buffers[b], what, ": rows ", j, " and ", b, " share a ", noun);
+}
+
 struct KVCache {
   float* k;
   float* v;
-  int64_t cap, n;  // capacity in tokens; the slot this token goes into
+  int64_t cap, n, lo;  // capacity in tokens; the slot this token goes into; the first slot it attends to
 };
 
-KVCache kv_cache(at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t kv_heads, int64_t hd, const char* what) {
+KVCache kv_cache(at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t window, int64_t kv_heads, int64_t hd,
+                 const char* what) {
   TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() &&
               kcache.sizes() == vcache.sizes() &&
               kcache.size(0) == kv_heads && kcache.size(2) == hd && kcache.scalar_type() == at::kFloat &&
               vcache.scalar_type() == at::kFloat, what, ": caches must be float32 [KV, capacity, hd]");
   const int64_t cap = kcache.size(1);
   TORCH_CHECK(n >= 0 && n < cap, what, ": slot ", n, " is outside the cache capacity ", cap);
-  return {kcache.data_ptr<float>(), vcache.data_ptr<float>(), cap, n};
+  return {kcache.data_ptr<float>(), vcache.data_ptr<float>(), cap, n,
+          window > 0 ? std::max<int64_t>(0, n + 1 - window) : 0};
 }
 
 // Row q (C floats: H query heads, then KV keys, then KV values) into slot c.n of its cache.
@@ -1489,13 +1499,13 @@ void kv_append(const float* q, const KVCache& c, int64_t heads, int64_t kv_heads
   }
 }
 
-// Query head h of row q over slots [lo, c.n] of its KV group, into oh [hd]; p: scratch of at least c.n + 1 - lo.
-void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, int64_t hd, float scale, int64_t lo,
-                 float* p, float* oh) {
-  const int64_t S = c.n + 1 - lo;
+// Query head h of row q over slots [c.lo, c.n] of its KV group, into oh [hd]; p: scratch of at least c.n + 1 - c.lo.
+void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, int64_t hd, float scale, float* p,
+                 float* oh) {
+  const int64_t S = c.n + 1 - c.lo;
   const float* qh = q + h * hd;
-  const float* K = c.k + ((h / groups) * c.cap + lo) * hd;
-  const float* V = c.v + ((h / groups) * c.cap + lo) * hd;
+  const float* K = c.k + ((h / groups) * c.cap + c.lo) * hd;
+  const float* V = c.v + ((h / groups) * c.cap + c.lo) * hd;
   float m = -INFINITY;
   for (int64_t j = 0; j < S; ++j) {
     p[j] = dot(qh, K + j * hd, hd) * scale;
@@ -1532,15 +1542,15 @@ at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, s
               what, ": one key cache, value cache and slot per row");
   check_qkv(qkv, B, heads, kv_heads, hd, what);
   std::vector<KVCache> caches;
+  std::vector<const void*> buffers;
   int64_t work = 0, longest = 0;
   for (int64_t b = 0; b < B; ++b) {
-    caches.push_back(kv_cache(kcaches[b], vcaches[b], ns[b], kv_heads, hd, what));
-    for (int64_t j = 0; j < b; ++j)
-      TORCH_CHECK(caches[j].k != caches[b].k, what, ": rows ", j, " and ", b, " share a cache");
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, ns[b] + 1 - window) : 0;
-    work += (ns[b] + 1 - lo) * hd * heads;
-    longest = std::max(longest, ns[b] + 1 - lo);
+    const KVCache& c = caches.emplace_back(kv_cache(kcaches[b], vcaches[b], ns[b], window, kv_heads, hd, what));
+    buffers.push_back(c.k);
+    work += (c.n + 1 - c.lo) * hd * heads;
+    longest = std::max(longest, c.n + 1 - c.lo);
   }
+  check_distinct(buffers, what, "cache");
   const int64_t C = qkv.size(1), groups = heads / kv_heads;
   const float* q = qkv.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) kv_append(q + b * C, caches[b], heads, kv_heads, hd);
@@ -1551,10 +1561,8 @@ at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, s
   at::parallel_for(0, B * heads, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> p(longest);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / heads, h = t % heads, n = caches[b].n;
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, n + 1 - window) : 0;
-      attend_head(q + b * C, caches[b], h, groups, hd, static_cast<float>(scale), lo, p.data(),
-                  o + (b * heads + h) * hd);
+      const int64_t b = t / heads, h = t % heads;
+      attend_head(q + b * C, caches[b], h, groups, hd, static_cast<float>(scale), p.data(), o + (b * heads + h) * hd);
     }
   });
   return out;
@@ -1598,12 +1606,10 @@ at::Tensor linear_rows(std::vector<at::Tensor> states, const at::Tensor& fq, con
               " heads and v of ", v.numel() / B, " values per row");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
               what, ": decay must be empty or float32 [H]");
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < b; ++j)
-      TORCH_CHECK(states[j].data_ptr() != states[b].data_ptr(), what, ": rows ", j, " and ", b, " share a state");
   const int64_t groups = H / KV, V1 = D + 1;
   std::vector<float*> S;
   for (auto& st : states) S.push_back(st.data_ptr<float>());
+  check_distinct(std::vector<const void*>(S.begin(), S.end()), what, "state");
   const float* q = fq.data_ptr<float>();
   const float* k = fk.data_ptr<float>();
   const float* vv = v.data_ptr<float>();
@@ -1723,12 +1729,14 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
               metas.size() == states.size(), what, ": one state, window and meta per sequence");
   TORCH_CHECK(states[0].dim() == 3 && wks[0].dim() == 3, what, ": state must be [H, F, D+1], the window [H, w, D]");
   std::vector<HybridSeq> seqs;
+  std::vector<const void*> state_buffers, window_buffers;
   for (int64_t b = 0; b < B; ++b) {
     seqs.push_back(hybrid_seq(states[b], wks[b], wfks[b], wv1s[b], metas[b], states[0], wks[0], what));
-    for (int64_t j = 0; j < b; ++j)
-      TORCH_CHECK(seqs[j].S != seqs[b].S && seqs[j].K != seqs[b].K, what, ": rows ", j, " and ", b,
-                  " share a state");
+    state_buffers.push_back(seqs[b].S);
+    window_buffers.push_back(seqs[b].K);
   }
+  check_distinct(state_buffers, what, "state");
+  check_distinct(window_buffers, what, "window");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &fq, &fk})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, what, ": tensors must be contiguous float32");
   const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1, W = wks[0].size(1);
@@ -1747,7 +1755,7 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({B, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B * H, B * H * Fd * V1 >= 4096 * H ? 1 : B * H, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * H, B * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     std::vector<float> lin(V1), num(D), a(W);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, g = b * KV + h / groups;
