@@ -36,8 +36,10 @@ def bf16_matmul_pays(rows: int, inner: int, cols: int, native: bool | None = Non
     `CODEXMINI_CPU_BF16=0|1` answers instead of measuring where `native` holds."""
     if not (cpu_has_bf16() if native is None else native):
         return False
-    forced = os.environ.get(ENV)
-    if forced in ("0", "1"):
+    forced = os.environ.get(ENV, "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={forced!r}: set it to 0 (fp32) or 1 (bf16), or unset it to measure")
+    if forced:
         return forced == "1"
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(rows, inner, generator=g), torch.randn(inner, cols, generator=g)

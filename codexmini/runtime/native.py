@@ -63,11 +63,12 @@ def load(verbose: bool = False):
         module = load_extension(name="codexmini_cmx_kernels", sources=[str(source)], extra_cflags=_flags(),
                                 extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)
         _state["error"] = None
-        module.set_bf16_prompts(bf16_prompts_pay(module))
     except Exception as err:  # noqa: BLE001 - any build failure means: use torch's kernels instead
         _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         warnings.warn(f"codexmini's CPU kernels could not be built ({_state['error']}); using torch's kernels. "
                       "Install a C++ compiler and `pip install ninja` to get the faster ones.", stacklevel=2)
+    if module is not None:  # outside the build's try: a bad CODEXMINI_CPU_BF16 is the user's to fix, not a fallback
+        module.set_bf16_prompts(bf16_prompts_pay(module))
     _state["module"] = module
     return module
 

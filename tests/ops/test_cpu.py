@@ -14,6 +14,10 @@ def test_bf16_never_pays_without_a_native_multiply_and_the_override_decides_othe
     monkeypatch.setenv(cpu.ENV, "0")
     assert cpu.bf16_matmul_pays(8, 16, 8, native=True) is False
     cpu.bf16_matmul_pays.cache_clear()
+    monkeypatch.setenv(cpu.ENV, "yes")
+    with pytest.raises(ValueError, match="CODEXMINI_CPU_BF16='yes': set it to 0"):
+        cpu.bf16_matmul_pays(8, 16, 8, native=True)
+    cpu.bf16_matmul_pays.cache_clear()
 
 
 @pytest.mark.parametrize("native", [True, False])
