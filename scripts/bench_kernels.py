@@ -12,7 +12,8 @@ per call and GB/s of weight bytes read (codes, scales and zero points).
     .venv/bin/python scripts/bench_kernels.py                  # about a minute
     .venv/bin/python scripts/bench_kernels.py --table lowbit   # table 2 only
 
-Table 3 (`--table rows`): a batched decode step, one weight against 1 .. `gemv_rows()` rows of int8 activations.
+Table 3 (`--table rows`): a batched decode step, one weight against 1 .. `gemv_rows()` rows of int8 activations:
+int4 in the file's layout and repacked in panels (what the runtime runs where the CPU has AVX-512 VNNI), and int8.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def rows_table(ext, repeats: int) -> None:
 
     g = torch.Generator().manual_seed(2)
     empty = torch.empty(0, dtype=torch.uint8)
-    rows = sorted({1, 2, 4, ext.gemv_rows()})
+    rows = sorted({1, 2, 4, 8, ext.gemv_rows()})
     print("| shape | kernel | " + " | ".join(f"{m} rows µs (x one)" for m in rows) + " |")
     print("|---|---|" + "---|" * len(rows))
     for N, K, name in [(3072, 576, "gate/up fused"), (576, 1536, "down"), (49152, 576, "head (vocab)")]:
@@ -116,8 +117,14 @@ def rows_table(ext, repeats: int) -> None:
         s4 = (torch.randn(N, K // 32, generator=g) * 0.01).half()
         q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         s8 = (torch.rand(N, generator=g) * 0.01).half()
-        for label, call in (("int4 g32", lambda x: ext.q4_linear(x, q4, s4, empty, None, True)),
-                            ("int8", lambda x: ext.q8_linear(x, q8, s8, None, True))):
+        kernels = [("int4 g32", lambda x: ext.q4_linear(x, q4, s4, empty, None, True))]
+        if ext.panels():  # the same weight repacked as the runtime does for the panel kernel
+            from codexmini.runtime.kernels import to_panels
+
+            p4, ps4 = to_panels(q4, ext.panels(), 4), to_panels(s4, ext.panels())
+            kernels.append(("int4 g32 panels", lambda x: ext.q4p_linear(x, p4, ps4, empty, None)))
+        kernels.append(("int8", lambda x: ext.q8_linear(x, q8, s8, None, True)))
+        for label, call in kernels:
             xs = {m: torch.randn(m, K, generator=g) for m in rows}
             us = [median_us(lambda: call(xs[m]), repeats) for m in rows]
             print(f"| {N}x{K} {name} | {label} | " + " | ".join(f"{u:.1f} ({u / us[0]:.2f}x)" for u in us) + " |")

@@ -6,11 +6,13 @@
   packed int4 layout, with per-group
   (scale, zero) pairs; our `(code - zero_u8) * scale` becomes torch's `(code - 8) * scale + (8 - zero_u8) * scale`.
 - "cmx": codexmini's own kernels (`csrc/cmx_kernels.cpp`, built on first use by `native.load()`) for int8 and
-  int4 / int3 / int2 groups: they read the portable layout as stored, fp16 scales included (no repacking: the
-  weights in memory are the file's), and take fp32 activations, so they equal the dequantized reference up to the
-  order of fp32 additions. Decode rows (up to 8) run a SIMD GEMV that reads each weight row once for all of them;
-  longer inputs dequantize a tile of rows at a time and multiply with MKL (in bf16 where the CPU multiplies bf16
-  natively).
+  int4 / int3 / int2 groups: they read the portable layout as stored, fp16 scales included (the weights in memory
+  are the file's), and take fp32 activations (equal to the dequantized reference up to the order of fp32
+  additions) or int8 ones (the fast choice). Decode rows (up to `gemv_rows()`) run a SIMD GEMV that reads each
+  weight row once for several of them; longer inputs dequantize a tile of rows at a time and multiply with MKL (in
+  bf16 where that is measured faster). One exception to "as stored": int4 layers fed int8 activations on a CPU with
+  AVX-512 VNNI are repacked once, at load, into panels of 16 rows (`to_panels`: the same bytes, reordered), whose
+  kernel keeps output channels in SIMD lanes (see `q4p_linear` in the source).
 - "auto" (the runtime's default): "cmx" where the kernels build, else "native".
 - "dequant": int weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
   without the memory saving).
@@ -128,20 +130,48 @@ class CmxInt8Linear:
 class CmxGroupLinear:
     """int4 / int3 / int2 groups through codexmini's kernels: the file's packed codes, scales (fp16 or fp32) and,
     for asymmetric layers, zero points as they are; a symmetric layer passes an empty zero (the implied middle
-    code), a `_min` layer its float16 mins in the zero's place (the kernels tell them by dtype)."""
+    code), a `_min` layer its float16 mins in the zero's place (the kernels tell them by dtype). `panels`: int4 fed
+    int8 activations, where `panel_layout` allows, is repacked by `to_panels` for the panel kernel (`q4p_linear`)."""
 
     def __init__(self, ext, bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 int8_act: bool = False, min_: torch.Tensor | None = None):
+                 int8_act: bool = False, min_: torch.Tensor | None = None, panels: bool = True):
         self.ext, self.bits, self.int8_act = ext, bits, int8_act
         self.packed, self.scale = packed.contiguous(), _kernel_scale(scale)
         offsets = min_.half() if min_ is not None else zero
         self.zero = offsets.contiguous() if offsets is not None else torch.empty(0, dtype=torch.uint8)
         self.nbytes = self.packed.numel() + self.scale.numel() * self.scale.element_size() + \
             self.zero.numel() * self.zero.element_size()
-        self._call = getattr(ext, f"q{bits}_linear")
+        self.panels = panels and int8_act and panel_layout(ext, bits, self.packed, self.scale)
+        if self.panels:
+            rows = ext.panels()
+            self.packed, self.scale = to_panels(self.packed, rows, 4), to_panels(self.scale, rows)
+            self.zero = to_panels(self.zero, rows) if self.zero.numel() else self.zero
+            self._call = lambda x, packed, scale, zero, residual, _: ext.q4p_linear(x, packed, scale, zero, residual)
+        else:
+            self._call = getattr(ext, f"q{bits}_linear")
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._call(x.float().contiguous(), self.packed, self.scale, self.zero, residual, self.int8_act)
+
+
+def panel_layout(ext, bits: int, packed: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether an int4 layer takes the panel kernel here: a build that has it (`ext.panels()`, AVX-512 VNNI), rows
+    in whole panels, 32-column blocks of int8 activations tiling the row, and groups that nest in those blocks (8,
+    16) or are made of them (32, 64, ...)."""
+    rows = ext.panels() if hasattr(ext, "panels") else 0
+    if bits != 4 or not rows:
+        return False
+    out, cols = packed.shape[0], packed.shape[1] * 2
+    group = cols // scale.shape[1]
+    return out % rows == 0 and cols % 32 == 0 and (group % 32 == 0 or (32 % group == 0 and group % 8 == 0))
+
+
+def to_panels(t: torch.Tensor, rows: int, word: int = 1) -> torch.Tensor:
+    """A per-row tensor `[out, n]` (codes, scales, zero points or mins) in the panel kernel's order, same shape and
+    bytes: per panel of `rows` output rows, each unit of `word` elements (4 bytes of int4 codes: 8 columns; one scale)
+    of every row side by side, so that one vector load holds that unit of `rows` output channels."""
+    out, n = t.shape
+    return t.reshape(out // rows, rows, n // word, word).transpose(1, 2).contiguous().reshape(out, n)
 
 
 def _kernel_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -177,8 +207,10 @@ def resolve_act(mode: str, act: str) -> str:
     return act
 
 
-def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native", act: str = "float32"):
-    """The kernel object for linear layer `name` (float when `scheme` is None); `act`: see `resolve_act`."""
+def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native", act: str = "float32",
+                panels: bool = True):
+    """The kernel object for linear layer `name` (float when `scheme` is None); `act`: see `resolve_act`; `panels`:
+    whether a cmx int4 layer may be repacked for the panel kernel (see `CmxGroupLinear`)."""
     mode = resolve_mode(mode)
     act = resolve_act(mode, act)
     if scheme is None:
@@ -196,7 +228,7 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
             return CmxInt8Linear(ext, q, tensors[name + ".scale"], act == "int8")
         # every valid group size runs (a multiple of ext.block(bits) takes the SIMD code)
         return CmxGroupLinear(ext, s.bits, q, tensors[name + ".scale"], tensors.get(name + ".zero"), act == "int8",
-                              tensors.get(name + ".min"))
+                              tensors.get(name + ".min"), panels)
     if s.bits in (2, 3) or (group is not None and (group not in INT4_KERNEL_GROUPS or q.shape[0] % 16)):
         return FloatLinear(dequantize(tensors, name, scheme))  # what torch's int kernels do not take
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[act]
@@ -215,7 +247,13 @@ class CmxConcatLinear:
         self.parts, self.int8_act = parts, parts[0].int8_act
         self.nbytes = sum(p.nbytes for p in parts)
         ext = parts[0].ext
-        if isinstance(parts[0], CmxGroupLinear):
+        if isinstance(parts[0], CmxGroupLinear) and all(p.panels for p in parts):
+            self._call = lambda x, qs, ss, zs, _, silu=False: ext.q4p_linear_cat(x, qs, ss, zs, silu)
+            self._args = ([p.packed for p in parts], [p.scale for p in parts], [p.zero for p in parts])
+        elif isinstance(parts[0], CmxGroupLinear):
+            if any(p.panels for p in parts):
+                raise ValueError("CmxConcatLinear: the parts must all be in panels or none (make_fused_linear "
+                                 "builds them so)")
             self._call = getattr(ext, f"q{parts[0].bits}_linear_cat")
             self._args = ([p.packed for p in parts], [p.scale for p in parts], [p.zero for p in parts])
         else:
@@ -242,7 +280,12 @@ def make_fused_linear(tensors: dict, names: list[str], schemes: dict, mode: str 
     if scheme is None:  # float weights are used as the file maps them: a concatenated copy would double them
         return FloatConcatLinear([FloatLinear(tensors[n + ".weight"]) for n in names])
     if resolve_mode(mode) == "cmx":
-        parts = [make_linear(tensors, n, scheme, mode, act) for n in names]
+        from . import native
+
+        ext = native.load()  # one layout for every part: panels only where all of them take it
+        panels = all(panel_layout(ext, Scheme(scheme).bits, tensors[n + ".qweight"], tensors[n + ".scale"])
+                     for n in names)
+        parts = [make_linear(tensors, n, scheme, mode, act, panels) for n in names]
         if all(isinstance(p, (CmxGroupLinear, CmxInt8Linear)) for p in parts):
             return CmxConcatLinear(parts)
     fused = {"fused" + p: torch.cat([tensors[n + p] for n in names], dim=0) for p in (".qweight", ".scale")}

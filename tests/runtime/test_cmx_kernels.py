@@ -13,7 +13,8 @@ from codexmini.ops.norm import rms_norm
 from codexmini.ops.rope import apply_rope
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime, native
-from codexmini.runtime.kernels import make_fused_linear, make_linear, resolve_act, resolve_mode
+from codexmini.runtime.kernels import (CmxConcatLinear, CmxGroupLinear, make_fused_linear, make_linear, resolve_act,
+                                      resolve_mode, to_panels)
 from tests.runtime.test_runtime import _model
 
 ext = native.load()
@@ -168,6 +169,103 @@ def test_bad_kernel_inputs_are_refused_with_the_reason():
         ext.q4_linear(torch.randn(1, 128), t["w.qweight"], t["w.scale"], t["w.zero"][:, :1].contiguous())
     with pytest.raises(RuntimeError, match="float32"):
         ext.q8_linear(torch.randn(1, 8).double(), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
+
+
+PANELS = ext.panels() if ext is not None else 0
+needs_panels = pytest.mark.skipif(not PANELS, reason="the int4 panel kernels need a build with AVX-512 VNNI")
+
+
+def _panel_weight(N, K, G, mode, half, seed=0):
+    """An int4 layer's portable tensors (codes, scale, and zero points / mins / nothing), the same in panels, and
+    ops' dequantized weight."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // G, generator=g) * 0.1
+    s = s.half() if half else s
+    offsets = {"sym": torch.empty(0, dtype=torch.uint8),
+               "asym": torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g),
+               "min": ((torch.rand(N, K // G, generator=g) - 0.5) * 0.8).half()}[mode]
+    scheme = f"int4_g{G}" + {"sym": "", "asym": "_asym", "min": "_min"}[mode]
+    W = dequantize(scheme, q, s, offsets if mode == "asym" else None, offsets if mode == "min" else None)
+    panel = (to_panels(q, PANELS, 4), to_panels(s, PANELS), to_panels(offsets, PANELS) if offsets.numel() else offsets)
+    return (q, s, offsets), panel, W
+
+
+@needs_panels
+@pytest.mark.parametrize("G", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["sym", "asym", "min"])
+@pytest.mark.parametrize("half", [True, False], ids=["fp16_scale", "fp32_scale"])
+def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
+    """The panel kernel (one to GEMV_ROWS rows: int8 activations) equals int8-rounded activations times ops'
+    dequantized weight, and the portable-layout kernel with int8 activations; longer inputs (the prompts' tiled GEMM
+    over the panels' dequantization) equal the fast prompt product. Every row of a batch is bit for bit the row alone."""
+    N, K = 96, 256
+    portable, panel, W = _panel_weight(N, K, G, mode, half)
+    gen = torch.Generator().manual_seed(7)
+    for M in (1, 3, 8, 19, GEMV_ROWS + 1):
+        x = torch.randn(M, K, generator=gen)
+        r = torch.randn(M, N, generator=gen)
+        got = ext.q4p_linear(x, *panel, r)
+        want = (int8_activations(x) @ W.t() if M <= GEMV_ROWS else fast_prompt_product(x, W)) + r
+        tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5 if M <= GEMV_ROWS else BF16_TOL["rtol"])
+        torch.testing.assert_close(got, want, **tol)
+        if M <= GEMV_ROWS:
+            torch.testing.assert_close(got, ext.q4_linear(x, *portable, r, True), **tol)
+            alone = torch.cat([ext.q4p_linear(x[m:m + 1], *panel) for m in range(M)])
+            assert torch.equal(ext.q4p_linear(x, *panel), alone)
+
+
+@needs_panels
+@pytest.mark.parametrize("M", [1, 5, GEMV_ROWS + 1])
+def test_int4_panels_side_by_side_and_fused_silu_equal_the_reference(M):
+    """q/k/v-like parts of different heights (whole panels) in one call, and gate/up into silu(gate) * up."""
+    K = 128
+    parts = [_panel_weight(N, K, 32, "sym", True, seed=i) for i, N in enumerate((160, 32, 48))]
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(8))
+
+    def product(W):
+        return int8_activations(x) @ W.t() if M <= GEMV_ROWS else fast_prompt_product(x, W)
+
+    args = tuple([p[1][i] for p in parts] for i in range(3))
+    want = product(torch.cat([p[2] for p in parts]))
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=BF16_TOL["rtol"] if M > GEMV_ROWS else 1e-5)
+    torch.testing.assert_close(ext.q4p_linear_cat(x, *args), want, **tol)
+    gate, up = parts[0], _panel_weight(160, K, 32, "sym", True, seed=9)
+    pair = tuple([gate[1][i], up[1][i]] for i in range(3))
+    want = torch.nn.functional.silu(product(gate[2])) * product(up[2])
+    torch.testing.assert_close(ext.q4p_linear_cat(x, *pair, True), want, **tol)
+
+
+@needs_panels
+def test_the_runtime_puts_int4_layers_in_panels_only_where_the_kernel_takes_them():
+    """int8 activations and whole panels: repacked (and fused parts all alike); fp32 activations, or rows that are
+    not whole panels, keep the file's layout. Both give the reference's products."""
+    t, _ = _int4(64, 128, 32)
+    t.pop("w.zero")  # symmetric
+    W = dequantize("int4_g32", t["w.qweight"], t["w.scale"])
+    x = torch.randn(2, 128)
+    fast = make_linear(t, "w", "int4_g32", "cmx", "int8")
+    exact = make_linear(t, "w", "int4_g32", "cmx", "float32")
+    assert isinstance(fast, CmxGroupLinear) and fast.panels and not exact.panels
+    assert not torch.equal(fast.packed, t["w.qweight"])  # the same bytes in another order
+    assert torch.equal(fast.packed.flatten().sort().values, t["w.qweight"].flatten().sort().values)
+    torch.testing.assert_close(fast(x), int8_activations(x) @ W.t(), atol=1e-5 * W.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(exact(x), x @ W.t(), atol=1e-5, rtol=1e-5)
+    t40, _ = _int4(40, 128, 32, seed=3)  # 40 rows: not whole panels, and so neither is a part fused with it
+    t40.pop("w.zero")
+    assert not make_linear(t40, "w", "int4_g32", "cmx", "int8").panels
+    both = {f"{n}{k[1:]}": v for n, tt in (("a", t), ("b", t40)) for k, v in tt.items()}
+    fused = make_fused_linear(both, ["a", "b"], {"a": "int4_g32", "b": "int4_g32"}, "cmx", "int8")
+    assert isinstance(fused, CmxConcatLinear) and not any(p.panels for p in fused.parts)
+
+
+@needs_panels
+def test_bad_panel_inputs_are_refused_with_the_reason():
+    (q, s, _), _, _ = _panel_weight(32, 128, 32, "sym", True)
+    with pytest.raises(RuntimeError, match="N must be a multiple of 16"):
+        ext.q4p_linear(torch.randn(1, 128), q[:24].contiguous(), s[:24].contiguous(), torch.empty(0, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="group size 4"):
+        ext.q4p_linear(torch.randn(1, 128), q, torch.ones(32, 32).half(), torch.empty(0, dtype=torch.uint8))
 
 
 def _layer(scheme, N, K, seed):

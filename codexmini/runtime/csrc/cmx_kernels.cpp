@@ -1178,6 +1178,272 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
   return silu ? silu_mul(y) : y;
 }
 
+// ------------------------------------------------------------------------------------------------ int4 panels
+// The decoding layout of int4 weights fed int8 activations, repacked once at load by the runtime
+// (codexmini.runtime.kernels.to_panels; the same bytes as the portable layout, reordered): rows in panels of kPanel =
+// 16. Panel p holds, for every word d of a row (4 bytes: columns 8d .. 8d+7, two per byte, low nibble first, as in
+// the portable layout), the 16 rows' words side by side (64 bytes, row 16p + l's at byte 4l); its scales, and zero
+// points or mins, are [ng][16] per panel likewise. Output channels then lie in SIMD lanes: one `vpdpbusd` multiplies
+// 4 columns of 16 channels by 4 broadcast activations of one row of x, the float epilogue (the group's scale and its
+// zero points' share) is paid once per group for 16 channels, and no horizontal sum is left: where the portable
+// layout's GEMV (lanes along the columns) pays 7 float operations per 2 dot products and row of x, this pays 3-4 per 8
+// (g32). The activations are reordered once per call: per word, the 4 even columns (the low nibbles' partners), then
+// the 4 odd ones. Every group size that nests in the 32-column blocks of the int8 activations or is a multiple of
+// them (8, 16, 32, 64, ...) takes it; each row of x is computed exactly as it is alone.
+constexpr int64_t kPanel = 16;
+
+struct PanelWeight {
+  int64_t N, K, G, ng;
+  const uint8_t* w;     // [N/16][K/8][16] words
+  Scales scale;         // [N/16][ng][16]
+  const uint8_t* zero;  // the same, zero points (asymmetric), or nullptr: symmetric (the implied 8)
+  const c10::Half* mn;  // the same, the `_min` schemes' offsets, or nullptr
+  int64_t words() const { return K / 8; }
+  int64_t at(int64_t n, int64_t g) const { return (n / kPanel * ng + g) * kPanel + n % kPanel; }  // group (n, g)'s
+  const uint8_t* word(int64_t n, int64_t d) const { return w + ((n / kPanel * words() + d) * kPanel + n % kPanel) * 4; }
+  int code(int64_t n, int64_t e) const { return (word(n, e / 8)[(e % 8) / 2] >> ((e & 1) * 4)) & 0x0F; }
+  // w(n, e) = (code - zero) * scale, or code * scale + min: the reference's values
+  float value(int64_t n, int64_t e) const {
+    const int64_t i = at(n, e / G);
+    const float c = static_cast<float>(code(n, e));
+    if (mn) return c * scale[i] + static_cast<float>(mn[i]);
+    return (c - (zero ? static_cast<float>(zero[i]) : 8.f)) * scale[i];
+  }
+  DequantRows dequant() const;
+};
+
+bool panel_group(int64_t G) { return G % 32 == 0 || (32 % G == 0 && G % 8 == 0); }
+
+PanelWeight panel_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "int4 panels: qweight must be a contiguous uint8 [N, K/2]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(N % kPanel == 0 && K % 32 == 0, "int4 panels: N must be a multiple of ", kPanel, " and K of 32, got N=",
+              N, " K=", K);
+  TORCH_CHECK(is_scale_dtype(scale) && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
+              scale.size(1) > 0 && K % scale.size(1) == 0, "int4 panels: scale must be a contiguous float32 or "
+              "float16 [N, K/G]");
+  const int64_t G = K / scale.size(1);
+  TORCH_CHECK(panel_group(G), "int4 panels: group size ", G, " is neither a multiple of 32 nor 8 or 16");
+  const bool mins = zero.numel() && zero.scalar_type() == at::kHalf;
+  TORCH_CHECK(zero.numel() == 0 || ((zero.scalar_type() == at::kByte || mins) && zero.is_contiguous() &&
+                                    zero.sizes() == scale.sizes()),
+              "int4 panels: zero must be shaped like scale (uint8 zero points or float16 mins) or empty (symmetric)");
+  return {N, K, G, scale.size(1), qweight.data_ptr<uint8_t>(), scales_of(scale),
+          zero.numel() && !mins ? zero.data_ptr<uint8_t>() : nullptr, mins ? zero.data_ptr<c10::Half>() : nullptr};
+}
+
+// Rows a..b-1 as fp32, 16 columns at a time where the CPU has AVX-512 (the same operations as the reference).
+DequantRows PanelWeight::dequant() const {
+  return {N, [q = *this](int64_t a, int64_t b, float* out) {
+    for (int64_t n = a; n < b; ++n) {
+      float* o = out + (n - a) * q.K;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+      for (int64_t e = 0; e < q.K; e += 16) {  // two words: 16 columns, in one group or (G = 8) two
+        uint32_t lo, hi;
+        std::memcpy(&lo, q.word(n, e / 8), 4);
+        std::memcpy(&hi, q.word(n, e / 8 + 1), 4);
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
+                                             _mm256_set1_epi32(static_cast<int>(hi)), 1);
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(
+            _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+            _mm512_set1_epi32(0x0F)));
+        const int64_t i0 = q.at(n, e / q.G), i1 = q.at(n, (e + 15) / q.G);
+        auto pair = [](float x, float y) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x), _mm512_set1_ps(y)); };
+        const __m512 s = pair(q.scale[i0], q.scale[i1]);
+        if (q.mn) {
+          const __m512 m = pair(static_cast<float>(q.mn[i0]), static_cast<float>(q.mn[i1]));
+          _mm512_storeu_ps(o + e, _mm512_add_ps(_mm512_mul_ps(c, s), m));
+        } else {
+          const __m512 z = q.zero ? pair(q.zero[i0], q.zero[i1]) : _mm512_set1_ps(8.f);
+          _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_sub_ps(c, z), s));
+        }
+      }
+#else
+      for (int64_t e = 0; e < q.K; ++e) o[e] = q.value(n, e);
+#endif
+    }
+  }};
+}
+
+// The int8 activations of up to kGemvRows rows of x in the panels' order.
+struct PanelActs {
+  int64_t M = 0;
+  std::vector<int32_t> xw;  // [M][K/4] per word: the even columns' 4 int8 activations, then the odd ones'
+  std::vector<float> dx;    // [M][K/32] their block scales
+  std::vector<float> xs;    // [M][ng] the (dequantized) activations summed per group: the zero points' share
+};
+
+PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
+  PanelActs a;
+  a.M = M;
+  const int64_t K = q.K;
+  a.xw.resize(M * K / 4);
+  a.dx.resize(M * K / 32);
+  a.xs.assign(M * q.ng, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const QuantRow r = quantize_row(x + m * K, K);
+    int8_t* out = reinterpret_cast<int8_t*>(a.xw.data() + m * K / 4);
+    for (int64_t d = 0; d < K / 8; ++d)
+      for (int j = 0; j < 4; ++j) {
+        out[8 * d + j] = r.xq[8 * d + 2 * j];
+        out[8 * d + 4 + j] = r.xq[8 * d + 2 * j + 1];
+      }
+    std::copy(r.dx.begin(), r.dx.end(), a.dx.begin() + m * K / 32);
+    for (int64_t g = 0; g < q.ng; ++g) {  // per 32-column block within the group: an exact integer sum
+      float s = 0.f;
+      for (int64_t e0 = g * q.G; e0 < (g + 1) * q.G;) {
+        const int64_t e1 = std::min((g + 1) * q.G, (e0 / 32 + 1) * 32);
+        int32_t t = 0;
+        for (int64_t e = e0; e < e1; ++e) t += r.xq[e];
+        s += static_cast<float>(t) * r.dx[e0 / 32];
+        e0 = e1;
+      }
+      a.xs[m * q.ng + g] = s;
+    }
+  }
+  return a;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+constexpr bool kPanels = true;
+// y[m, 16p + l] += sum over the panel's columns for panels p0..p1-1 and M rows of x; SW words per sub-block (the
+// group, or a 32-column block of it).
+template <int M, int SW>
+void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
+  const int64_t W = q.words(), ng = q.ng, subs = q.G / (8 * SW), K = q.K;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int32_t* xw[M];
+  const float* dx[M];
+  const float* xs[M];
+  for (int m = 0; m < M; ++m) {
+    xw[m] = a.xw.data() + m * K / 4;
+    dx[m] = a.dx.data() + m * K / 32;
+    xs[m] = a.xs.data() + m * ng;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* wp = q.w + p * W * 64;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t si = (p * ng + g) * kPanel;
+      const __m512 sw = q.scale.half ? _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(q.scale.at(si))))
+                                     : _mm512_loadu_ps(static_cast<const float*>(q.scale.at(si)));
+      __m512 off;  // the group's offset per unit of the activations' sum
+      if (q.mn) off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
+      else if (q.zero)
+        off = _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.zero + si))))));
+      else off = _mm512_mul_ps(sw, _mm512_set1_ps(-8.f));
+      __m512 f[M];
+      for (int64_t s = 0; s < subs; ++s) {
+        const int64_t d0 = (g * subs + s) * SW, blk = d0 / 4;  // first word; its 32-column block
+        __m512i isum[M];
+        for (int m = 0; m < M; ++m) isum[m] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int k = 0; k < SW; ++k) {
+          const __m512i v = _mm512_loadu_si512(wp + (d0 + k) * 64);
+          const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          for (int m = 0; m < M; ++m) {
+            isum[m] = _mm512_dpbusd_epi32(isum[m], lo, _mm512_set1_epi32(xw[m][2 * (d0 + k)]));
+            isum[m] = _mm512_dpbusd_epi32(isum[m], hi, _mm512_set1_epi32(xw[m][2 * (d0 + k) + 1]));
+          }
+        }
+        for (int m = 0; m < M; ++m) {  // (explicit FMAs: no mul + add the compiler may or may not contract)
+          const __m512 c = _mm512_cvtepi32_ps(isum[m]), d = _mm512_set1_ps(dx[m][blk]);
+          f[m] = s ? _mm512_fmadd_ps(c, d, f[m]) : _mm512_mul_ps(c, d);
+        }
+      }
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), _mm512_fmadd_ps(f[m], sw, acc[m]));
+    }
+    for (int m = 0; m < M; ++m) {
+      float* o = y + m * ldy + p * kPanel;
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[m]));
+    }
+  }
+}
+
+void panel_gemv_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
+  const int64_t sw = std::min<int64_t>(q.G, 32) / 8;
+  with_rows(a.M, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    if (sw == 1) panel_rows<M, 1>(q, a, p0, p1, y, ldy);
+    else if (sw == 2) panel_rows<M, 2>(q, a, p0, p1, y, ldy);
+    else panel_rows<M, 4>(q, a, p0, p1, y, ldy);
+  });
+}
+#else
+constexpr bool kPanels = false;
+void panel_gemv_rows(const PanelWeight&, const PanelActs&, int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "int4 panels need a build with AVX-512 VNNI (kernels.panels() is 0 here)");
+}
+#endif
+
+// y[m, start_i + n] += (x W_i^T)[m, n] for up to kDecodeRows rows of x and panel weights side by side: as
+// group_gemv, in blocks of kBlockRows rows (4 panels) while they are in cache, kGemvRows rows of x at a time.
+void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, float* y, int64_t ldy) {
+  const int64_t M = x.size(0), K = parts[0].K;
+  if (M == 0) return;
+  std::vector<std::map<int64_t, PanelActs>> acts;  // per chunk of rows, by group size
+  for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
+    auto& chunk = acts.emplace_back();
+    for (const auto& p : parts)
+      if (!chunk.count(p.G))
+        chunk.emplace(p.G, panel_acts(x.data_ptr<float>() + m0 * K, std::min(kGemvRows, M - m0), p));
+  }
+  std::vector<int64_t> start{0};  // in panels
+  for (const auto& p : parts) start.push_back(start.back() + p.N / kPanel);
+  const int64_t g = (grain(K / 2) + kPanel - 1) / kPanel;
+  const int64_t block = acts.size() > 1 ? kBlockRows / kPanel : start.back();
+  at::parallel_for(0, start.back(), g, [&](int64_t a, int64_t b) {
+    for (int64_t s = a; s < b; s += block)
+      for (size_t c = 0; c < acts.size(); ++c)
+        for (size_t i = 0; i < parts.size(); ++i) {
+          const int64_t e = std::min(b, s + block);
+          const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
+          if (r0 < r1)
+            panel_gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i] * kPanel, ldy);
+        }
+  });
+}
+
+// q4p_linear: y = x W^T (+ residual) for an int4 weight in panels (int8 activations when decoding).
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                        const c10::optional<at::Tensor>& residual) {
+  const PanelWeight q = panel_weight(qweight, scale, zero);
+  check_input(x, q.K, "q4p_linear");
+  const int64_t M = x.size(0);
+  check_residual(residual, M, q.N);
+  if (M > kDecodeRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, g_bf16_prompts);  // prompt
+  at::Tensor y = new_output(residual, M, q.N);
+  panel_gemv(x, {q}, y.data_ptr<float>(), q.N);
+  return y;
+}
+
+// q4p_linear_cat: several panel weights on one input, outputs side by side (see group_linear_cat).
+at::Tensor panel_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
+                            const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool silu) {
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
+              "q4p_linear_cat: one scale and one zero tensor per weight");
+  std::vector<PanelWeight> parts;
+  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(panel_weight(qweights[i], scales[i], zeros[i]));
+  TORCH_CHECK(!silu || (parts.size() == 2 && parts[0].N == parts[1].N),
+              "q4p_linear_cat: silu takes two weights (gate, up) of equal rows");
+  const int64_t K = parts[0].K, M = x.size(0);
+  for (const auto& p : parts) TORCH_CHECK(p.K == K, "q4p_linear_cat: the weights read inputs of different widths");
+  check_input(x, K, "q4p_linear_cat");
+  if (M > kDecodeRows) {
+    std::vector<DequantRows> rows;
+    for (const auto& p : parts) rows.push_back(p.dequant());
+    return tiled_gemm(x, K, rows, c10::nullopt, silu, g_bf16_prompts);
+  }
+  int64_t total = 0;
+  for (const auto& p : parts) total += p.N;
+  at::Tensor y = at::zeros({M, total}, at::kFloat);
+  panel_gemv(x, parts, y.data_ptr<float>(), total);
+  return silu ? silu_mul(y) : y;
+}
+
 // ------------------------------------------------------------------------------------------------ int8
 // A per-channel int8 weight, checked, and its rows as fp32 for tiled_gemm.
 struct Q8Weight {
@@ -1860,6 +2126,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "side; silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
           py::arg("int8_act") = false, py::arg("silu") = false);
   }
+  m.def("q4p_linear", &panel_linear, nogil, "y = x W^T (+ residual) for an int4 weight repacked in panels of 16 rows "
+        "(kernels.to_panels); decoding rows take int8 activations",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none());
+  m.def("q4p_linear_cat", &panel_linear_cat, nogil, "several int4 panel layers on one input, outputs side by side; "
+        "silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
+        py::arg("silu") = false);
+  m.def("panels", [] { return kPanels ? kPanel : int64_t{0}; }, "rows per panel of the int4 panel kernels "
+        "(q4p_linear), or 0 where this build has none");
   m.def("q8_linear_cat", &q8_linear_cat, nogil, "several int8 layers on one input, outputs side by side; silu: "
         "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("int8_act") = false,
         py::arg("silu") = false);
