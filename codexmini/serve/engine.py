@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.sampling import SamplingConfig, next_token
+from ..runtime.sampling import SamplingConfig, copy_row, next_token
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .protocol import GenParams
@@ -290,7 +290,7 @@ class Engine:
         p = seq.job.params
         scores = logits
         if p.logit_bias or ((p.frequency_penalty or p.presence_penalty) and seq.counts):
-            scores = logits.float().clone()
+            scores = copy_row(logits)
             if p.logit_bias:
                 scores[torch.tensor(list(p.logit_bias))] += torch.tensor(list(p.logit_bias.values()))
             if seq.counts and (p.frequency_penalty or p.presence_penalty):

@@ -172,6 +172,7 @@ def test_bad_kernel_inputs_are_refused_with_the_reason():
 
 
 PANELS = ext.panels() if ext is not None else 0
+PANEL_ROWS = ext.panel_gemv_rows() if PANELS else 0  # inputs of up to this many rows take the panel GEMV
 needs_panels = pytest.mark.skipif(not PANELS, reason="the int4 panel kernels need a build with AVX-512 VNNI")
 
 
@@ -196,9 +197,10 @@ def _panel_weight(N, K, G, mode, half, seed=0):
 @pytest.mark.parametrize("mode", ["sym", "asym", "min"])
 @pytest.mark.parametrize("half", [True, False], ids=["fp16_scale", "fp32_scale"])
 def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
-    """The panel kernel (one to GEMV_ROWS rows: int8 activations) equals int8-rounded activations times ops'
-    dequantized weight, and the portable-layout kernel with int8 activations; longer inputs (the prompts' tiled GEMM
-    over the panels' dequantization) equal the fast prompt product. Every row of a batch is bit for bit the row alone."""
+    """The panel kernel (up to PANEL_ROWS rows: int8 activations; prompts too where the CPU has no AMX) equals
+    int8-rounded activations times ops' dequantized weight, and the portable-layout kernel with int8 activations (for
+    decoding rows); longer inputs (the tiled GEMM over the panels' dequantization) equal the fast prompt product.
+    Every row of a batch is bit for bit the row alone."""
     N, K = 96, 256
     portable, panel, W = _panel_weight(N, K, G, mode, half)
     gen = torch.Generator().manual_seed(7)
@@ -206,8 +208,8 @@ def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
         x = torch.randn(M, K, generator=gen)
         r = torch.randn(M, N, generator=gen)
         got = ext.q4p_linear(x, *panel, r)
-        want = (int8_activations(x) @ W.t() if M <= GEMV_ROWS else fast_prompt_product(x, W)) + r
-        tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5 if M <= GEMV_ROWS else BF16_TOL["rtol"])
+        want = (int8_activations(x) @ W.t() if M <= PANEL_ROWS else fast_prompt_product(x, W)) + r
+        tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5 if M <= PANEL_ROWS else BF16_TOL["rtol"])
         torch.testing.assert_close(got, want, **tol)
         if M <= GEMV_ROWS:
             torch.testing.assert_close(got, ext.q4_linear(x, *portable, r, True), **tol)
@@ -216,7 +218,7 @@ def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
 
 
 @needs_panels
-@pytest.mark.parametrize("M", [1, 5, GEMV_ROWS + 1])
+@pytest.mark.parametrize("M", [1, 5, GEMV_ROWS + 1, 300])  # 300: a fused gate/up in two slabs of rows
 def test_int4_panels_side_by_side_and_fused_silu_equal_the_reference(M):
     """q/k/v-like parts of different heights (whole panels) in one call, and gate/up into silu(gate) * up."""
     K = 128
@@ -224,11 +226,11 @@ def test_int4_panels_side_by_side_and_fused_silu_equal_the_reference(M):
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(8))
 
     def product(W):
-        return int8_activations(x) @ W.t() if M <= GEMV_ROWS else fast_prompt_product(x, W)
+        return int8_activations(x) @ W.t() if M <= PANEL_ROWS else fast_prompt_product(x, W)
 
     args = tuple([p[1][i] for p in parts] for i in range(3))
     want = product(torch.cat([p[2] for p in parts]))
-    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=BF16_TOL["rtol"] if M > GEMV_ROWS else 1e-5)
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=BF16_TOL["rtol"] if M > PANEL_ROWS else 1e-5)
     torch.testing.assert_close(ext.q4p_linear_cat(x, *args), want, **tol)
     gate, up = parts[0], _panel_weight(160, K, 32, "sym", True, seed=9)
     pair = tuple([gate[1][i], up[1][i]] for i in range(3))
@@ -329,8 +331,9 @@ def test_runtime_decode_with_cmx_kernels_equals_the_dequantized_model(scheme, ti
         got = torch.cat(got)
         if act == "float32":  # exact: the dequantized reference
             torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-3)
-        else:  # fast activations: int8 while decoding, bf16 prompts where the CPU multiplies bf16 natively
-            if not ext.bf16_prompts():  # the prompt stays exact
+        else:  # fast activations: int8 while decoding, bf16 prompts where the CPU multiplies bf16 natively, int8
+            # prompts for int4 layers in panels
+            if not ext.bf16_prompts() and not (PANELS and scheme.startswith("int4")):  # the prompt stays exact
                 torch.testing.assert_close(got[:P], want[:P], atol=5e-4, rtol=1e-3)
             assert (got - want).abs().max() < 0.02 * want.abs().max()
             assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999

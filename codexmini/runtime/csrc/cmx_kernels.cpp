@@ -38,6 +38,7 @@
 #include <map>
 #include <string>
 #include <type_traits>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -1191,6 +1192,17 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
 // the 4 odd ones. Every group size that nests in the 32-column blocks of the int8 activations or is a multiple of
 // them (8, 16, 32, 64, ...) takes it; each row of x is computed exactly as it is alone.
 constexpr int64_t kPanel = 16;
+// Prompts too take the panel GEMV (kGemvRows rows of x at a time over each block of kBlockRows weight rows) up to
+// this many rows, and the tiled GEMM only beyond: on a 2-core AMD EPYC (AVX-512 VNNI and BF16, no AMX) the GEMV beat
+// the tiled GEMM's dequantization plus bf16 matmul at every length measured (SmolLM2's matrices at 33-512 rows:
+// 1.2-5x), so without AMX it has no limit; with AMX (bf16 tiles in oneDNN, several times the VNNI rate) long
+// prompts go to the GEMM as for the other layouts.
+#if defined(__AMX_BF16__)
+constexpr int64_t kPanelRows = kDecodeRows;
+#else
+constexpr int64_t kPanelRows = std::numeric_limits<int64_t>::max();
+#endif
+constexpr int64_t kSlabRows = 256;  // a fused gate/up's rows per pass: at most [256, 2N] of their outputs at once
 
 struct PanelWeight {
   int64_t N, K, G, ng;
@@ -1379,7 +1391,7 @@ void panel_gemv_rows(const PanelWeight&, const PanelActs&, int64_t, int64_t, flo
 }
 #endif
 
-// y[m, start_i + n] += (x W_i^T)[m, n] for up to kDecodeRows rows of x and panel weights side by side: as
+// y[m, start_i + n] += (x W_i^T)[m, n] for up to kPanelRows rows of x and panel weights side by side: as
 // group_gemv, in blocks of kBlockRows rows (4 panels) while they are in cache, kGemvRows rows of x at a time.
 void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, float* y, int64_t ldy) {
   const int64_t M = x.size(0), K = parts[0].K;
@@ -1407,14 +1419,14 @@ void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, floa
   });
 }
 
-// q4p_linear: y = x W^T (+ residual) for an int4 weight in panels (int8 activations when decoding).
+// q4p_linear: y = x W^T (+ residual) for an int4 weight in panels (int8 activations, up to kPanelRows rows).
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
                         const c10::optional<at::Tensor>& residual) {
   const PanelWeight q = panel_weight(qweight, scale, zero);
   check_input(x, q.K, "q4p_linear");
   const int64_t M = x.size(0);
   check_residual(residual, M, q.N);
-  if (M > kDecodeRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, g_bf16_prompts);  // prompt
+  if (M > kPanelRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, g_bf16_prompts);  // long prompt
   at::Tensor y = new_output(residual, M, q.N);
   panel_gemv(x, {q}, y.data_ptr<float>(), q.N);
   return y;
@@ -1432,16 +1444,27 @@ at::Tensor panel_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
   const int64_t K = parts[0].K, M = x.size(0);
   for (const auto& p : parts) TORCH_CHECK(p.K == K, "q4p_linear_cat: the weights read inputs of different widths");
   check_input(x, K, "q4p_linear_cat");
-  if (M > kDecodeRows) {
+  if (M > kPanelRows) {
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
     return tiled_gemm(x, K, rows, c10::nullopt, silu, g_bf16_prompts);
   }
   int64_t total = 0;
   for (const auto& p : parts) total += p.N;
-  at::Tensor y = at::zeros({M, total}, at::kFloat);
-  panel_gemv(x, parts, y.data_ptr<float>(), total);
-  return silu ? silu_mul(y) : y;
+  if (!silu) {
+    at::Tensor y = at::zeros({M, total}, at::kFloat);
+    panel_gemv(x, parts, y.data_ptr<float>(), total);
+    return y;
+  }
+  // silu(gate) * up a slab of rows at a time: a long prompt never holds the [M, 2N] product
+  at::Tensor y = at::empty({M, parts[0].N}, at::kFloat);
+  for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
+    const int64_t rows = std::min(kSlabRows, M - m0);
+    at::Tensor gu = at::zeros({rows, total}, at::kFloat);
+    panel_gemv(x.narrow(0, m0, rows), parts, gu.data_ptr<float>(), total);
+    y.narrow(0, m0, rows).copy_(silu_mul(gu));
+  }
+  return y;
 }
 
 // ------------------------------------------------------------------------------------------------ int8
@@ -2132,6 +2155,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4p_linear_cat", &panel_linear_cat, nogil, "several int4 panel layers on one input, outputs side by side; "
         "silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
         py::arg("silu") = false);
+  m.def("panel_gemv_rows", [] { return kPanelRows; }, "inputs of up to this many rows take the int4 panel GEMV "
+        "(int8 activations); more the tiled GEMM");
   m.def("panels", [] { return kPanels ? kPanel : int64_t{0}; }, "rows per panel of the int4 panel kernels "
         "(q4p_linear), or 0 where this build has none");
   m.def("q8_linear_cat", &q8_linear_cat, nogil, "several int8 layers on one input, outputs side by side; silu: "
