@@ -1284,6 +1284,8 @@ struct PanelActs {
   std::vector<int32_t> xw;  // [M][K/4] per word: the even columns' 4 int8 activations, then the odd ones'
   std::vector<float> dx;    // [M][K/32] their block scales
   std::vector<float> xs;    // [M][ng] the (dequantized) activations summed per group: the zero points' share
+  std::vector<int32_t> zs;  // [M][K / min(G, 32)] -8 times the int8 activations' sum per sub-block (a group, or
+                            // a 32-column block of one): a symmetric weight's implied zero point, in integers
 };
 
 PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
@@ -1293,8 +1295,12 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
   a.xw.resize(M * K / 4);
   a.dx.resize(M * K / 32);
   a.xs.assign(M * q.ng, 0.f);
+  const int64_t sub = std::min<int64_t>(q.G, 32), subs = K / sub;
+  a.zs.assign(M * subs, 0);
   for (int64_t m = 0; m < M; ++m) {
     const QuantRow r = quantize_row(x + m * K, K);
+    for (int64_t b = 0; b < subs; ++b)
+      for (int64_t e = b * sub; e < (b + 1) * sub; ++e) a.zs[m * subs + b] -= 8 * r.xq[e];
     int8_t* out = reinterpret_cast<int8_t*>(a.xw.data() + m * K / 4);
     for (int64_t d = 0; d < K / 8; ++d)
       for (int j = 0; j < 4; ++j) {
@@ -1321,17 +1327,21 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
 constexpr bool kPanels = true;
 // y[m, 16p + l] += sum over the panel's columns for panels p0..p1-1 and M rows of x; SW words per sub-block (the
 // group, or a 32-column block of it).
-template <int M, int SW>
+// SYM: a symmetric weight, whose implied zero point starts each sub-block's integer sum (`zs`) instead of costing
+// a float FMA per group.
+template <int M, int SW, bool SYM>
 void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
   const int64_t W = q.words(), ng = q.ng, subs = q.G / (8 * SW), K = q.K;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int32_t* xw[M];
   const float* dx[M];
   const float* xs[M];
+  const int32_t* zs[M];
   for (int m = 0; m < M; ++m) {
     xw[m] = a.xw.data() + m * K / 4;
     dx[m] = a.dx.data() + m * K / 32;
     xs[m] = a.xs.data() + m * ng;
+    zs[m] = a.zs.data() + m * K / (8 * SW);
   }
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* wp = q.w + p * W * 64;
@@ -1341,17 +1351,19 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
       const int64_t si = (p * ng + g) * kPanel;
       const __m512 sw = q.scale.half ? _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(q.scale.at(si))))
                                      : _mm512_loadu_ps(static_cast<const float*>(q.scale.at(si)));
-      __m512 off;  // the group's offset per unit of the activations' sum
-      if (q.mn) off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
-      else if (q.zero)
+      __m512 off = _mm512_setzero_ps();  // the group's offset per unit of the activations' sum (not SYM)
+      if (SYM) {
+      } else if (q.mn) {
+        off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
+      } else {
         off = _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.zero + si))))));
-      else off = _mm512_mul_ps(sw, _mm512_set1_ps(-8.f));
+      }
       __m512 f[M];
       for (int64_t s = 0; s < subs; ++s) {
-        const int64_t d0 = (g * subs + s) * SW, blk = d0 / 4;  // first word; its 32-column block
+        const int64_t b = g * subs + s, d0 = b * SW, blk = d0 / 4;  // sub-block, its first word, its 32 columns
         __m512i isum[M];
-        for (int m = 0; m < M; ++m) isum[m] = _mm512_setzero_si512();
+        for (int m = 0; m < M; ++m) isum[m] = SYM ? _mm512_set1_epi32(zs[m][b]) : _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int k = 0; k < SW; ++k) {
           const __m512i v = _mm512_loadu_si512(wp + (d0 + k) * 64);
@@ -1366,7 +1378,10 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
           f[m] = s ? _mm512_fmadd_ps(c, d, f[m]) : _mm512_mul_ps(c, d);
         }
       }
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), _mm512_fmadd_ps(f[m], sw, acc[m]));
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(f[m], sw, acc[m]);
+        if (!SYM) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), acc[m]);
+      }
     }
     for (int m = 0; m < M; ++m) {
       float* o = y + m * ldy + p * kPanel;
@@ -1379,9 +1394,10 @@ void panel_gemv_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64
   const int64_t sw = std::min<int64_t>(q.G, 32) / 8;
   with_rows(a.M, [&](auto m) {
     constexpr int M = decltype(m)::value;
-    if (sw == 1) panel_rows<M, 1>(q, a, p0, p1, y, ldy);
-    else if (sw == 2) panel_rows<M, 2>(q, a, p0, p1, y, ldy);
-    else panel_rows<M, 4>(q, a, p0, p1, y, ldy);
+    const bool sym = !q.zero && !q.mn;
+    if (sw == 1) sym ? panel_rows<M, 1, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 1, false>(q, a, p0, p1, y, ldy);
+    else if (sw == 2) sym ? panel_rows<M, 2, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 2, false>(q, a, p0, p1, y, ldy);
+    else sym ? panel_rows<M, 4, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 4, false>(q, a, p0, p1, y, ldy);
   });
 }
 #else
