@@ -373,9 +373,12 @@ def test_fused_layer_steps_equal_their_ops_references():
 
 @needs_ext
 @pytest.mark.parametrize("window", [0, 5])
-def test_one_token_attention_equals_sdpa_over_the_cache(window):
+# hd 16: one head at a time; 32 / 64 / 128 (with AVX-512): the query heads of a KV head together, over blocks of 64
+# keys (n = 200: several blocks, a partial one at the end)
+@pytest.mark.parametrize("hd, n", [(16, 9), (64, 9), (64, 200), (32, 70), (128, 130)])
+def test_one_token_attention_equals_sdpa_over_the_cache(window, hd, n):
     g = torch.Generator().manual_seed(6)
-    H, KV, hd, n, cap = 6, 2, 16, 9, 32
+    H, KV, cap = 6, 2, n + 23
     kc, vc = torch.randn(KV, cap, hd, generator=g), torch.randn(KV, cap, hd, generator=g)
     qkv = torch.randn(1, (H + 2 * KV) * hd, generator=g)
     out = ext.attend_decode(qkv, kc, vc, n, H, KV, hd, hd ** -0.5, window)
@@ -393,11 +396,12 @@ def test_one_token_attention_equals_sdpa_over_the_cache(window):
 @needs_ext
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("long", [False, True], ids=["one_thread", "parallel"])  # little work stays on one thread
-def test_attention_of_a_batch_equals_each_sequence_alone(window, long):
+@pytest.mark.parametrize("hd", [16, 64])
+def test_attention_of_a_batch_equals_each_sequence_alone(window, long, hd):
     """attend_decode_batch: row b of qkv continues its own caches at its own slot, computed as attend_decode on it
     alone; a cache given twice is refused (two rows would write one slot)."""
     g = torch.Generator().manual_seed(8)
-    H, KV, hd = 6, 2, 16
+    H, KV = 6, 2
     ns = [900, 3, 250, 0] if long else [9, 3, 17, 0]
     caches = [(torch.randn(KV, n + 4, hd, generator=g), torch.randn(KV, n + 4, hd, generator=g)) for n in ns]
     qkv = torch.randn(len(ns), (H + 2 * KV) * hd, generator=g)

@@ -1829,6 +1829,120 @@ void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, in
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define CMX_ATTEND_GROUP 1
+// e^x for x <= 0 (softmax's shifted scores), 16 lanes: 2^n (scalef) times e^g, g = x - n ln 2 in [-0.35, 0.35],
+// by its Taylor series to degree 7 (error below 1e-8 relative; the reference is std::exp). Scores below -100 (e^-100
+// is below fp32's normal range anyway) count as -100, so that -inf gives 0, not NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 g = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The sums of 16 vectors' lanes, as one vector (r[i] = the sum of v[i]): pairs, then quads, then across the four
+// 128-bit lanes, 45 shuffles and adds for 16 sums instead of a reduction each.
+inline __m512 hsum16(const __m512* v) {
+  __m512 s[8], t[4];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(s[2 * i]), b = _mm512_castps_pd(s[2 * i + 1]);
+    t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // t[i]: in each 128-bit lane, the partial sums of v[4i .. 4i+3]
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x44), _mm512_shuffle_f32x4(t[0], t[1], 0xEE));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x44), _mm512_shuffle_f32x4(t[2], t[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+constexpr int64_t kAttendBlock = 64;  // positions per block: its keys or values stay in L1 for every head of a group
+
+// The `groups` query heads h0 .. h0+groups-1 of row q that share KV head kvh, over slots [c.lo, c.n], into o
+// [groups, hd] (NC = hd / 16 vectors a row): each block of keys and values is read once for all of them (attend_head
+// reads them once per query head). p: scratch of at least groups * (c.n + 1 - c.lo).
+template <int NC>
+void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups, float scale, float* p, float* o) {
+  constexpr int64_t hd = NC * 16;
+  const int64_t S = c.n + 1 - c.lo, h0 = kvh * groups;
+  const float* K = c.k + (kvh * c.cap + c.lo) * hd;
+  const float* V = c.v + (kvh * c.cap + c.lo) * hd;
+  const __m512 sc = _mm512_set1_ps(scale);
+  std::vector<__m512> mx(groups, _mm512_set1_ps(-INFINITY));
+  for (int64_t j0 = 0; j0 < S; j0 += kAttendBlock) {  // scores
+    const int64_t j1 = std::min(S, j0 + kAttendBlock);
+    for (int64_t h = 0; h < groups; ++h) {
+      __m512 qh[NC];
+      for (int k = 0; k < NC; ++k) qh[k] = _mm512_loadu_ps(q + (h0 + h) * hd + 16 * k);
+      float* ph = p + h * S;
+      for (int64_t j = j0; j < j1; j += 16) {
+        const int nj = static_cast<int>(std::min<int64_t>(16, j1 - j));
+        __m512 acc[16];
+        for (int i = 0; i < 16; ++i) {
+          acc[i] = _mm512_setzero_ps();
+          if (i < nj)
+            for (int k = 0; k < NC; ++k) acc[i] = _mm512_fmadd_ps(qh[k], _mm512_loadu_ps(K + (j + i) * hd + 16 * k), acc[i]);
+        }
+        const __mmask16 live = static_cast<__mmask16>(nj == 16 ? 0xFFFF : (1u << nj) - 1);
+        const __m512 r = _mm512_mul_ps(hsum16(acc), sc);
+        _mm512_mask_storeu_ps(ph + j, live, r);
+        mx[h] = _mm512_mask_max_ps(mx[h], live, mx[h], r);
+      }
+    }
+  }
+  std::vector<float> inv(groups);
+  for (int64_t h = 0; h < groups; ++h) {  // e^(score - max), and 1 / their sum
+    float* ph = p + h * S;
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[h]));
+    __m512 den = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j += 16) {
+      const __mmask16 live = static_cast<__mmask16>(S - j >= 16 ? 0xFFFF : (1u << (S - j)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, ph + j), m));
+      _mm512_mask_storeu_ps(ph + j, live, e);
+      den = _mm512_add_ps(den, _mm512_maskz_mov_ps(live, e));
+    }
+    inv[h] = 1.f / _mm512_reduce_add_ps(den);
+  }
+  for (int64_t h = 0; h < groups; ++h)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(o + h * hd + 16 * k, _mm512_setzero_ps());
+  for (int64_t j0 = 0; j0 < S; j0 += kAttendBlock) {  // the values, weighted
+    const int64_t j1 = std::min(S, j0 + kAttendBlock);
+    for (int64_t h = 0; h < groups; ++h) {
+      const float* ph = p + h * S;
+      __m512 acc[NC];
+      for (int k = 0; k < NC; ++k) acc[k] = _mm512_loadu_ps(o + h * hd + 16 * k);
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m512 w = _mm512_set1_ps(ph[j]);
+        for (int k = 0; k < NC; ++k) acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + j * hd + 16 * k), acc[k]);
+      }
+      for (int k = 0; k < NC; ++k) _mm512_storeu_ps(o + h * hd + 16 * k, acc[k]);
+    }
+  }
+  for (int64_t h = 0; h < groups; ++h) {
+    const __m512 s = _mm512_set1_ps(inv[h]);
+    for (int k = 0; k < NC; ++k)
+      _mm512_storeu_ps(o + h * hd + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(o + h * hd + 16 * k), s));
+  }
+}
+
+// Whether attend_group takes heads of this width (the others, and CPUs without AVX-512, take attend_head).
+bool group_attention(int64_t hd) { return hd == 32 || hd == 64 || hd == 128; }
+
+void attend_kv_head(const float* q, const KVCache& c, int64_t kvh, int64_t groups, int64_t hd, float scale, float* p,
+                    float* o) {
+  if (hd == 32) attend_group<2>(q, c, kvh, groups, scale, p, o);
+  else if (hd == 64) attend_group<4>(q, c, kvh, groups, scale, p, o);
+  else attend_group<8>(q, c, kvh, groups, scale, p, o);
+}
+#else
+bool group_attention(int64_t) { return false; }
+void attend_kv_head(const float*, const KVCache&, int64_t, int64_t, int64_t, float, float*, float*) {}
+#endif
+
 void check_qkv(const at::Tensor& qkv, int64_t rows, int64_t heads, int64_t kv_heads, int64_t hd, const char* what) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == rows && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
               qkv.size(1) >= (heads + 2 * kv_heads) * hd, what, ": qkv must be float32 [", rows,
@@ -1861,8 +1975,20 @@ at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, s
   for (int64_t b = 0; b < B; ++b) kv_append(q + b * C, caches[b], heads, kv_heads, hd);
   at::Tensor out = at::empty({B, heads * hd}, at::kFloat);
   float* o = out.data_ptr<float>();
-  // one (row, head) per task; little work in all (short caches, few rows): one thread, no fork/join
-  const int64_t grain = work >= 16384 * heads ? 1 : B * heads;
+  // little work in all (short caches, few rows): one thread, no fork/join
+  if (group_attention(hd)) {  // one (row, KV head) per task: its keys and values read once for its query heads
+    const int64_t grain = work >= 16384 * heads ? 1 : B * kv_heads;
+    at::parallel_for(0, B * kv_heads, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p(groups * longest);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / kv_heads, g = t % kv_heads;
+        attend_kv_head(q + b * C, caches[b], g, groups, hd, static_cast<float>(scale), p.data(),
+                       o + (b * heads + g * groups) * hd);
+      }
+    });
+    return out;
+  }
+  const int64_t grain = work >= 16384 * heads ? 1 : B * heads;  // one (row, head) per task
   at::parallel_for(0, B * heads, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> p(longest);
     for (int64_t t = t0; t < t1; ++t) {
