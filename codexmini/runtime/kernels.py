@@ -162,6 +162,8 @@ def panel_layout(ext, bits: int, packed: torch.Tensor, scale: torch.Tensor) -> b
     if bits != 4 or not rows:
         return False
     out, cols = packed.shape[0], packed.shape[1] * 2
+    if scale.dim() != 2 or not 0 < scale.shape[1] <= cols or cols % scale.shape[1]:
+        return False  # not a valid group layout: the portable kernel refuses it with the reason
     group = cols // scale.shape[1]
     return out % rows == 0 and cols % 32 == 0 and (group % 32 == 0 or (32 % group == 0 and group % 8 == 0))
 
@@ -240,8 +242,8 @@ def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "nativ
 
 
 class CmxConcatLinear:
-    """Several cmx int layers that read the same input, in one call, their outputs side by side; each keeps the
-    file's tensors (no concatenated copy of the weights)."""
+    """Several cmx int layers that read the same input, in one call, their outputs side by side; each keeps its own
+    tensors (the file's, or its panels: no concatenated copy of the weights)."""
 
     def __init__(self, parts: list):
         self.parts, self.int8_act = parts, parts[0].int8_act

@@ -211,7 +211,7 @@ def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
         want = (int8_activations(x) @ W.t() if M <= PANEL_ROWS else fast_prompt_product(x, W)) + r
         tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5 if M <= PANEL_ROWS else BF16_TOL["rtol"])
         torch.testing.assert_close(got, want, **tol)
-        if M <= GEMV_ROWS:
+        if M <= GEMV_ROWS:  # (19 rows: three chunks of rows of x, each row still exactly as alone)
             torch.testing.assert_close(got, ext.q4_linear(x, *portable, r, True), **tol)
             alone = torch.cat([ext.q4p_linear(x[m:m + 1], *panel) for m in range(M)])
             assert torch.equal(ext.q4p_linear(x, *panel), alone)
@@ -220,9 +220,11 @@ def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
 @needs_panels
 @pytest.mark.parametrize("M", [1, 5, GEMV_ROWS + 1, 300])  # 300: a fused gate/up in two slabs of rows
 def test_int4_panels_side_by_side_and_fused_silu_equal_the_reference(M):
-    """q/k/v-like parts of different heights (whole panels) in one call, and gate/up into silu(gate) * up."""
+    """q/k/v-like parts of different heights (whole panels), group sizes and offsets in one call, and gate/up into
+    silu(gate) * up."""
     K = 128
-    parts = [_panel_weight(N, K, 32, "sym", True, seed=i) for i, N in enumerate((160, 32, 48))]
+    parts = [_panel_weight(N, K, G, mode, True, seed=i)
+             for i, (N, G, mode) in enumerate(((160, 32, "sym"), (32, 16, "asym"), (48, 64, "min")))]
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(8))
 
     def product(W):
@@ -391,6 +393,19 @@ def test_one_token_attention_equals_sdpa_over_the_cache(window, hd, n):
     torch.testing.assert_close(out, want.reshape(1, H * hd))
     with pytest.raises(RuntimeError, match="outside the cache capacity"):
         ext.attend_decode(qkv, kc, vc, cap, H, KV, hd, 1.0, 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("hd", [16, 64])
+def test_a_nan_query_gives_a_nan_head_not_a_silent_number(hd):
+    """A NaN in a query head (a diverged model) comes out as NaN for that head only, as SDPA gives it."""
+    g = torch.Generator().manual_seed(9)
+    H, KV, n = 6, 2, 40
+    kc, vc = torch.randn(KV, n + 8, hd, generator=g), torch.randn(KV, n + 8, hd, generator=g)
+    qkv = torch.randn(1, (H + 2 * KV) * hd, generator=g)
+    qkv[0, hd + 3] = float("nan")  # head 1
+    out = ext.attend_decode(qkv, kc, vc, n, H, KV, hd, hd ** -0.5, 0).reshape(H, hd)
+    assert out[1].isnan().all() and not out[[0, 2, 3, 4, 5]].isnan().any()
 
 
 @needs_ext

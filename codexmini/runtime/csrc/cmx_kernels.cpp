@@ -1412,13 +1412,15 @@ void panel_gemv_rows(const PanelWeight&, const PanelActs&, int64_t, int64_t, flo
 void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, float* y, int64_t ldy) {
   const int64_t M = x.size(0), K = parts[0].K;
   if (M == 0) return;
-  std::vector<std::map<int64_t, PanelActs>> acts;  // per chunk of rows, by group size
-  for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {
-    auto& chunk = acts.emplace_back();
-    for (const auto& p : parts)
-      if (!chunk.count(p.G))
-        chunk.emplace(p.G, panel_acts(x.data_ptr<float>() + m0 * K, std::min(kGemvRows, M - m0), p));
-  }
+  // per chunk of rows, by group size; a prompt's chunks prepared in parallel
+  std::vector<std::map<int64_t, PanelActs>> acts((M + kGemvRows - 1) / kGemvRows);
+  at::parallel_for(0, static_cast<int64_t>(acts.size()), 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (const auto& p : parts)
+        if (!acts[c].count(p.G))
+          acts[c].emplace(p.G, panel_acts(x.data_ptr<float>() + c * kGemvRows * K,
+                                          std::min(kGemvRows, M - c * kGemvRows), p));
+  });
   std::vector<int64_t> start{0};  // in panels
   for (const auto& p : parts) start.push_back(start.back() + p.N / kPanel);
   const int64_t g = (grain(K / 2) + kPanel - 1) / kPanel;
@@ -1832,10 +1834,11 @@ void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, in
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #define CMX_ATTEND_GROUP 1
 // e^x for x <= 0 (softmax's shifted scores), 16 lanes: 2^n (scalef) times e^g, g = x - n ln 2 in [-0.35, 0.35],
-// by its Taylor series to degree 7 (error below 1e-8 relative; the reference is std::exp). Scores below -100 (e^-100
-// is below fp32's normal range anyway) count as -100, so that -inf gives 0, not NaN.
+// by its Taylor series to degree 7 (truncation below 1e-8; with fp32 rounding about 1e-7 relative, as std::exp's
+// reference allows). Scores below -100 (e^-100 is below fp32's normal range anyway) count as -100, so that -inf
+// gives 0; a NaN stays NaN (max_ps returns its second operand when either is NaN).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-100.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 g = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
@@ -1861,6 +1864,7 @@ inline __m512 hsum16(const __m512* v) {
 }
 
 constexpr int64_t kAttendBlock = 64;  // positions per block: its keys or values stay in L1 for every head of a group
+constexpr int64_t kAttendGroups = 16;  // query heads per KV head that attend_group takes (more: attend_head)
 
 // The `groups` query heads h0 .. h0+groups-1 of row q that share KV head kvh, over slots [c.lo, c.n], into o
 // [groups, hd] (NC = hd / 16 vectors a row): each block of keys and values is read once for all of them (attend_head
@@ -1872,7 +1876,9 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
   const float* K = c.k + (kvh * c.cap + c.lo) * hd;
   const float* V = c.v + (kvh * c.cap + c.lo) * hd;
   const __m512 sc = _mm512_set1_ps(scale);
-  std::vector<__m512> mx(groups, _mm512_set1_ps(-INFINITY));
+  __m512 mx[kAttendGroups];
+  float inv[kAttendGroups];
+  for (int64_t h = 0; h < groups; ++h) mx[h] = _mm512_set1_ps(-INFINITY);
   for (int64_t j0 = 0; j0 < S; j0 += kAttendBlock) {  // scores
     const int64_t j1 = std::min(S, j0 + kAttendBlock);
     for (int64_t h = 0; h < groups; ++h) {
@@ -1890,11 +1896,10 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
         const __mmask16 live = static_cast<__mmask16>(nj == 16 ? 0xFFFF : (1u << nj) - 1);
         const __m512 r = _mm512_mul_ps(hsum16(acc), sc);
         _mm512_mask_storeu_ps(ph + j, live, r);
-        mx[h] = _mm512_mask_max_ps(mx[h], live, mx[h], r);
+        mx[h] = _mm512_mask_max_ps(mx[h], live, r, mx[h]);  // (r first: a NaN score is kept)
       }
     }
   }
-  std::vector<float> inv(groups);
   for (int64_t h = 0; h < groups; ++h) {  // e^(score - max), and 1 / their sum
     float* ph = p + h * S;
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[h]));
@@ -1929,8 +1934,9 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
   }
 }
 
-// Whether attend_group takes heads of this width (the others, and CPUs without AVX-512, take attend_head).
-bool group_attention(int64_t hd) { return hd == 32 || hd == 64 || hd == 128; }
+// Whether attend_group takes heads of this width and groups of this many query heads (the others, and CPUs without
+// AVX-512, take attend_head).
+bool group_attention(int64_t hd, int64_t groups) { return (hd == 32 || hd == 64 || hd == 128) && groups <= kAttendGroups; }
 
 void attend_kv_head(const float* q, const KVCache& c, int64_t kvh, int64_t groups, int64_t hd, float scale, float* p,
                     float* o) {
@@ -1939,7 +1945,7 @@ void attend_kv_head(const float* q, const KVCache& c, int64_t kvh, int64_t group
   else attend_group<8>(q, c, kvh, groups, scale, p, o);
 }
 #else
-bool group_attention(int64_t) { return false; }
+bool group_attention(int64_t, int64_t) { return false; }
 void attend_kv_head(const float*, const KVCache&, int64_t, int64_t, int64_t, float, float*, float*) {}
 #endif
 
@@ -1976,7 +1982,7 @@ at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, s
   at::Tensor out = at::empty({B, heads * hd}, at::kFloat);
   float* o = out.data_ptr<float>();
   // little work in all (short caches, few rows): one thread, no fork/join
-  if (group_attention(hd)) {  // one (row, KV head) per task: its keys and values read once for its query heads
+  if (group_attention(hd, groups)) {  // one (row, KV head) per task: its keys and values read once for its query heads
     const int64_t grain = work >= 16384 * heads ? 1 : B * kv_heads;
     at::parallel_for(0, B * kv_heads, grain, [&](int64_t t0, int64_t t1) {
       std::vector<float> p(groups * longest);
