@@ -155,17 +155,13 @@ class CmxGroupLinear:
 
 
 def panel_layout(ext, bits: int, packed: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether an int4 layer takes the panel kernel here: a build that has it (`ext.panels()`, AVX-512 VNNI), rows
-    in whole panels, 32-column blocks of int8 activations tiling the row, and groups that nest in those blocks (8,
-    16) or are made of them (32, 64, ...)."""
-    rows = ext.panels() if hasattr(ext, "panels") else 0
-    if bits != 4 or not rows:
+    """Whether an int4 layer takes the panel kernel here: the kernels' own rule (`ext.panel_layout`: a build with
+    AVX-512 VNNI, rows in whole panels, 32-column blocks of int8 activations tiling the row, groups that nest in
+    those blocks (8, 16) or are made of them (32, 64, ...))."""
+    if bits != 4 or scale.dim() != 2 or not scale.shape[1]:
         return False
-    out, cols = packed.shape[0], packed.shape[1] * 2
-    if scale.dim() != 2 or not 0 < scale.shape[1] <= cols or cols % scale.shape[1]:
-        return False  # not a valid group layout: the portable kernel refuses it with the reason
-    group = cols // scale.shape[1]
-    return out % rows == 0 and cols % 32 == 0 and (group % 32 == 0 or (32 % group == 0 and group % 8 == 0))
+    cols = packed.shape[1] * 2
+    return ext.panel_layout(packed.shape[0], cols, cols // scale.shape[1] if cols % scale.shape[1] == 0 else 0)
 
 
 def to_panels(t: torch.Tensor, rows: int, word: int = 1) -> torch.Tensor:

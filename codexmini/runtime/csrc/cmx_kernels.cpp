@@ -1059,16 +1059,26 @@ void gemv_rows(const GroupWeight& q, const Acts& a, int64_t n0, int64_t n1, floa
   gemv_rows_plain(q, a, n0, n1, y, ldy);
 }
 
-// The GEMVs' parallel loop over weight rows [0, N): each task walks its rows a block of kBlockRows at a time (all
-// at once when x is one chunk) and calls f(chunk, r0, r1) for every chunk of kGemvRows rows of x on the block, so a
-// block is read from memory once and from cache for the other chunks.
+// The GEMVs' parallel loop over weight rows [0, N) (or panels of them): each task walks its rows `block` at a time
+// (kBlockRows rows; all at once when x is one chunk) and calls f(chunk, r0, r1) for every chunk of kGemvRows rows of
+// x on the block, so a block is read from memory once and from cache for the other chunks.
 template <class F>
-void over_blocks(int64_t N, int64_t grain_rows, int64_t chunks, F&& f) {
-  const int64_t block = chunks > 1 ? kBlockRows : N;
+void over_blocks(int64_t N, int64_t grain_rows, int64_t chunks, F&& f, int64_t block = kBlockRows) {
+  block = chunks > 1 ? block : N;
   at::parallel_for(0, N, grain_rows, [&](int64_t a, int64_t b) {
     for (int64_t s = a; s < b; s += block)
       for (int64_t c = 0; c < chunks; ++c) f(c, s, std::min(b, s + block));
   });
+}
+
+// For weights side by side (part i's rows start at start[i], start.back() in all): f(i, r0, r1) for each part's
+// rows [r0, r1) that fall in [s, e), in its own numbering.
+template <class F>
+void over_parts(const std::vector<int64_t>& start, int64_t s, int64_t e, F&& f) {
+  for (size_t i = 0; i + 1 < start.size(); ++i) {
+    const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
+    if (r0 < r1) f(i, r0, r1);
+  }
 }
 
 // y[m, start_i + n] += (x W_i^T)[m, n] for one to kDecodeRows rows of x and the weights side by side (of one bit
@@ -1090,10 +1100,9 @@ void group_gemv(const at::Tensor& x, const std::vector<GroupWeight>& parts, bool
   for (const auto& p : parts) start.push_back(start.back() + p.N);
   over_blocks(start.back(), grain(parts[0].row_bytes()), static_cast<int64_t>(acts.size()),
               [&](int64_t c, int64_t s, int64_t e) {
-    for (size_t i = 0; i < parts.size(); ++i) {
-      const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
-      if (r0 < r1) gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i], ldy);
-    }
+    over_parts(start, s, e, [&](size_t i, int64_t r0, int64_t r1) {
+      gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i], ldy);
+    });
   });
 }
 
@@ -1213,20 +1222,24 @@ struct PanelWeight {
   int64_t words() const { return K / 8; }
   int64_t at(int64_t n, int64_t g) const { return (n / kPanel * ng + g) * kPanel + n % kPanel; }  // group (n, g)'s
   const uint8_t* word(int64_t n, int64_t d) const { return w + ((n / kPanel * words() + d) * kPanel + n % kPanel) * 4; }
-  int code(int64_t n, int64_t e) const { return (word(n, e / 8)[(e % 8) / 2] >> ((e & 1) * 4)) & 0x0F; }
-  // w(n, e) = (code - zero) * scale, or code * scale + min: the reference's values
-  float value(int64_t n, int64_t e) const {
-    const int64_t i = at(n, e / G);
-    const float c = static_cast<float>(code(n, e));
-    if (mn) return c * scale[i] + static_cast<float>(mn[i]);
-    return (c - (zero ? static_cast<float>(zero[i]) : 8.f)) * scale[i];
-  }
   DequantRows dequant() const;
 };
 
-bool panel_group(int64_t G) { return G % 32 == 0 || (32 % G == 0 && G % 8 == 0); }
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CMX_PANELS 1
+#else
+#define CMX_PANELS 0
+#endif
+
+// Whether a weight of N rows, K columns and groups of G takes the panels (on this build): the one rule, which the
+// runtime asks through panel_layout() before it repacks.
+bool panel_layout(int64_t N, int64_t K, int64_t G) {
+  return CMX_PANELS && N % kPanel == 0 && K % 32 == 0 && G > 0 && K % G == 0 &&
+         (G % 32 == 0 || (32 % G == 0 && G % 8 == 0));
+}
 
 PanelWeight panel_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero) {
+  TORCH_CHECK(CMX_PANELS, "int4 panels need a build with AVX-512 VNNI (kernels.panels() is 0 here)");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
               "int4 panels: qweight must be a contiguous uint8 [N, K/2]");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
@@ -1236,46 +1249,13 @@ PanelWeight panel_weight(const at::Tensor& qweight, const at::Tensor& scale, con
               scale.size(1) > 0 && K % scale.size(1) == 0, "int4 panels: scale must be a contiguous float32 or "
               "float16 [N, K/G]");
   const int64_t G = K / scale.size(1);
-  TORCH_CHECK(panel_group(G), "int4 panels: group size ", G, " is neither a multiple of 32 nor 8 or 16");
+  TORCH_CHECK(panel_layout(N, K, G), "int4 panels: group size ", G, " is neither a multiple of 32 nor 8 or 16");
   const bool mins = zero.numel() && zero.scalar_type() == at::kHalf;
   TORCH_CHECK(zero.numel() == 0 || ((zero.scalar_type() == at::kByte || mins) && zero.is_contiguous() &&
                                     zero.sizes() == scale.sizes()),
               "int4 panels: zero must be shaped like scale (uint8 zero points or float16 mins) or empty (symmetric)");
   return {N, K, G, scale.size(1), qweight.data_ptr<uint8_t>(), scales_of(scale),
           zero.numel() && !mins ? zero.data_ptr<uint8_t>() : nullptr, mins ? zero.data_ptr<c10::Half>() : nullptr};
-}
-
-// Rows a..b-1 as fp32, 16 columns at a time where the CPU has AVX-512 (the same operations as the reference).
-DequantRows PanelWeight::dequant() const {
-  return {N, [q = *this](int64_t a, int64_t b, float* out) {
-    for (int64_t n = a; n < b; ++n) {
-      float* o = out + (n - a) * q.K;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-      for (int64_t e = 0; e < q.K; e += 16) {  // two words: 16 columns, in one group or (G = 8) two
-        uint32_t lo, hi;
-        std::memcpy(&lo, q.word(n, e / 8), 4);
-        std::memcpy(&hi, q.word(n, e / 8 + 1), 4);
-        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
-                                             _mm256_set1_epi32(static_cast<int>(hi)), 1);
-        const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(
-            _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
-            _mm512_set1_epi32(0x0F)));
-        const int64_t i0 = q.at(n, e / q.G), i1 = q.at(n, (e + 15) / q.G);
-        auto pair = [](float x, float y) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x), _mm512_set1_ps(y)); };
-        const __m512 s = pair(q.scale[i0], q.scale[i1]);
-        if (q.mn) {
-          const __m512 m = pair(static_cast<float>(q.mn[i0]), static_cast<float>(q.mn[i1]));
-          _mm512_storeu_ps(o + e, _mm512_add_ps(_mm512_mul_ps(c, s), m));
-        } else {
-          const __m512 z = q.zero ? pair(q.zero[i0], q.zero[i1]) : _mm512_set1_ps(8.f);
-          _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_sub_ps(c, z), s));
-        }
-      }
-#else
-      for (int64_t e = 0; e < q.K; ++e) o[e] = q.value(n, e);
-#endif
-    }
-  }};
 }
 
 // The int8 activations of up to kGemvRows rows of x in the panels' order.
@@ -1296,11 +1276,15 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
   a.dx.resize(M * K / 32);
   a.xs.assign(M * q.ng, 0.f);
   const int64_t sub = std::min<int64_t>(q.G, 32), subs = K / sub;
-  a.zs.assign(M * subs, 0);
+  a.zs.resize(M * subs);
   for (int64_t m = 0; m < M; ++m) {
     const QuantRow r = quantize_row(x + m * K, K);
-    for (int64_t b = 0; b < subs; ++b)
-      for (int64_t e = b * sub; e < (b + 1) * sub; ++e) a.zs[m * subs + b] -= 8 * r.xq[e];
+    for (int64_t b = 0; b < subs; ++b) {  // a sub-block lies in one group and one 32-column block: an exact sum
+      int32_t t = 0;
+      for (int64_t e = b * sub; e < (b + 1) * sub; ++e) t += r.xq[e];
+      a.zs[m * subs + b] = -8 * t;
+      a.xs[m * q.ng + b * sub / q.G] += static_cast<float>(t) * r.dx[b * sub / 32];
+    }
     int8_t* out = reinterpret_cast<int8_t*>(a.xw.data() + m * K / 4);
     for (int64_t d = 0; d < K / 8; ++d)
       for (int j = 0; j < 4; ++j) {
@@ -1308,23 +1292,40 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
         out[8 * d + 4 + j] = r.xq[8 * d + 2 * j + 1];
       }
     std::copy(r.dx.begin(), r.dx.end(), a.dx.begin() + m * K / 32);
-    for (int64_t g = 0; g < q.ng; ++g) {  // per 32-column block within the group: an exact integer sum
-      float s = 0.f;
-      for (int64_t e0 = g * q.G; e0 < (g + 1) * q.G;) {
-        const int64_t e1 = std::min((g + 1) * q.G, (e0 / 32 + 1) * 32);
-        int32_t t = 0;
-        for (int64_t e = e0; e < e1; ++e) t += r.xq[e];
-        s += static_cast<float>(t) * r.dx[e0 / 32];
-        e0 = e1;
-      }
-      a.xs[m * q.ng + g] = s;
-    }
   }
   return a;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-constexpr bool kPanels = true;
+#if CMX_PANELS
+// Rows a..b-1 as fp32 for the tiled GEMM, 16 columns at a time (the same operations as the reference).
+DequantRows PanelWeight::dequant() const {
+  return {N, [q = *this](int64_t a, int64_t b, float* out) {
+    for (int64_t n = a; n < b; ++n) {
+      float* o = out + (n - a) * q.K;
+      for (int64_t e = 0; e < q.K; e += 16) {  // two words: 16 columns, in one group or (G = 8) two
+        uint32_t lo, hi;
+        std::memcpy(&lo, q.word(n, e / 8), 4);
+        std::memcpy(&hi, q.word(n, e / 8 + 1), 4);
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
+                                             _mm256_set1_epi32(static_cast<int>(hi)), 1);
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(
+            _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+            _mm512_set1_epi32(0x0F)));
+        const int64_t i0 = q.at(n, e / q.G), i1 = q.at(n, (e + 15) / q.G);
+        auto pair = [](float x, float y) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x), _mm512_set1_ps(y)); };
+        const __m512 s = pair(q.scale[i0], q.scale[i1]);
+        if (q.mn) {
+          const __m512 m = pair(static_cast<float>(q.mn[i0]), static_cast<float>(q.mn[i1]));
+          _mm512_storeu_ps(o + e, _mm512_add_ps(_mm512_mul_ps(c, s), m));
+        } else {
+          const __m512 z = q.zero ? pair(q.zero[i0], q.zero[i1]) : _mm512_set1_ps(8.f);
+          _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_sub_ps(c, z), s));
+        }
+      }
+    }
+  }};
+}
+
 // y[m, 16p + l] += sum over the panel's columns for panels p0..p1-1 and M rows of x; SW words per sub-block (the
 // group, or a 32-column block of it).
 // SYM: a symmetric weight, whose implied zero point starts each sub-block's integer sum (`zs`) instead of costing
@@ -1400,11 +1401,9 @@ void panel_gemv_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64
     else sym ? panel_rows<M, 4, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 4, false>(q, a, p0, p1, y, ldy);
   });
 }
-#else
-constexpr bool kPanels = false;
-void panel_gemv_rows(const PanelWeight&, const PanelActs&, int64_t, int64_t, float*, int64_t) {
-  TORCH_CHECK(false, "int4 panels need a build with AVX-512 VNNI (kernels.panels() is 0 here)");
-}
+#else  // never reached: panel_weight refuses
+DequantRows PanelWeight::dequant() const { return {N, [](int64_t, int64_t, float*) {}}; }
+void panel_gemv_rows(const PanelWeight&, const PanelActs&, int64_t, int64_t, float*, int64_t) {}
 #endif
 
 // y[m, start_i + n] += (x W_i^T)[m, n] for up to kPanelRows rows of x and panel weights side by side: as
@@ -1423,18 +1422,12 @@ void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, floa
   });
   std::vector<int64_t> start{0};  // in panels
   for (const auto& p : parts) start.push_back(start.back() + p.N / kPanel);
-  const int64_t g = (grain(K / 2) + kPanel - 1) / kPanel;
-  const int64_t block = acts.size() > 1 ? kBlockRows / kPanel : start.back();
-  at::parallel_for(0, start.back(), g, [&](int64_t a, int64_t b) {
-    for (int64_t s = a; s < b; s += block)
-      for (size_t c = 0; c < acts.size(); ++c)
-        for (size_t i = 0; i < parts.size(); ++i) {
-          const int64_t e = std::min(b, s + block);
-          const int64_t r0 = std::max(s, start[i]) - start[i], r1 = std::min(e, start[i + 1]) - start[i];
-          if (r0 < r1)
-            panel_gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i] * kPanel, ldy);
-        }
-  });
+  over_blocks(start.back(), (grain(K / 2) + kPanel - 1) / kPanel, static_cast<int64_t>(acts.size()),
+              [&](int64_t c, int64_t s, int64_t e) {
+    over_parts(start, s, e, [&](size_t i, int64_t r0, int64_t r1) {
+      panel_gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i] * kPanel, ldy);
+    });
+  }, kBlockRows / kPanel);
 }
 
 // q4p_linear: y = x W^T (+ residual) for an int4 weight in panels (int8 activations, up to kPanelRows rows).
@@ -1832,7 +1825,6 @@ void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, in
 }
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-#define CMX_ATTEND_GROUP 1
 // e^x for x <= 0 (softmax's shifted scores), 16 lanes: 2^n (scalef) times e^g, g = x - n ln 2 in [-0.35, 0.35],
 // by its Taylor series to degree 7 (truncation below 1e-8; with fp32 rounding about 1e-7 relative, as std::exp's
 // reference allows). Scores below -100 (e^-100 is below fp32's normal range anyway) count as -100, so that -inf
@@ -1981,25 +1973,18 @@ at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, s
   for (int64_t b = 0; b < B; ++b) kv_append(q + b * C, caches[b], heads, kv_heads, hd);
   at::Tensor out = at::empty({B, heads * hd}, at::kFloat);
   float* o = out.data_ptr<float>();
-  // little work in all (short caches, few rows): one thread, no fork/join
-  if (group_attention(hd, groups)) {  // one (row, KV head) per task: its keys and values read once for its query heads
-    const int64_t grain = work >= 16384 * heads ? 1 : B * kv_heads;
-    at::parallel_for(0, B * kv_heads, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> p(groups * longest);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / kv_heads, g = t % kv_heads;
-        attend_kv_head(q + b * C, caches[b], g, groups, hd, static_cast<float>(scale), p.data(),
-                       o + (b * heads + g * groups) * hd);
-      }
-    });
-    return out;
-  }
-  const int64_t grain = work >= 16384 * heads ? 1 : B * heads;  // one (row, head) per task
-  at::parallel_for(0, B * heads, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(longest);
+  // one (row, KV head) per task where attend_group takes them (its keys and values read once for its query heads),
+  // else one (row, head); little work in all (short caches, few rows): one thread, no fork/join
+  const bool grouped = group_attention(hd, groups);
+  const int64_t units = grouped ? kv_heads : heads, per_unit = grouped ? groups : 1;
+  const int64_t grain = work >= 16384 * heads ? 1 : B * units;
+  at::parallel_for(0, B * units, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(per_unit * longest);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / heads, h = t % heads;
-      attend_head(q + b * C, caches[b], h, groups, hd, static_cast<float>(scale), p.data(), o + (b * heads + h) * hd);
+      const int64_t b = t / units, u = t % units;
+      float* ou = o + (b * heads + u * per_unit) * hd;
+      if (grouped) attend_kv_head(q + b * C, caches[b], u, groups, hd, static_cast<float>(scale), p.data(), ou);
+      else attend_head(q + b * C, caches[b], u, groups, hd, static_cast<float>(scale), p.data(), ou);
     }
   });
   return out;
@@ -2305,7 +2290,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("silu") = false);
   m.def("panel_gemv_rows", [] { return kPanelRows; }, "inputs of up to this many rows take the int4 panel GEMV "
         "(int8 activations); more the tiled GEMM");
-  m.def("panels", [] { return kPanels ? kPanel : int64_t{0}; }, "rows per panel of the int4 panel kernels "
+  m.def("panel_layout", &panel_layout, "whether a weight of N rows, K columns and groups of G takes the int4 "
+        "panels here", py::arg("N"), py::arg("K"), py::arg("G"));
+  m.def("panels", [] { return CMX_PANELS ? kPanel : int64_t{0}; }, "rows per panel of the int4 panel kernels "
         "(q4p_linear), or 0 where this build has none");
   m.def("q8_linear_cat", &q8_linear_cat, nogil, "several int8 layers on one input, outputs side by side; silu: "
         "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("int8_act") = false,
