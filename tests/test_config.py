@@ -14,6 +14,7 @@ GROUP_OPTIONS = sorted(CONFIG_DIR.rglob("*.yaml"))
 # student, 64-token blocks): validate checks them against the teacher's shape, and unchanged they would fail.
 REQUIRED = {"teacher/hf": ["teacher.spec=HuggingFaceTB/SmolLM2-135M"],
             "distill/gkd_on_policy": ["distill.on_policy_prompt_tokens=16"],
+            "distill/sequence_level": ["distill.on_policy_prompt_tokens=16"],
             "model/smollm2_20l": ["teacher=smollm2"],
             "prune/depth": ["prune.drop_layers=1"]}
 

@@ -38,9 +38,11 @@ def distill_uses(cfg: DistillConfig | None) -> tuple[str, ...]:
 def check_distill(cfg: DistillConfig, ctx) -> None:
     check_configs(cfg, ctx.config("trainer"))
     block = getattr(ctx.config("data"), "block_size", None)
-    if cfg.on_policy_fraction > 0 and isinstance(block, int) and cfg.on_policy_prompt_tokens >= block:
+    samples = cfg.on_policy_fraction > 0 or cfg.sequence_level_fraction > 0
+    if samples and isinstance(block, int) and cfg.on_policy_prompt_tokens >= block:
         raise ValueError(f"distill.on_policy_prompt_tokens ({cfg.on_policy_prompt_tokens}) must be shorter than "
-                         f"data.block_size ({block}): the rest of each block is what the student samples")
+                         f"data.block_size ({block}): the rest of each block is what the student (on-policy) or "
+                         "the teacher (sequence-level) samples")
     if cfg.fake_quant:
         q = ctx.config("quantize")
         plan_schemes(None, q.rules, q.default, untie_head=q.untie_head, on_bad_group=q.on_bad_group)

@@ -1,4 +1,5 @@
-"""Hidden-state matching, on-policy (GKD) batches, the offline top-k teacher cache, a bitsandbytes teacher."""
+"""Hidden-state matching, on-policy (GKD) and sequence-level batches, the offline top-k teacher cache, a bitsandbytes
+teacher."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from codexmini import CodexMiniForCausalLM
 from codexmini.distill import DistillConfig, distill
 from codexmini.train import TrainerConfig
 from codexmini.distill.hidden import HiddenProjector, hidden_state_loss, layer_map
-from codexmini.distill.loop import is_on_policy, sample_on_policy
+from codexmini.distill.loop import batch_source, check_configs, is_on_policy, sample_on_policy
 from codexmini.distill.teacher_cache import TeacherLogitCache, dense_logits, topk_pack
 from tests.conftest import tiny_config
 from tests.distill.test_loop import _trainer, blocks, trained_teacher  # noqa: F401  (module fixtures)
@@ -92,6 +93,64 @@ def test_on_policy_distillation_trains_on_student_samples(blocks, trained_teache
     expected = sum(is_on_policy(s, 0.5, 0) for s in range(16)) * 4
     assert metrics["on_policy_blocks"] == expected > 0
     assert metrics["val_ppl"] < before
+
+
+def test_batch_sources_split_one_draw_per_step():
+    cfg = DistillConfig(on_policy_fraction=0.25, sequence_level_fraction=0.5)
+    kinds = [batch_source(s, cfg, seed=0) for s in range(800)]
+    # The student's share is the on-policy draw itself, so adding a teacher share leaves those steps alone.
+    assert [k == "student" for k in kinds] == [is_on_policy(s, 0.25, 0) for s in range(800)]
+    assert 0.4 < kinds.count("teacher") / 800 < 0.6 and 0.15 < kinds.count("data") / 800 < 0.35
+    assert set(batch_source(s, DistillConfig(), 0) for s in range(50)) == {"data"}
+    assert set(batch_source(s, DistillConfig(sequence_level_fraction=1.0), 3) for s in range(50)) == {"teacher"}
+    with pytest.raises(ValueError, match=r"on_policy_fraction .*sequence_level_fraction .*more than 1"):
+        check_configs(DistillConfig(on_policy_fraction=0.5, sequence_level_fraction=0.6), _trainer())
+
+
+def test_sequence_level_samples_are_the_teachers_greedy_continuation(blocks, trained_teacher):  # noqa: F811
+    ids = blocks.train[:3]
+    cfg = DistillConfig(sequence_level_fraction=1.0, on_policy_prompt_tokens=8, on_policy_new_tokens=12)
+    seqs, labels = sample_on_policy(trained_teacher, ids, cfg, seed=1, temperature=0.0)
+    assert seqs.shape == (3, 20) and torch.equal(seqs[:, :8], ids[:, :8])
+    assert (labels[:, :8] == -100).all() and torch.equal(labels[:, 8:], seqs[:, 8:])
+    # Greedy: each new token is the teacher's argmax after the tokens before it, whatever the seed.
+    with torch.no_grad():
+        argmax = trained_teacher(input_ids=seqs).logits.argmax(-1)
+    assert torch.equal(argmax[:, 7:-1], seqs[:, 8:])
+    assert torch.equal(sample_on_policy(trained_teacher, ids, cfg, seed=9, temperature=0.0)[0], seqs)
+    hot = sample_on_policy(trained_teacher, ids, cfg, seed=1, temperature=2.0)[0]
+    assert not torch.equal(hot, seqs) and torch.equal(hot, sample_on_policy(trained_teacher, ids, cfg, seed=1,
+                                                                             temperature=2.0)[0])
+
+
+def test_a_padded_teacher_vocabulary_never_reaches_the_student():
+    torch.manual_seed(0)
+    teacher = CodexMiniForCausalLM(tiny_config(vocab_size=320, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        teacher.lm_head.weight[:300] = 0  # every real token scores 0: the padding rows win unless suppressed
+    ids = torch.randint(4, 300, (2, 16))
+    cfg = DistillConfig(on_policy_prompt_tokens=4, on_policy_new_tokens=8)
+    free = sample_on_policy(teacher, ids, cfg, seed=0, temperature=0.0)[0]
+    assert (free[:, 4:] >= 300).any()
+    kept = sample_on_policy(teacher, ids, cfg, seed=0, temperature=0.0, vocab_size=300)[0]
+    assert (kept < 300).all()
+
+
+def test_sequence_level_distillation_trains_on_teacher_samples(blocks, trained_teacher, tmp_path):  # noqa: F811
+    from codexmini.data import perplexity
+
+    cfg = DistillConfig(kd_ratio=0.0, sequence_level_fraction=1.0, on_policy_prompt_tokens=8, on_policy_new_tokens=24)
+    torch.manual_seed(0)
+    probe = sample_on_policy(trained_teacher, blocks.val, cfg, seed=123, temperature=0.0)[0]
+    student = CodexMiniForCausalLM(tiny_config())
+    before = perplexity(student, probe)["ppl"]
+    student, metrics = distill(student, trained_teacher, blocks.train, blocks.val, cfg, _trainer(max_steps=20),
+                               tokenizer=blocks.tokenizer)
+    assert metrics["sequence_level_blocks"] == 20 * 4 and metrics["on_policy_blocks"] == 0
+    # Cross-entropy on nothing but the teacher's continuations: the student now predicts them far better.
+    assert perplexity(student, probe)["ppl"] < 0.5 * before
+    with pytest.raises(ValueError, match="needs a teacher"):
+        distill(CodexMiniForCausalLM(tiny_config()), None, blocks.train, blocks.val, cfg, _trainer(max_steps=1))
 
 
 def test_dense_logits_are_exact_on_top_k_and_keep_the_tail_mass():

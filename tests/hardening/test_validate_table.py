@@ -80,6 +80,8 @@ TABLE: dict[str, list] = {
     "distill.on_policy_prompt_tokens": [0, (64, {"distill.on_policy_fraction": 0.5})],
     "distill.on_policy_new_tokens": [0],
     "distill.on_policy_temperature": [0.0],
+    "distill.sequence_level_fraction": [1.5, NAN, (0.6, {"distill.on_policy_fraction": 0.5})],
+    "distill.sequence_level_temperature": [-1.0, NAN],
     "distill.teacher_cache": [""],
     "distill.teacher_cache_mode": ["bogus"],
     "distill.teacher_top_k": [0],
