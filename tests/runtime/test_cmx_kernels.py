@@ -367,8 +367,14 @@ def test_fused_layer_steps_equal_their_ops_references():
     want[:, :(H + KV) * hd] = apply_rope(qk, cos, sin).transpose(0, 1).reshape(T, -1)
     ext.rope_(qkv, cos, sin, H + KV, hd)
     torch.testing.assert_close(qkv, want)
-    gu = torch.randn(2, 20, generator=g)
-    torch.testing.assert_close(ext.silu_mul(gu), torch.nn.functional.silu(gu[:, :10]) * gu[:, 10:])
+    # 37 columns: two 16-lane vectors and a scalar tail; gates far out on both sides (e^-g would overflow if
+    # computed as it is written), zero, and a NaN that stays NaN
+    gu = torch.randn(3, 74, generator=g) * 4
+    gu[0, :6] = torch.tensor([-200.0, -90.0, -30.0, 0.0, 30.0, 200.0])
+    gu[1, 20] = float("nan")
+    want = torch.nn.functional.silu(gu[:, :37]) * gu[:, 37:]
+    torch.testing.assert_close(ext.silu_mul(gu), want, equal_nan=True)
+    assert ext.silu_mul(gu)[1, 20].isnan() and not ext.silu_mul(gu)[0].isnan().any()
     xh, wh = torch.randn(3, 16, generator=g), torch.randn(3, 16, 8, generator=g)
     torch.testing.assert_close(ext.hedgehog(xh, wh), hedgehog_feature_map(xh[:, None], wh)[:, 0])
 
