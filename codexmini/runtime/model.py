@@ -185,8 +185,8 @@ class Layer:
         if ext and self.qkv:
             qkv = self.qkv(a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)  # query and key heads, in place
-            if self.type == "softmax" and T == 1:
-                o = self._softmax_decode(qkv, [st])
+            if self.type == "softmax":
+                o = self._softmax_prompt(qkv, st)
             else:
                 q, k, v = (t.reshape(T, -1, self.hd).transpose(0, 1) for t in qkv.split(self.split_qkv, dim=-1))
                 o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
@@ -244,8 +244,8 @@ class Layer:
             v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
         rows = []
         for i, j, st in segments:
-            if fused and self.type == "softmax" and j - i == 1:  # what `forward` does with one token
-                rows.append(self._softmax_decode(qkv[i:j], [st]))
+            if fused and self.type == "softmax":  # what `forward` does with this chunk alone
+                rows.append(self._softmax_prompt(qkv[i:j], st))
             else:
                 rows.append(self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1)
                             .reshape(j - i, self.h * self.hd))
@@ -307,6 +307,16 @@ class Layer:
                                          self.hd, self.hd ** -0.5, 0)
         for st, n in zip(sts, ns):
             st["n"] = n + 1
+        return o
+
+    def _softmax_prompt(self, qkv: torch.Tensor, st: dict) -> torch.Tensor:
+        """T tokens of one session (rows of qkv `[T, C]`, rotary applied) through codexmini's fused attention kernel:
+        causal, each row computed as decoding it token by token would (the reference is `_softmax`, torch's SDPA,
+        which cost 3-5x as much on a short prompt)."""
+        n, T = st.get("n", 0), qkv.shape[0]
+        self.grow_cache(st, n + T)
+        o = self.ext.attend_prompt(qkv, st["k"], st["v"], n, self.h, self.kv, self.hd, self.hd ** -0.5, 0)
+        st["n"] = n + T
         return o
 
     def _softmax(self, q, k, v, st):

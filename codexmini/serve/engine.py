@@ -80,17 +80,21 @@ class Job:
         self.done = False
 
     def emit(self, event) -> None:
+        """Queue `event` for the HTTP side; the engine hands over what a step emitted at once (`Engine._flush`)."""
         if isinstance(event, (Finish, Failure)):
             self.done = True
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
-            pass
+        self.engine._outbox.append((self, event))
 
     def cancel(self) -> None:
         if not self.done and not self.cancelled:
             self.cancelled = True
             self.engine.wake()
+
+
+def _deliver(items: list) -> None:
+    """On the event loop: each event into its request's queue, in the order the engine emitted them."""
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 class Sequence:
@@ -136,6 +140,7 @@ class Engine:
         self.cache, self.metrics, self.prefill_chunk = cache, metrics or Metrics(), prefill_chunk
         self.token_text = TokenText(rt.tokenizer)
         self._waiting: deque[Job] = deque()
+        self._outbox: list[tuple[Job, object]] = []  # events emitted on the engine thread, not yet handed over
         self._active: list[Sequence] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -196,11 +201,28 @@ class Engine:
                 for seq in self._active:
                     seq.job.emit(Failure("internal error while generating (see the server log)"))
                 self._active.clear()
+            self._flush()
             self._gauges()
         for seq in self._active:
             seq.job.emit(Failure("the server is shutting down"))
         for job in self._waiting:
             job.emit(Failure("the server is shutting down"))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand the events emitted since the last flush to their event loops, one wake-up per loop: waking the
+        loop once per token and sequence cost the engine thread ~5% of a step at 8 sequences."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
+                pass
 
     def _gauges(self) -> None:
         m = self.metrics
@@ -234,6 +256,7 @@ class Engine:
             self._finish(seq, "cancelled", flush=False)
         if any(s.prefilling for s in self._active):
             self._prefill()
+            self._flush()  # first tokens go out now, not after this step's decode forward
         batch = [s for s in self._active if not s.prefilling]
         if not batch:
             return

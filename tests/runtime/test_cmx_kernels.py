@@ -402,6 +402,36 @@ def test_one_token_attention_equals_sdpa_over_the_cache(window, hd, n):
 
 
 @needs_ext
+@pytest.mark.parametrize("window", [0, 5])
+# hd 16: one head at a time; 64 with 90 rows after 40 cached: the grouped kernel over several key blocks, in parallel
+@pytest.mark.parametrize("hd, n, T", [(16, 0, 7), (16, 5, 3), (64, 0, 1), (64, 40, 90)])
+def test_a_prompt_chunk_attends_causally_as_token_by_token_decoding(window, hd, n, T):
+    """attend_prompt: T rows after n cached tokens equal SDPA with a causal mask over the cache (the model's
+    reference), and bit for bit attend_decode run on one row after another."""
+    g = torch.Generator().manual_seed(10)
+    H, KV, cap = 6, 2, n + T + 3
+    kc, vc = torch.randn(KV, cap, hd, generator=g), torch.randn(KV, cap, hd, generator=g)
+    qkv = torch.randn(T, (H + 2 * KV) * hd, generator=g)
+    kd, vd = kc.clone(), vc.clone()
+    got = ext.attend_prompt(qkv, kc, vc, n, H, KV, hd, hd ** -0.5, window)
+    steps = torch.cat([ext.attend_decode(qkv[t:t + 1].clone(), kd, vd, n + t, H, KV, hd, hd ** -0.5, window)
+                       for t in range(T)])
+    torch.testing.assert_close(got, steps, rtol=0, atol=0)
+    assert torch.equal(kc, kd) and torch.equal(vc, vd)  # the same keys and values written in place
+    S, groups = n + T, H // KV
+    pos = torch.arange(n, S)[:, None]
+    keep = torch.arange(S)[None, :] <= pos
+    if window:
+        keep &= torch.arange(S)[None, :] > pos - window
+    q = qkv[:, :H * hd].reshape(T, H, hd).transpose(0, 1)
+    K, V = kc[:, :S].repeat_interleave(groups, 0), vc[:, :S].repeat_interleave(groups, 0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=keep, scale=hd ** -0.5)
+    torch.testing.assert_close(got, want.transpose(0, 1).reshape(T, H * hd))
+    with pytest.raises(RuntimeError, match="outside the cache capacity"):
+        ext.attend_prompt(qkv, kc, vc, cap - T + 1, H, KV, hd, 1.0, 0)
+
+
+@needs_ext
 @pytest.mark.parametrize("hd", [16, 64])
 def test_a_nan_query_gives_a_nan_head_not_a_silent_number(hd):
     """A NaN in a query head (a diverged model) comes out as NaN for that head only, as SDPA gives it."""
