@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from .config import ServeConfig
-from .engine import Delta, Engine, Failure, Finish, Job, QueueFull
+from .engine import Delta, Engine, Failure, Finish, Job, QueueFull, Worker
 from .errors import ApiError, error_body, sse_error
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
@@ -75,6 +75,7 @@ class Server:
     state: str = "loading"  # loading | ready | failed | stopped
     error: str | None = None
     on_failure: Callable[[], None] | None = None
+    worker: Worker = field(default_factory=Worker)  # one thread runs every model's engine (see `Worker`)
 
     def load(self) -> None:
         """Load every model and start its engine (the app runs this in a thread at startup)."""
@@ -87,7 +88,8 @@ class Server:
                 cache = PrefixCache(rt, int(self.config.prefix_cache_mb * (1 << 20)), self.config.prefill_chunk) \
                     if self.config.prefix_cache_mb > 0 else None
                 engine = Engine(name, rt, parallel=self.config.parallel, max_queue=self.config.max_queue,
-                                cache=cache, metrics=self.metrics, prefill_chunk=self.config.prefill_chunk)
+                                cache=cache, metrics=self.metrics, prefill_chunk=self.config.prefill_chunk,
+                                worker=self.worker)
                 served = ServedModel(name, path, rt, engine, int(rt.config.get("max_position_embeddings") or 2048),
                                      int(time.time()))
                 self._template(served)
@@ -128,8 +130,7 @@ class Server:
             log.warning("model %s: its chat template fails on a sample conversation: %s", served.name, problem)
 
     def close(self) -> None:
-        for m in self.models.values():
-            m.engine.close()
+        self.worker.close()  # every model's engine runs on it
         if self.state != "failed":
             self.state = "stopped"
 

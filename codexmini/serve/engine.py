@@ -1,4 +1,5 @@
-"""The engine: one thread per model that owns its `Runtime` and runs every request on it (continuous batching).
+"""The engine: it owns a model's `Runtime` and runs every request on it (continuous batching), on a worker thread
+that a server's models share (`Worker`).
 
 Requests wait in a bounded queue (full: `QueueFull`, which the app answers with 503 and Retry-After) and are
 admitted as slots free up, at most `parallel` at a time. Each admitted request gets its own session, forked from the
@@ -128,11 +129,59 @@ class Sequence:
         return self.next_id is None
 
 
+class Worker:
+    """The thread that runs engines: every model of a server on one. torch's intra-op threads are OpenMP's, which
+    keeps a team of threads for each thread that runs parallel work; with one engine thread per model a 2-core
+    machine held four such threads once two models had served a request, and libgomp, seeing more threads than
+    cores, stopped spin-waiting between parallel regions: each region then paid a futex wake-up, and a one-sequence
+    decode step of the other model took 2.3x as long (ITL 2.3 -> 5.4 ms). One thread also keeps two models' steps
+    from competing for the same cores. Each pass gives every engine with work one step (its admissions, a prefill
+    chunk, one decode step), in turn."""
+
+    def __init__(self, name: str = "codexmini-engine"):
+        self.cv = threading.Condition()
+        self.engines: list[Engine] = []
+        self.closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def add(self, engine: Engine) -> None:
+        with self.cv:
+            if engine not in self.engines:
+                self.engines.append(engine)
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and not self.closed:
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread after the step it is in; every request still waiting or running hears why."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not self.closed and not any(e._busy() for e in self.engines):
+                    self.cv.wait()
+                if self.closed:
+                    break
+                work = [(e, e._take()) for e in self.engines if e._busy()]
+            for engine, admit in work:
+                engine._tick(admit)
+        for engine in self.engines:
+            engine._shutdown()
+
+
 class Engine:
-    """Runs requests on one model. `submit` from the event loop; everything else happens on the engine's thread."""
+    """Runs requests on one model. `submit` from the event loop; everything else happens on its worker's thread
+    (`worker`: shared by a server's models; by default the engine's own)."""
 
     def __init__(self, name: str, rt, *, parallel: int = 4, max_queue: int = 32, cache: PrefixCache | None = None,
-                 metrics: Metrics | None = None, prefill_chunk: int = 256):
+                 metrics: Metrics | None = None, prefill_chunk: int = 256, worker: Worker | None = None):
         if parallel < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"parallel ({parallel}) and prefill_chunk ({prefill_chunk}) must be >= 1, max_queue "
                              f"({max_queue}) >= 0")
@@ -142,20 +191,17 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._outbox: list[tuple[Job, object]] = []  # events emitted on the engine thread, not yet handed over
         self._active: list[Sequence] = []
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"codexmini-engine-{name}", daemon=True)
+        self.worker = worker or Worker(f"codexmini-engine-{name}")
+        self._cv = self.worker.cv
 
     # ----------------------------------------------------------------------- the HTTP side
     def start(self) -> None:
-        self._thread.start()
+        self.worker.add(self)
+        self.worker.start()
 
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        """Stop the worker (with every engine on it)."""
+        self.worker.close()
 
     def wake(self) -> None:
         with self._cv:
@@ -166,7 +212,7 @@ class Engine:
         free."""
         job = Job(self, prompt, params, max_new, asyncio.get_running_loop(), arrival or time.monotonic())
         with self._cv:
-            if self._closed:
+            if self.worker.closed:
                 raise QueueFull("the server is shutting down")
             free = self.parallel - len(self._active)
             if len(self._waiting) >= self.max_queue + max(free, 0):
@@ -180,29 +226,32 @@ class Engine:
         """(requests waiting, sequences active)."""
         return len(self._waiting), len(self._active)
 
-    # ----------------------------------------------------------------------- the engine thread
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._cv:
-                while not self._closed and not self._waiting and not self._active:
-                    self._cv.wait()
-                if self._closed:
-                    break
-                admit = []
-                while self._waiting and len(self._active) + len(admit) < self.parallel:
-                    admit.append(self._waiting.popleft())
-            try:
-                for job in admit:
-                    self._admit(job)
-                self._step()
-            except Exception:  # noqa: BLE001 - the engine must outlive any one step; the clients hear about it
-                log.exception("model %s: generation step failed", self.name)
-                for seq in self._active:
-                    seq.job.emit(Failure("internal error while generating (see the server log)"))
-                self._active.clear()
-            self._flush()
-            self._gauges()
+    # ----------------------------------------------------------------------- the worker's thread
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def _take(self) -> list[Job]:
+        """The waiting jobs that fit the free slots (under the worker's lock)."""
+        admit = []
+        while self._waiting and len(self._active) + len(admit) < self.parallel:
+            admit.append(self._waiting.popleft())
+        return admit
+
+    def _tick(self, admit: list[Job]) -> None:
+        """One step: admit `admit`, run the step, hand its events over."""
+        try:
+            for job in admit:
+                self._admit(job)
+            self._step()
+        except Exception:  # noqa: BLE001 - the engine must outlive any one step; the clients hear about it
+            log.exception("model %s: generation step failed", self.name)
+            for seq in self._active:
+                seq.job.emit(Failure("internal error while generating (see the server log)"))
+            self._active.clear()
+        self._flush()
+        self._gauges()
+
+    def _shutdown(self) -> None:
         for seq in self._active:
             seq.job.emit(Failure("the server is shutting down"))
         for job in self._waiting:

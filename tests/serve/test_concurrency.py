@@ -57,6 +57,21 @@ def test_concurrent_seeded_sampling_is_independent_of_the_batch(cmx_models):
             assert list(pool.map(run, range(4))) == alone
 
 
+def test_every_model_runs_on_one_engine_thread(cmx_models):
+    """Two models served at once run on one worker thread (with a thread each, libgomp stopped spin-waiting once
+    both had run parallel work, and decoding slowed 2.3x), and requests to both at once answer as each alone."""
+    models = {k: cmx_models[k] for k in ("softmax", "linear")}
+    with LiveServer(models, prefix_cache_mb=0) as s:
+        c = s.client()
+        alone = {m: stream_text(c, m, "def add(a, b):") for m in models}
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda m: (m, stream_text(s.client(), m, "def add(a, b):")), list(models) * 2))
+        assert all(text == alone[m] for m, text in together)
+        workers = {m.engine.worker for m in s.state.models.values()}
+        assert workers == {s.state.worker} and s.state.worker._thread.is_alive()
+    assert not s.state.worker._thread.is_alive()  # closing the server stops it
+
+
 def test_a_disconnected_stream_frees_its_slot_at_once(cmx_models):
     with LiveServer({"linear": cmx_models["linear"]}, parallel=1) as s:
         s.slow_down("linear", 0.005)  # 4000 tokens would take 20 s or more
