@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checks import check_data_config
+from .dedup import near_duplicate_groups
 from .mixture import interleave_blocks, round_robin
 from .schema import DataConfig, SourceConfig, as_data_config
 from .sources import load_source_documents, source_files, stdlib_files
@@ -36,7 +37,7 @@ class DataBundle:
 
     train: every training domain's blocks, interleaved by weight. val: every domain's held-out blocks (taken in
     turn across domains), what a stage's single perplexity is measured on. val_domains: the same held-out blocks by
-    domain, eval_only domains included. calibration: blocks drawn from train.
+    domain, eval_only domains included. calibration: training blocks of every training domain in turn.
     """
 
     train: torch.Tensor
@@ -48,14 +49,37 @@ class DataBundle:
 
 
 def split_documents(ds, cfg: DataConfig, val_fraction: float | None = None, key: str = "data"):
-    """Deterministic document-level split: the same seed gives the same held-out documents."""
+    """Deterministic document-level split: the same seed gives the same held-out documents.
+
+    Near-duplicate documents (`dedup.near_duplicate_groups`: man pages of one tool family, one licence under two
+    names) stay on one side, so the held-out part is text the training part does not contain. Groups are drawn in
+    a seeded order until the held-out part has its share of documents; a group that would overshoot it is left for
+    training. Both parts come out shuffled (a domain's first blocks are not its A-files). Where every document is a near-duplicate of the others, the split falls back to single documents.
+    """
     fraction = cfg.val_fraction if val_fraction is None else val_fraction
     if not 0 < fraction < 1:
         where = "data.val_fraction" if val_fraction is None else f"{key}.val_fraction"
         raise ValueError(f"{where} must be in (0, 1), got {fraction}")
     n_val = min(len(ds) - 1, max(1, round(len(ds) * fraction)))
-    parts = ds.train_test_split(test_size=n_val, seed=cfg.seed, shuffle=True, keep_in_memory=True)
-    return parts["train"], parts["test"]
+    groups = near_duplicate_groups(ds["text"])
+    if max(groups, default=0) == 0:  # one group: nothing to keep apart
+        parts = ds.train_test_split(test_size=n_val, seed=cfg.seed, shuffle=True, keep_in_memory=True)
+        return parts["train"], parts["test"]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = np.random.default_rng(cfg.seed).permutation(len(members))
+    val: list[int] = []
+    for g in order.tolist():
+        if len(val) + len(members[g]) <= n_val:
+            val.extend(members[g])
+        if len(val) == n_val:
+            break
+    if not val:  # every group is bigger than the held-out share: the smallest one goes
+        val = min(members.values(), key=len)
+    held = set(val)
+    train = [i for i in np.random.default_rng(cfg.seed + 1).permutation(len(ds)).tolist() if i not in held]
+    return ds.select(train, keep_in_memory=True), ds.select(val, keep_in_memory=True)
 
 
 def pack(ds, tokenizer, block_size: int, max_blocks: int | None, what: str = "the corpus") -> torch.Tensor:
@@ -187,8 +211,12 @@ def build_data(cfg: DataConfig, tokenizer=None, teacher=None, progress: bool = T
     train, train_domain = interleave_blocks(train_blocks, weights, cfg.seed, cfg.mixture_stopping,
                                             cfg.max_train_blocks)
     val = round_robin(val_domains)
+    # calibration: the training domains in turn (each domain's blocks shuffled), so that pruning and quantization
+    # weigh every kind of text alike, not in proportion to the training weights (45% stdlib in the quickstart)
     g = torch.Generator().manual_seed(cfg.seed)
-    calibration = train[torch.randperm(len(train), generator=g)[: cfg.num_calibration]]
+    calibration = round_robin({name: blocks[torch.randperm(len(blocks), generator=g)[: cfg.num_calibration]]
+                               for name, blocks in train_blocks.items()})[: cfg.num_calibration] \
+        if cfg.num_calibration else train[:0]
 
     total_weight = sum(weights.values())
     per_domain = {}

@@ -39,6 +39,17 @@ def test_weights_are_respected_and_every_domain_keeps_its_own_held_out_documents
     assert bundle.stats["blocks_val"] == len(bundle.val) and bundle.stats["blocks_train"] == len(bundle.train)
 
 
+def test_calibration_takes_every_training_domain_in_turn_whatever_the_weights(two_domains, tiny_tokenizer):
+    alpha, beta = two_domains
+    bundle = build_data(_mixture(alpha, beta, num_calibration=6), tiny_tokenizer)  # weights 3:1
+    assert len(bundle.calibration) == 6
+    text = tiny_tokenizer.decode(bundle.calibration.flatten())
+    assert text.count("of alpha text") == pytest.approx(text.count("of beta text"), rel=0.25)
+    assert not _markers(tiny_tokenizer, bundle.calibration, "alpha") & _markers(
+        tiny_tokenizer, bundle.val_domains["alpha"], "alpha")  # training documents only
+    assert len(build_data(_mixture(alpha, beta, num_calibration=0), tiny_tokenizer).calibration) == 0
+
+
 def test_mixtures_are_deterministic_and_the_seed_changes_them(two_domains, tiny_tokenizer):
     alpha, beta = two_domains
     a, b = build_data(_mixture(alpha, beta), tiny_tokenizer), build_data(_mixture(alpha, beta), tiny_tokenizer)
