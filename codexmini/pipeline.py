@@ -342,11 +342,12 @@ def _stage_config(cfg: DictConfig, spec, stage: registry.Stage | None = None) ->
     return stage_cfg
 
 
-def stage_context(stage: registry.Stage, stage_cfg: DictConfig, folder: Path | None, shared=None):
+def stage_context(stage: registry.Stage, stage_cfg: DictConfig, folder: Path | None, shared=None, index: int = 0):
     """The stage's own config (its dataclass) and its context with the sections it uses."""
     own = _section(stage_cfg, stage.section_name) if stage.section_name else None
     used = {s: _section(stage_cfg, s) for s in stage.sections(own) if s != stage.section_name}
-    return own, registry.StageContext(folder=folder, seed=stage_cfg.seed, _configs=used, _shared=shared)
+    return own, registry.StageContext(folder=folder, seed=stage_cfg.seed, _configs=used, _shared=shared,
+                                      index=index)
 
 
 # --------------------------------------------------------------------------- validate
@@ -722,7 +723,7 @@ def _run(cfg: DictConfig, run_dir: Path, ctx: Context) -> Path:
         write_atomic(folder / "stage_key", key)
         t0 = time.perf_counter()
         print(f"[codexmini] {folder.name}: running {spec.stage}", flush=True)
-        own, sctx = stage_context(stage, stage_cfg, folder, shared=ctx)
+        own, sctx = stage_context(stage, stage_cfg, folder, shared=ctx, index=i)
         model = load_model_folder(model_dir, f"delete {model_dir} and re-run to redo that stage")
         model, metrics = stage.run(model, own, sctx)
         # The model's own numbers (perplexity of the weights, size of the saved file) override what the stage

@@ -151,12 +151,14 @@ def config_dirs() -> list[Path]:
 @dataclass
 class StageContext:
     """What a stage gets besides its model and its own config: the shared teacher/tokenizer/data of the process,
-    the other config sections it declared in `uses` (as plain dataclasses), and its output folder."""
+    the other config sections it declared in `uses` (as plain dataclasses), its output folder, and its position in
+    the run's stages (`index`, 1 for the first; 0 outside a run)."""
 
     folder: Path
     seed: int
     _configs: dict[str, Any] = field(default_factory=dict)
     _shared: Any = None  # the pipeline's per-process context (teacher and data loaded lazily, once)
+    index: int = 0
 
     def config(self, section: str):
         """Another section's settings (only those the stage declared it `uses`)."""

@@ -31,7 +31,8 @@ def run(model, cfg: ToyConfig, ctx):
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 p.mul_(cfg.scale)
-    return model, {"toy_scale": cfg.scale, "toy_trainer_steps": ctx.config("trainer").max_steps}
+    return model, {"toy_scale": cfg.scale, "toy_trainer_steps": ctx.config("trainer").max_steps,
+                   "toy_index": ctx.index}
 
 
 def check(cfg: ToyConfig, ctx):
@@ -99,6 +100,7 @@ def test_a_plugin_stage_runs_in_a_recipe_through_the_registry_alone(toy_plugin, 
     manifest = json.loads((run_dir / "01-toy" / "manifest.json").read_text())
     assert manifest["stage"] == "toy" and manifest["config"]["toy"] == {"scale": 2.0}
     assert manifest["metrics"]["toy_scale"] == 2.0 and manifest["metrics"]["toy_trainer_steps"] == 30
+    assert manifest["metrics"]["toy_index"] == 1  # its place among the run's stages
     assert manifest["inputs"]["sha256"] == json.loads((run_dir / "00-init" / "manifest.json").read_text())[
         "outputs"]["model.safetensors"]
     before = load_file(run_dir / "00-init" / "model.safetensors")

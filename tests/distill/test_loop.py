@@ -113,3 +113,15 @@ def test_bitsandbytes_8bit_adamw_trains(blocks):
                                _trainer(optimizer="adamw_8bit", max_steps=3))
     assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)
     assert metrics["val_ppl"] < 300
+
+
+def test_each_training_stage_of_a_run_draws_batches_of_its_own():
+    from codexmini.distill.stage import stage_trainer
+    from codexmini.train import batch_indices
+
+    t = TrainerConfig(seed=0)
+    assert stage_trainer(t, 0) == t  # outside a run: the trainer's own seed
+    distill_then_heal = [stage_trainer(t, i).seed for i in (2, 4)]
+    first = [set(torch.cat([batch_indices(s, 4096, 4, seed) for s in range(15)]).tolist())
+             for seed in distill_then_heal]
+    assert len(first[0] & first[1]) < 5  # the heal stage's first 60 blocks are not the distill stage's again
