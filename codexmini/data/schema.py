@@ -71,7 +71,7 @@ class DataConfig:
     block_size: int = 256
     max_train_blocks: int | None = None
     max_val_blocks: int | None = 64  # per domain
-    num_calibration: int = 16  # blocks drawn from train for pruning / quantization calibration
+    num_calibration: int = 16  # training blocks for pruning / quantization calibration, every training domain in turn
     seed: int = 0
     tokenizer_vocab_size: int = 4096  # only when no teacher tokenizer is given (a BPE is trained)
     cache_dir: str | None = None  # teacher samples; None: $CODEXMINI_DATA_CACHE or ~/.cache/codexmini/data
