@@ -21,9 +21,10 @@ SHINGLE_WORDS = 8
 # of the smaller document's sampled shingles; at 0.3, 14% of the man pages' held-out spans still leaked
 MIN_SHARED = 0.1
 SAMPLE_EVERY = 4  # keep the shingles whose hash is 0 mod this: the same ones in every document
+MAX_INDEXED = 4_000_000  # about this many sampled shingles at most: a bigger corpus samples more sparsely
 
 
-def _shingles(text: str) -> set[int]:
+def _shingles(text: str, every: int = SAMPLE_EVERY) -> set[int]:
     """The sampled shingle hashes of one document (crc32 of the words: the same in every process)."""
     words = [zlib.crc32(w.encode("utf-8", "replace")) for w in text.split()]
     if len(words) < SHINGLE_WORDS:
@@ -31,7 +32,7 @@ def _shingles(text: str) -> set[int]:
     out = set()
     for i in range(len(words) - SHINGLE_WORDS + 1):
         h = hash(tuple(words[i:i + SHINGLE_WORDS]))  # ints hash the same in every process
-        if h % SAMPLE_EVERY == 0:
+        if h % every == 0:
             out.add(h)
     return out
 
@@ -47,10 +48,12 @@ def near_duplicate_groups(texts: list[str], min_shared: float = MIN_SHARED) -> l
             i = parent[i]
         return i
 
+    words = sum(len(t) for t in texts) // 6  # about six characters a word
+    every = max(SAMPLE_EVERY, -(-words // MAX_INDEXED))
     owner: dict[int, int] = {}  # shingle -> the first document that had it
     sizes = []
     for i, text in enumerate(texts):
-        sh = _shingles(text)
+        sh = _shingles(text, every)
         sizes.append(len(sh))
         shared = Counter(owner[h] for h in sh if h in owner)
         for j, n in shared.items():

@@ -40,3 +40,13 @@ def test_every_text_a_near_duplicate_falls_back_to_single_documents():
     ds = datasets.Dataset.from_dict({"text": [_prose(0) + f" copy {i}" for i in range(5)]})
     train, val = split_documents(ds, DataConfig(), val_fraction=0.4)
     assert len(val) == 2 and len(train) == 3
+
+
+def test_a_big_corpus_samples_more_sparsely_and_still_finds_copies(monkeypatch):
+    from codexmini.data import dedup
+
+    texts = [_prose(i, 2000) for i in range(6)]
+    texts.append(texts[2].replace("river", "lake", 5))
+    monkeypatch.setattr(dedup, "MAX_INDEXED", 500)  # ~14,000 words: one shingle in ~28 indexed
+    g = near_duplicate_groups(texts)
+    assert g[2] == g[6] and len(set(g)) == 6
