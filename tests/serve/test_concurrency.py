@@ -82,7 +82,8 @@ def test_a_disconnected_stream_frees_its_slot_at_once(cmx_models):
                 for _ in range(3):
                     next(lines)
             t0 = time.monotonic()  # the client has closed its connection
-        out = s.client().completions.create(model="linear", prompt="class Stack:", max_tokens=4)
+        out = s.client().completions.create(model="linear", prompt="class Stack:", max_tokens=4,
+                                            extra_body={"ignore_eos": True})
         assert time.monotonic() - t0 < 5
         assert out.usage.completion_tokens == 4
         assert s.metric("codexmini_requests_cancelled_total", model="linear") == 1
