@@ -54,7 +54,8 @@ def split_documents(ds, cfg: DataConfig, val_fraction: float | None = None, key:
     Near-duplicate documents (`dedup.near_duplicate_groups`: man pages of one tool family, one licence under two
     names) stay on one side, so the held-out part is text the training part does not contain. Groups are drawn in
     a seeded order until the held-out part has its share of documents; a group that would overshoot it is left for
-    training. Both parts come out shuffled (a domain's first blocks are not its A-files). Where every document is a near-duplicate of the others, the split falls back to single documents.
+    training. Both parts come out shuffled (a domain's first blocks are not its A-files). Where every document is a
+    near-duplicate of the others, the split falls back to single documents.
     """
     fraction = cfg.val_fraction if val_fraction is None else val_fraction
     if not 0 < fraction < 1:
@@ -213,10 +214,11 @@ def build_data(cfg: DataConfig, tokenizer=None, teacher=None, progress: bool = T
     val = round_robin(val_domains)
     # calibration: the training domains in turn (each domain's blocks shuffled), so that pruning and quantization
     # weigh every kind of text alike, not in proportion to the training weights (45% stdlib in the quickstart)
-    g = torch.Generator().manual_seed(cfg.seed)
-    calibration = round_robin({name: blocks[torch.randperm(len(blocks), generator=g)[: cfg.num_calibration]]
-                               for name, blocks in train_blocks.items()})[: cfg.num_calibration] \
-        if cfg.num_calibration else train[:0]
+    calibration = train[:0]
+    if cfg.num_calibration:
+        g = torch.Generator().manual_seed(cfg.seed)
+        calibration = round_robin({name: blocks[torch.randperm(len(blocks), generator=g)[: cfg.num_calibration]]
+                                   for name, blocks in train_blocks.items()})[: cfg.num_calibration]
 
     total_weight = sum(weights.values())
     per_domain = {}

@@ -113,11 +113,11 @@ def test_second_chat_turn_reuses_the_first(server, runtimes, model):
     turn2 = turn1 + [{"role": "assistant", "content": first.choices[0].message.content},
                      {"role": "user", "content": "Now a class."}]
     second = c.chat.completions.create(model=model, messages=turn2, max_tokens=20, temperature=0)
-    first_prompt = len(rt.tokenizer.encode(chat_prompt(rt, turn1), add_special_tokens=False).ids)
+    ids = rt.tokenizer.encode(chat_prompt(rt, turn1), add_special_tokens=False).ids
+    first_prompt = len(ids)
     cached = second.usage.prompt_tokens_details.cached_tokens
     # the first turn reuses nothing of its own: at most the template's opening, which any chat the session's server
     # saw before shares (tests/serve/test_errors.py's, when it runs first)
-    ids = rt.tokenizer.encode(chat_prompt(rt, turn1), add_special_tokens=False).ids
     other = rt.tokenizer.encode(chat_prompt(rt, [{"role": "system", "content": "Q"}]), add_special_tokens=False).ids
     opening = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
     assert first.usage.prompt_tokens_details.cached_tokens <= opening < first_prompt // 2
