@@ -188,8 +188,7 @@ class Layer:
             if self.type == "softmax":
                 o = self._softmax_prompt(qkv, st)
             else:
-                q, k, v = (t.reshape(T, -1, self.hd).transpose(0, 1) for t in qkv.split(self.split_qkv, dim=-1))
-                o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
+                o = self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), [st], [0, T])
         else:
             q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
             q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
@@ -211,8 +210,7 @@ class Layer:
             if self.type == "softmax":  # every session's heads in one call
                 rows.append(self._softmax_decode(qkv, sts))
             else:
-                decode = self._linear_decode_rows if self.type == "linear" else self._hybrid_decode_rows
-                rows.append(decode(*qkv.split(self.split_qkv, dim=-1), sts))
+                rows.append(self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), sts, list(range(B + 1))))
         else:
             q, k, v = _by_rows(self.qkv, a).split(self.split_qkv, dim=-1) if self.qkv else \
                 (_by_rows(self.q, a), _by_rows(self.k, a), _by_rows(self.v, a))
@@ -242,9 +240,13 @@ class Layer:
             q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
             k = apply_rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
             v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
+        if fused and self.type != "softmax":  # every segment's tokens in one call, as `forward` runs each alone
+            starts = [a for a, _, _ in segments] + [segments[-1][1]]
+            o = self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), [st for _, _, st in segments], starts)
+            return self._mlp(self.o(o, x))
         rows = []
         for i, j, st in segments:
-            if fused and self.type == "softmax":  # what `forward` does with this chunk alone
+            if fused:  # what `forward` does with this chunk alone
                 rows.append(self._softmax_prompt(qkv[i:j], st))
             else:
                 rows.append(self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1)
@@ -343,21 +345,31 @@ class Layer:
             st["state"] = torch.zeros(self.h, self.n_features, self.hd + 1)
         return st["state"]
 
-    def _linear_decode(self, q, k, v, st):
-        """One token (q `[H, 1, hd]`, k / v `[KV, 1, hd]`) through codexmini's fused linear-attention step: the
-        batched step with one row (the reference is `_linear`: ops' `linear_attn`, then `normalise`)."""
-        return self._linear_decode_rows(q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1), [st]).reshape(
-            self.h, 1, self.hd)
-
-    def _linear_decode_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sts: list[dict]) -> torch.Tensor:
-        """One token for each of the sessions `sts` (row i of q `[B, H * hd]`, rotated, and of k / v `[B, KV * hd]`
-        continues `sts[i]`): the feature maps of every row's heads and every state's update in one call each;
-        `[B, H * hd]`, every row computed exactly as it is alone."""
-        B, H, D = q.shape[0], self.h, self.hd
+    def _recurrent_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sts: list[dict],
+                        starts: list[int]) -> torch.Tensor:
+        """Tokens of several sessions through codexmini's fused linear / hybrid kernel, token by token: rows
+        `starts[b]:starts[b + 1]` of q `[R, H * hd]` (rotated) and k / v `[R, KV * hd]` continue `sts[b]`, in order
+        (a decoding step has one row per session, a prompt chunk a session's T rows). Every row is computed exactly
+        as decoding it alone would be; `[R, H * hd]`. The reference is `_linear` / `_hybrid` without the kernels
+        (ops' chunked forms)."""
         fq, fk = self._features_rows(q, k)
-        o = self.ext.linear_decode_batch_([self._state(st) for st in sts], fq, fk, v.contiguous(), self.decay_mult,
-                                          NORMALISER_EPS)
-        return o.reshape(B, H * D)
+        if self.type == "linear":
+            o = self.ext.linear_segments_([self._state(st) for st in sts], starts, fq, fk, v.contiguous(),
+                                          self.decay_mult, NORMALISER_EPS)
+        else:
+            sts = [self._ring(st) for st in sts]
+            o = self.ext.hybrid_segments_([self._state(st) for st in sts], [st["wk"] for st in sts],
+                                          [st["wfk"] for st in sts], [st["wv1"] for st in sts],
+                                          [st["wmeta"] for st in sts], starts, q.contiguous(), k.contiguous(),
+                                          v.contiguous(), fq, fk, self.decay_mult, self.hd ** -0.5, NORMALISER_EPS)
+        return o.reshape(q.shape[0], self.h * self.hd)
+
+    def _recurrent(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: dict) -> torch.Tensor:
+        """`_recurrent_rows` for one session's T tokens in the attention layout (q `[H, T, hd]`, k / v
+        `[KV, T, hd]`); `[H, T, hd]`."""
+        T = q.shape[1]
+        rows = [x.transpose(0, 1).reshape(T, -1) for x in (q, k, v)]
+        return self._recurrent_rows(*rows, [st], [0, T]).reshape(T, self.h, self.hd).transpose(0, 1)
 
     def _features_rows(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature maps of B tokens' query heads `[B, H, F]` and key heads `[B, KV, F]` (from q `[B, H * hd]`, k
@@ -371,8 +383,8 @@ class Layer:
                 self._phi(k.reshape(B, KV, D).transpose(0, 1), "k").transpose(0, 1).contiguous())
 
     def _linear(self, q, k, v, st):
-        if self.ext is not None and q.shape[1] == 1:
-            return self._linear_decode(q, k, v, st)
+        if self.ext is not None:
+            return self._recurrent(q, k, v, st)
         fq, fk, v1 = self._features(q, k, v)
         # ops work on a batch: this one sequence is a batch of one
         o, state = linear_attn(fq[None], fk[None], v1[None], 1.0, self._state(st)[None], True, self.log_decay,
@@ -393,26 +405,6 @@ class Layer:
                 st[name] = ring
             st["wmeta"] = torch.tensor([n, 0], dtype=torch.long)
         return st
-
-    def _hybrid_decode(self, q, k, v, st):
-        """One token (q `[H, 1, hd]`, k / v `[KV, 1, hd]`) through codexmini's fused hybrid step: the batched step with
-        one row (the reference is `_hybrid`: ops' `hybrid_attn`). The window lives in a ring buffer (`_ring`) while
-        decoding; `window_to_time_order` turns it back into the reference's layout."""
-        return self._hybrid_decode_rows(q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1), [st]).reshape(
-            self.h, 1, self.hd)
-
-    def _hybrid_decode_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sts: list[dict]) -> torch.Tensor:
-        """One token for each of the sessions `sts` (rows as `_linear_decode_rows` takes them) in one call;
-        `[B, H * hd]`, every row computed exactly as it is alone."""
-        B, H, D = q.shape[0], self.h, self.hd
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        fq, fk = self._features_rows(q, k)
-        sts = [self._ring(st) for st in sts]
-        o = self.ext.hybrid_decode_batch_([self._state(st) for st in sts], [st["wk"] for st in sts],
-                                          [st["wfk"] for st in sts], [st["wv1"] for st in sts],
-                                          [st["wmeta"] for st in sts], q, k, v, fq, fk, self.decay_mult, D ** -0.5,
-                                          NORMALISER_EPS)
-        return o.reshape(B, H * D)
 
     def window_to_time_order(self, st: dict) -> None:
         """A hybrid layer's window back from the decode ring buffer to time order (what `_hybrid` and saved
@@ -454,8 +446,8 @@ class Layer:
         return {n: t.clone() for n, t in snap.items()} if snap is not None else self.snapshot(st)
 
     def _hybrid(self, q, k, v, st):
-        if self.ext is not None and q.shape[1] == 1:
-            return self._hybrid_decode(q, k, v, st)
+        if self.ext is not None:
+            return self._recurrent(q, k, v, st)
         self.window_to_time_order(st)
         fq, fk, v1 = self._features(q, k, v)
         k, w = self._rep(k), self.window

@@ -489,8 +489,8 @@ def test_linear_decode_step_equals_the_reference(decay):
 
 @needs_ext
 def test_linear_steps_and_feature_maps_of_a_batch_equal_each_sequence_alone():
-    """linear_decode_batch_ (row b on its own state) and hedgehog on several tokens' heads give, bit for bit, what
-    one call per sequence gives; a state given twice is refused."""
+    """linear_segments_ with one row per state (a decoding step of several sequences) and hedgehog on several
+    tokens' heads give, bit for bit, what one call per sequence gives; a state given twice is refused."""
     g = torch.Generator().manual_seed(9)
     B, H, KV, F, D, hd, Fh = 3, 4, 2, 12, 8, 16, 6
     states = [torch.rand(H, F, D + 1, generator=g) for _ in range(B)]
@@ -499,14 +499,41 @@ def test_linear_steps_and_feature_maps_of_a_batch_equal_each_sequence_alone():
     alone = [s.clone() for s in states]
     want = torch.stack([ext.linear_decode_(s, fq[b].contiguous(), fk[b].contiguous(), v[b].contiguous(), a, 1e-6)
                         for b, s in enumerate(alone)])
-    got = ext.linear_decode_batch_(states, fq, fk, v, a, 1e-6)
+    got = ext.linear_segments_(states, list(range(B + 1)), fq, fk, v, a, 1e-6)
     assert torch.equal(got, want) and all(torch.equal(s, t) for s, t in zip(states, alone))
     with pytest.raises(RuntimeError, match="rows 0 and 1 share a state"):
-        ext.linear_decode_batch_([states[0], states[0]], fq[:2].contiguous(), fk[:2].contiguous(),
-                                 v[:2].contiguous(), a, 1e-6)
+        ext.linear_segments_([states[0], states[0]], [0, 1, 2], fq[:2].contiguous(), fk[:2].contiguous(),
+                             v[:2].contiguous(), a, 1e-6)
+    with pytest.raises(RuntimeError, match="starts must"):
+        ext.linear_segments_(states[:2], [0, 2, 1], fq[:2].contiguous(), fk[:2].contiguous(), v[:2].contiguous(), a,
+                             1e-6)
     x, w = torch.randn(B * H, hd, generator=g), torch.randn(H, hd, Fh, generator=g)
     one_by_one = torch.cat([ext.hedgehog(x[b * H:(b + 1) * H].contiguous(), w) for b in range(B)])
     assert torch.equal(ext.hedgehog(x, w), one_by_one)
+    # many rows (a prompt's) run in parallel: still each row as alone
+    x = torch.randn(300 * H, hd, generator=g)
+    assert torch.equal(ext.hedgehog(x, w), torch.cat([ext.hedgehog(x[r * H:(r + 1) * H].contiguous(), w)
+                                                      for r in range(300)]))
+
+
+@needs_ext
+def test_linear_prompt_segments_equal_decoding_them_token_by_token():
+    """Prompt chunks of three sequences (lengths 5, 0 and 9, on states that already hold tokens) in one
+    linear_segments_ call: every output row and the final states equal, bit for bit, decoding each sequence's
+    tokens one at a time."""
+    g = torch.Generator().manual_seed(11)
+    H, KV, F, D = 4, 2, 12, 8
+    lengths = [5, 0, 9]
+    R = sum(lengths)
+    starts = [0, 5, 5, 14]
+    states = [torch.rand(H, F, D + 1, generator=g) for _ in lengths]
+    fq, fk, v = torch.rand(R, H, F, generator=g), torch.rand(R, KV, F, generator=g), torch.randn(R, KV, D, generator=g)
+    a = torch.rand(H, generator=g)
+    alone = [s.clone() for s in states]
+    want = torch.stack([ext.linear_decode_(alone[b], fq[r].contiguous(), fk[r].contiguous(), v[r].contiguous(), a,
+                                           1e-6) for b in range(3) for r in range(starts[b], starts[b + 1])])
+    got = ext.linear_segments_(states, starts, fq, fk, v, a, 1e-6)
+    assert torch.equal(got, want) and all(torch.equal(s, t) for s, t in zip(states, alone))
 
 
 @needs_ext
@@ -542,9 +569,9 @@ def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay):
 
 @needs_ext
 def test_hybrid_steps_of_a_batch_equal_each_sequence_alone():
-    """hybrid_decode_batch_: three sequences at different window fills (empty, part full, wrapped), each on its own
-    state and ring, give bit for bit what one hybrid_decode_ call per sequence gives; a state given twice is
-    refused."""
+    """hybrid_segments_ with one row per sequence (a decoding step): three sequences at different window fills
+    (empty, part full, wrapped), each on its own state and ring, give bit for bit what one hybrid_decode_ call per
+    sequence gives; a state given twice is refused."""
     g = torch.Generator().manual_seed(10)
     B, H, KV, D, F, w = 3, 4, 2, 8, 12, 5
     a = torch.rand(H, generator=g) * 0.5 + 0.5
@@ -562,11 +589,12 @@ def test_hybrid_steps_of_a_batch_equal_each_sequence_alone():
     want = torch.stack([ext.hybrid_decode_(*s, q[b].contiguous(), k[b].contiguous(), v[b].contiguous(),
                                            fq[b].contiguous(), fk[b].contiguous(), a, D ** -0.5, 1e-6)
                         for b, s in enumerate(alone)])
-    got = ext.hybrid_decode_batch_(*[[s[i] for s in seqs] for i in range(5)], q, k, v, fq, fk, a, D ** -0.5, 1e-6)
+    got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(5)], list(range(B + 1)), q, k, v, fq, fk, a,
+                               D ** -0.5, 1e-6)
     assert torch.equal(got, want)
     assert all(torch.equal(x, y) for s, t in zip(seqs, alone) for x, y in zip(s, t))  # states, rings and metas
     with pytest.raises(RuntimeError, match="rows 0 and 1 share a state"):
-        ext.hybrid_decode_batch_(*[[seqs[0][i]] * 2 for i in range(5)], q[:2].contiguous(), k[:2].contiguous(),
+        ext.hybrid_segments_(*[[seqs[0][i]] * 2 for i in range(5)], [0, 1, 2], q[:2].contiguous(), k[:2].contiguous(),
                                  v[:2].contiguous(), fq[:2].contiguous(), fk[:2].contiguous(), a, D ** -0.5, 1e-6)
 def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):
     """No C++ compiler: load() returns None with the reason, auto picks torch's kernels, cmx is refused clearly."""
@@ -584,3 +612,32 @@ def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused: kernels='cmx': codexmini's CPU kernels could not be built" in out.stdout
+
+
+@needs_ext
+def test_hybrid_prompt_segments_equal_decoding_them_token_by_token():
+    """Prompt chunks of three sequences in one hybrid_segments_ call (an empty window filling and wrapping past it
+    twice, a part-full window, a wrapped one; 13, 2 and 6 tokens): every row, state, ring slot and ring meta equals,
+    bit for bit, decoding each sequence's tokens one at a time."""
+    g = torch.Generator().manual_seed(12)
+    H, KV, D, F, w = 4, 2, 8, 12, 5
+    lengths = [13, 2, 6]
+    starts = [0, 13, 15, 21]
+    R = starts[-1]
+    a = torch.rand(H, generator=g) * 0.5 + 0.5
+
+    def seq(filled):
+        meta = torch.tensor([min(filled, w), filled % w if filled >= w else 0], dtype=torch.long)
+        return [torch.rand(H, F, D + 1, generator=g), torch.randn(H, w, D, generator=g),
+                torch.rand(H, w, F, generator=g), torch.rand(H, w, D + 1, generator=g), meta]
+
+    seqs = [seq(n) for n in (0, 3, 7)]
+    alone = [[t.clone() for t in s] for s in seqs]
+    q, fq = torch.randn(R, H, D, generator=g), torch.rand(R, H, F, generator=g)
+    k, v, fk = torch.randn(R, KV, D, generator=g), torch.randn(R, KV, D, generator=g), torch.rand(R, KV, F, generator=g)
+    want = torch.stack([ext.hybrid_decode_(*alone[b], q[r].contiguous(), k[r].contiguous(), v[r].contiguous(),
+                                           fq[r].contiguous(), fk[r].contiguous(), a, D ** -0.5, 1e-6)
+                        for b in range(3) for r in range(starts[b], starts[b + 1])])
+    got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(5)], starts, q, k, v, fq, fk, a, D ** -0.5, 1e-6)
+    assert torch.equal(got, want)
+    assert all(torch.equal(x, y) for s, t in zip(seqs, alone) for x, y in zip(s, t))  # states, rings and metas

@@ -2052,28 +2052,42 @@ at::Tensor attend_decode_batch(const at::Tensor& qkv, std::vector<at::Tensor> kc
   return attend_rows(qkv, kcaches, vcaches, ns, heads, kv_heads, hd, scale, window, "attend_decode_batch");
 }
 
-// One decoding step of linear attention on a fixed-size state, in place: for each head h (KV group g = h / (H/KV)),
-//   state[h] = decay[h] * state[h] + fk[g]^T [v[g], 1],   o = fq[h] state[h],   out[h] = o[:D] / (o[D] + eps).
-// state [H, F, D+1], fq [H, F], fk [KV, F], v [KV, D]; decay [H] multiplicative, or empty for none. One pass over
-// the state (the reference, codexmini.ops.linear_attn's recurrence, makes several and allocates each).
-// Rows b = 0..B-1 (one token of a sequence each) on their own states: states[b] [H, F, D+1], fq [B, H, F],
-// fk [B, KV, F], v [B, KV, D]; returns [B, H, D]. Every (row, head) in one parallel loop.
-at::Tensor linear_rows(std::vector<at::Tensor> states, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
-                       const at::Tensor& decay, double eps, const char* what) {
+// Rows [starts[b], starts[b + 1]) continue sequence b, in order: B + 1 offsets from 0, none decreasing. Checked.
+int64_t segment_rows(const std::vector<int64_t>& starts, int64_t B, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B + 1 && starts[0] == 0, what,
+              ": starts must hold one offset per sequence and the end, from 0");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(starts[b] <= starts[b + 1], what, ": starts must not decrease (sequence ", b, ")");
+  return starts[B];
+}
+
+// Linear attention on fixed-size states, in place, token by token: for each row r of sequence b and each head h
+// (KV group g = h / (H/KV)),
+//   state[h] = decay[h] * state[h] + fk[r, g]^T [v[r, g], 1],   o = fq[r, h] state[h],   out[r, h] = o[:D] / (o[D] + eps).
+// states[b] [H, F, D+1] (rows starts[b] .. starts[b+1]-1 continue it, in order), fq [R, H, F], fk [R, KV, F],
+// v [R, KV, D], decay [H] multiplicative or empty for none; returns [R, H, D]. One decoding step of B sequences
+// has one row each; a prompt chunk is one sequence's T rows, each computed exactly as decoding it would. Every
+// (sequence, head) is a task of one parallel loop and walks its rows with the head's state in cache (the
+// reference, codexmini.ops.linear_attn's chunked form, makes several passes and allocates each).
+at::Tensor linear_rows(std::vector<at::Tensor> states, const std::vector<int64_t>& starts, const at::Tensor& fq,
+                       const at::Tensor& fk, const at::Tensor& v, const at::Tensor& decay, double eps,
+                       const char* what) {
   const int64_t B = static_cast<int64_t>(states.size());
   TORCH_CHECK(B > 0, what, ": no state");
+  const int64_t R = segment_rows(starts, B, what);
   for (const auto& st : states)
     TORCH_CHECK(st.dim() == 3 && st.is_contiguous() && st.scalar_type() == at::kFloat &&
                 st.sizes() == states[0].sizes(), what, ": states must be float32 [H, F, D+1], all of one shape");
   const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1;
-  TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == B * H * Fd,
+  TORCH_CHECK(R > 0, what, ": no rows");
+  TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == R * H * Fd,
               what, ": fq must be float32 [H, F] per row");
   TORCH_CHECK(fk.is_contiguous() && v.is_contiguous() && fk.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat && fk.numel() % (B * Fd) == 0,
+              v.scalar_type() == at::kFloat && fk.numel() % (R * Fd) == 0,
               what, ": fk / v must be float32 [KV, F] / [KV, D] per row");
-  const int64_t KV = fk.numel() / (B * Fd);
-  TORCH_CHECK(KV > 0 && H % KV == 0 && v.numel() == B * KV * D, what, ": ", KV, " key heads do not match ", H,
-              " heads and v of ", v.numel() / B, " values per row");
+  const int64_t KV = fk.numel() / (R * Fd);
+  TORCH_CHECK(KV > 0 && H % KV == 0 && v.numel() == R * KV * D, what, ": ", KV, " key heads do not match ", H,
+              " heads and v of ", v.numel() / R, " values per row");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
               what, ": decay must be empty or float32 [H]");
   const int64_t groups = H / KV, V1 = D + 1;
@@ -2084,26 +2098,29 @@ at::Tensor linear_rows(std::vector<at::Tensor> states, const at::Tensor& fq, con
   const float* k = fk.data_ptr<float>();
   const float* vv = v.data_ptr<float>();
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty({B, H, D}, at::kFloat);
+  at::Tensor out = at::empty({R, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B * H, Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * H, R * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     std::vector<float> v1(V1), acc(V1);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, g = b * KV + h / groups;
-      std::copy(vv + g * D, vv + (g + 1) * D, v1.begin());
-      v1[D] = 1.f;
-      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t b = t / H, h = t % H;
       const float a = dec ? dec[h] : 1.f;
-      for (int64_t f = 0; f < Fd; ++f) {
-        float* row = S[b] + (h * Fd + f) * V1;
-        const float kf = k[g * Fd + f], qf = q[t * Fd + f];
-        for (int64_t d = 0; d < V1; ++d) {
-          row[d] = a * row[d] + kf * v1[d];
-          acc[d] += qf * row[d];
+      for (int64_t r = starts[b]; r < starts[b + 1]; ++r) {
+        const int64_t g = r * KV + h / groups, rh = r * H + h;
+        std::copy(vv + g * D, vv + (g + 1) * D, v1.begin());
+        v1[D] = 1.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t f = 0; f < Fd; ++f) {
+          float* row = S[b] + (h * Fd + f) * V1;
+          const float kf = k[g * Fd + f], qf = q[rh * Fd + f];
+          for (int64_t d = 0; d < V1; ++d) {
+            row[d] = a * row[d] + kf * v1[d];
+            acc[d] += qf * row[d];
+          }
         }
+        const float inv = 1.f / (acc[D] + static_cast<float>(eps));
+        for (int64_t d = 0; d < D; ++d) o[rh * D + d] = acc[d] * inv;
       }
-      const float inv = 1.f / (acc[D] + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) o[t * D + d] = acc[d] * inv;
     }
   });
   return out;
@@ -2112,13 +2129,14 @@ at::Tensor linear_rows(std::vector<at::Tensor> states, const at::Tensor& fq, con
 at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
                           const at::Tensor& decay, double eps) {
   TORCH_CHECK(state.dim() == 3, "linear_decode_: state must be float32 [H, F, D+1]");
-  return linear_rows({state}, fq, fk, v, decay, eps, "linear_decode_")[0];
+  return linear_rows({state}, {0, 1}, fq, fk, v, decay, eps, "linear_decode_")[0];
 }
 
-// linear_decode_ for several sequences, one token each (fq [B, H, F], fk [B, KV, F], v [B, KV, D]), in one call.
-at::Tensor linear_decode_batch_(std::vector<at::Tensor> states, const at::Tensor& fq, const at::Tensor& fk,
-                                const at::Tensor& v, const at::Tensor& decay, double eps) {
-  return linear_rows(states, fq, fk, v, decay, eps, "linear_decode_batch_");
+// linear_decode_ for several sequences' runs of tokens (rows starts[b] .. starts[b+1]-1 continue states[b]; fq
+// [R, H, F], fk [R, KV, F], v [R, KV, D]), in one call: prompt chunks, computed as decoding them token by token.
+at::Tensor linear_segments_(std::vector<at::Tensor> states, const std::vector<int64_t>& starts, const at::Tensor& fq,
+                            const at::Tensor& fk, const at::Tensor& v, const at::Tensor& decay, double eps) {
+  return linear_rows(states, starts, fq, fk, v, decay, eps, "linear_segments_");
 }
 
 // Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)];
@@ -2132,27 +2150,31 @@ at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  std::vector<float> proj(Fh);
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = r % H;
-    std::fill(proj.begin(), proj.end(), 0.f);
-    for (int64_t d = 0; d < D; ++d) {
-      const float xd = xp[r * D + d];
-      const float* wr = wp + (h * D + d) * Fh;
-      for (int64_t f = 0; f < Fh; ++f) proj[f] += xd * wr[f];
+  // rows in parallel when there are many (a prompt's tokens, a batch's heads; one token's heads stay on one
+  // thread: at least 64K multiply-adds a task)
+  at::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(D * Fh, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> proj(Fh);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r % H;
+      std::fill(proj.begin(), proj.end(), 0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        const float xd = xp[r * D + d];
+        const float* wr = wp + (h * D + d) * Fh;
+        for (int64_t f = 0; f < Fh; ++f) proj[f] += xd * wr[f];
+      }
+      float mx = -INFINITY, mn = INFINITY;
+      for (int64_t f = 0; f < Fh; ++f) { mx = std::max(mx, proj[f]); mn = std::min(mn, proj[f]); }
+      float sp = 0.f, sn = 0.f;
+      float* op = o + r * 2 * Fh;
+      for (int64_t f = 0; f < Fh; ++f) {
+        op[f] = std::exp(proj[f] - mx);
+        op[Fh + f] = std::exp(mn - proj[f]);
+        sp += op[f];
+        sn += op[Fh + f];
+      }
+      for (int64_t f = 0; f < Fh; ++f) { op[f] /= sp; op[Fh + f] /= sn; }
     }
-    float mx = -INFINITY, mn = INFINITY;
-    for (int64_t f = 0; f < Fh; ++f) { mx = std::max(mx, proj[f]); mn = std::min(mn, proj[f]); }
-    float sp = 0.f, sn = 0.f;
-    float* op = o + r * 2 * Fh;
-    for (int64_t f = 0; f < Fh; ++f) {
-      op[f] = std::exp(proj[f] - mx);
-      op[Fh + f] = std::exp(mn - proj[f]);
-      sp += op[f];
-      sn += op[Fh + f];
-    }
-    for (int64_t f = 0; f < Fh; ++f) { op[f] /= sp; op[Fh + f] /= sn; }
-  }
+  });
   return out;
 }
 
@@ -2180,23 +2202,26 @@ HybridSeq hybrid_seq(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Ten
           mp[1]};
 }
 
-// One decoding step of a hybrid layer: softmax attention over a sliding window of the last `w` keys plus linear
-// attention over every key that has left it, for B sequences (one token each) in one parallel loop over their heads.
-// The window is a ring buffer in place: wk [H, w, D], wfk [H, w, F], wv1 [H, w, D+1] (keys, their features and
-// [value, 1], per query head), with meta = [count, oldest slot] (int64, updated in place). When the window is full
-// its oldest key leaves into the state (state = decay * state + fk_old^T v1_old, decay applied every step); the new
-// key takes a slot; then
+// A hybrid layer token by token: softmax attention over a sliding window of the last `w` keys plus linear attention
+// over every key that has left it, for B sequences, rows starts[b] .. starts[b+1]-1 continuing sequence b in order
+// (one row each for a decoding step; a prompt chunk's T rows, each computed exactly as decoding it would), in one
+// parallel loop over (sequence, head). The window is a ring buffer in place: wk [H, w, D], wfk [H, w, F],
+// wv1 [H, w, D+1] (keys, their features and [value, 1], per query head), with meta = [count, oldest slot] (int64,
+// updated in place). When the window is full its oldest key leaves into the state (state = decay * state +
+// fk_old^T v1_old, decay applied every step); the new key takes a slot; then
 //   out[h] = (sum_j a_j v_j + (fq[h] state[h])[:D]) / (sum_j a_j + (fq[h] state[h])[D] + eps),
 //   a_j = exp(q[h] . k_j * scale - max), j over the window (this token included).
-// Row b's inputs: q [H, D], k / v [KV, D], fq [H, F], fk [KV, F] (rows of q [B, H, D] etc.); returns [B, H, D].
+// Row r's inputs: q [H, D], k / v [KV, D], fq [H, F], fk [KV, F] (rows of q [R, H, D] etc.); returns [R, H, D].
 // The reference is codexmini.ops.hybrid.hybrid_attn (tensors in time order instead of a ring).
 at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> wks, std::vector<at::Tensor> wfks,
-                       std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas, const at::Tensor& q,
-                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk,
-                       const at::Tensor& decay, double scale, double eps, const char* what) {
+                       std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas, const std::vector<int64_t>& starts,
+                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
+                       const at::Tensor& fk, const at::Tensor& decay, double scale, double eps, const char* what) {
   const int64_t B = static_cast<int64_t>(states.size());
   TORCH_CHECK(B > 0 && wks.size() == states.size() && wfks.size() == states.size() && wv1s.size() == states.size() &&
               metas.size() == states.size(), what, ": one state, window and meta per sequence");
+  const int64_t R = segment_rows(starts, B, what);
+  TORCH_CHECK(R > 0, what, ": no rows");
   TORCH_CHECK(states[0].dim() == 3 && wks[0].dim() == 3, what, ": state must be [H, F, D+1], the window [H, w, D]");
   std::vector<HybridSeq> seqs;
   std::vector<const void*> state_buffers, window_buffers;
@@ -2210,9 +2235,9 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &fq, &fk})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, what, ": tensors must be contiguous float32");
   const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1, W = wks[0].size(1);
-  const int64_t KV = k.numel() / (B * D);
-  TORCH_CHECK(q.numel() == B * H * D && fq.numel() == B * H * Fd && KV > 0 && H % KV == 0 &&
-              k.numel() == B * KV * D && v.numel() == B * KV * D && fk.numel() == B * KV * Fd,
+  const int64_t KV = k.numel() / (R * D);
+  TORCH_CHECK(q.numel() == R * H * D && fq.numel() == R * H * Fd && KV > 0 && H % KV == 0 &&
+              k.numel() == R * KV * D && v.numel() == R * KV * D && fk.numel() == R * KV * Fd,
               what, ": q/k/v/fq/fk shapes do not match the state");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
               what, ": decay must be empty or float32 [H]");
@@ -2223,63 +2248,70 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
   const float* fqp = fq.data_ptr<float>();
   const float* fkp = fk.data_ptr<float>();
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty({B, H, D}, at::kFloat);
+  at::Tensor out = at::empty({R, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B * H, B * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * H, R * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     std::vector<float> lin(V1), num(D), a(W);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, g = b * KV + h / groups;
+      const int64_t b = t / H, h = t % H;
       const HybridSeq& sq = seqs[b];
-      const bool full = sq.count == W;
-      const int64_t slot = full ? sq.oldest : (sq.oldest + sq.count) % W, n = full ? W : sq.count + 1;
       const float dh = dec ? dec[h] : 1.f;
-      const float* fold = sq.FK + (h * W + slot) * Fd;   // the leaving key's features (when full)
-      const float* vold = sq.VV + (h * W + slot) * V1;
-      std::fill(lin.begin(), lin.end(), 0.f);
-      for (int64_t f = 0; f < Fd; ++f) {
-        float* row = sq.S + (h * Fd + f) * V1;
-        const float qf = fqp[t * Fd + f];
-        if (full) {
-          const float kf = fold[f];
-          for (int64_t d = 0; d < V1; ++d) {
-            row[d] = dh * row[d] + kf * vold[d];
-            lin[d] += qf * row[d];
-          }
-        } else {
-          for (int64_t d = 0; d < V1; ++d) {
-            row[d] = dh * row[d];
-            lin[d] += qf * row[d];
+      int64_t count = sq.count, oldest = sq.oldest;  // the ring as this head sees it, row by row
+      for (int64_t r = starts[b]; r < starts[b + 1]; ++r) {
+        const int64_t g = r * KV + h / groups, rh = r * H + h;
+        const bool full = count == W;
+        const int64_t slot = full ? oldest : (oldest + count) % W, n = full ? W : count + 1;
+        const float* fold = sq.FK + (h * W + slot) * Fd;  // the leaving key's features (when full)
+        const float* vold = sq.VV + (h * W + slot) * V1;
+        std::fill(lin.begin(), lin.end(), 0.f);
+        for (int64_t f = 0; f < Fd; ++f) {
+          float* row = sq.S + (h * Fd + f) * V1;
+          const float qf = fqp[rh * Fd + f];
+          if (full) {
+            const float kf = fold[f];
+            for (int64_t d = 0; d < V1; ++d) {
+              row[d] = dh * row[d] + kf * vold[d];
+              lin[d] += qf * row[d];
+            }
+          } else {
+            for (int64_t d = 0; d < V1; ++d) {
+              row[d] = dh * row[d];
+              lin[d] += qf * row[d];
+            }
           }
         }
+        // the new token takes the slot
+        std::copy(kp + g * D, kp + (g + 1) * D, sq.K + (h * W + slot) * D);
+        std::copy(fkp + g * Fd, fkp + (g + 1) * Fd, sq.FK + (h * W + slot) * Fd);
+        std::copy(vp + g * D, vp + (g + 1) * D, sq.VV + (h * W + slot) * V1);
+        sq.VV[(h * W + slot) * V1 + D] = 1.f;
+        // softmax over the window (slots in any order: the sum does not care)
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t sl = full ? j : (oldest + j) % W;
+          a[j] = dot(qp + rh * D, sq.K + (h * W + sl) * D, D) * static_cast<float>(scale);
+          m = std::max(m, a[j]);
+        }
+        float den = 0.f;
+        std::fill(num.begin(), num.end(), 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t sl = full ? j : (oldest + j) % W;
+          const float e = std::exp(a[j] - m);
+          den += e;
+          const float* vj = sq.VV + (h * W + sl) * V1;
+          for (int64_t d = 0; d < D; ++d) num[d] += e * vj[d];
+        }
+        const float inv = 1.f / (den + lin[D] + static_cast<float>(eps));
+        for (int64_t d = 0; d < D; ++d) o[rh * D + d] = (num[d] + lin[d]) * inv;
+        if (full) oldest = (oldest + 1) % W;
+        else ++count;
       }
-      // the new token takes the slot
-      std::copy(kp + g * D, kp + (g + 1) * D, sq.K + (h * W + slot) * D);
-      std::copy(fkp + g * Fd, fkp + (g + 1) * Fd, sq.FK + (h * W + slot) * Fd);
-      std::copy(vp + g * D, vp + (g + 1) * D, sq.VV + (h * W + slot) * V1);
-      sq.VV[(h * W + slot) * V1 + D] = 1.f;
-      // softmax over the window (slots in any order: the sum does not care)
-      float m = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t sl = full ? j : (sq.oldest + j) % W;
-        a[j] = dot(qp + t * D, sq.K + (h * W + sl) * D, D) * static_cast<float>(scale);
-        m = std::max(m, a[j]);
-      }
-      float den = 0.f;
-      std::fill(num.begin(), num.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t sl = full ? j : (sq.oldest + j) % W;
-        const float e = std::exp(a[j] - m);
-        den += e;
-        const float* vj = sq.VV + (h * W + sl) * V1;
-        for (int64_t d = 0; d < D; ++d) num[d] += e * vj[d];
-      }
-      const float inv = 1.f / (den + lin[D] + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) o[t * D + d] = (num[d] + lin[d]) * inv;
     }
   });
-  for (const HybridSeq& sq : seqs) {
-    if (sq.count == W) sq.meta[1] = (sq.oldest + 1) % W;
-    else sq.meta[0] = sq.count + 1;
+  for (int64_t b = 0; b < B; ++b) {  // every head moved its ring alike: the sequence's meta, once
+    const int64_t rows = starts[b + 1] - starts[b], fill = std::min(W - seqs[b].count, rows);
+    seqs[b].meta[0] = seqs[b].count + fill;
+    seqs[b].meta[1] = (seqs[b].oldest + (rows - fill)) % W;
   }
   return out;
 }
@@ -2287,16 +2319,19 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
 at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
                           const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
                           const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
-  return hybrid_rows({state}, {wk}, {wfk}, {wv1}, {meta}, q, k, v, fq, fk, decay, scale, eps, "hybrid_decode_")[0];
+  return hybrid_rows({state}, {wk}, {wfk}, {wv1}, {meta}, {0, 1}, q, k, v, fq, fk, decay, scale, eps,
+                     "hybrid_decode_")[0];
 }
 
-// hybrid_decode_ for several sequences (one token each; q [B, H, D], k / v [B, KV, D], fq [B, H, F], fk [B, KV, F]).
-at::Tensor hybrid_decode_batch_(std::vector<at::Tensor> states, std::vector<at::Tensor> wks,
-                                std::vector<at::Tensor> wfks, std::vector<at::Tensor> wv1s,
-                                std::vector<at::Tensor> metas, const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk,
-                                const at::Tensor& decay, double scale, double eps) {
-  return hybrid_rows(states, wks, wfks, wv1s, metas, q, k, v, fq, fk, decay, scale, eps, "hybrid_decode_batch_");
+// hybrid_decode_ for several sequences' runs of tokens (rows starts[b] .. starts[b+1]-1 continue sequence b; q
+// [R, H, D], k / v [R, KV, D], fq [R, H, F], fk [R, KV, F]) in one call: prompt chunks, computed as decoding them
+// token by token.
+at::Tensor hybrid_segments_(std::vector<at::Tensor> states, std::vector<at::Tensor> wks, std::vector<at::Tensor> wfks,
+                            std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas,
+                            const std::vector<int64_t>& starts, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& decay,
+                            double scale, double eps) {
+  return hybrid_rows(states, wks, wfks, wv1s, metas, starts, q, k, v, fq, fk, decay, scale, eps, "hybrid_segments_");
 }
 
 std::string isa() { return kIsa; }
@@ -2354,12 +2389,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode_batch", &attend_decode_batch, nogil, "attend_decode for several sequences, one row of qkv each, "
         "in one parallel loop");
   m.def("linear_decode_", &linear_decode_, nogil, "one token of linear attention on its state, in place");
-  m.def("linear_decode_batch_", &linear_decode_batch_, nogil, "linear_decode_ for several sequences (one token and one "
-        "state each) in one parallel loop");
+  m.def("linear_segments_", &linear_segments_, nogil, "linear_decode_ for several sequences' runs of tokens (rows "
+        "starts[b]..starts[b+1]-1 continue states[b]), token by token, in one parallel loop");
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
   m.def("hybrid_decode_", &hybrid_decode_, nogil, "one token of a hybrid (window + linear) layer, in place");
-  m.def("hybrid_decode_batch_", &hybrid_decode_batch_, nogil, "hybrid_decode_ for several sequences (one token and "
-        "one state each) in one parallel loop");
+  m.def("hybrid_segments_", &hybrid_segments_, nogil, "hybrid_decode_ for several sequences' runs of tokens (rows "
+        "starts[b]..starts[b+1]-1 continue sequence b), token by token, in one parallel loop");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
   m.def("gemv_rows", [] { return kDecodeRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
         "rows the tiled GEMM (prompts)");
