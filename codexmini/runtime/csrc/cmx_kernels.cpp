@@ -84,6 +84,11 @@ constexpr int64_t kGemvRows = 8;
 // bigger decoding batch into calls of this many rows.
 constexpr int64_t kDecodeRows = 32;
 constexpr int64_t kBlockRows = 64;
+// The GEMVs read each weight once, front to back: they ask for the bytes this far ahead as they go. The hardware
+// prefetchers stop at every 4 KiB page of the mapped file and start over; measured on a 2-core AMD EPYC (every
+// int4 matrix of a 20-layer model of SmolLM2's width in turn, alternating builds): one row 9% and eight rows 15%
+// faster than without.
+constexpr int64_t kPrefetchBytes = 4096;
 
 // f(std::integral_constant<int, M>{}) for M = rows, 1 .. kGemvRows: the GEMVs' one kernel instance per row count.
 template <class F>
@@ -1402,6 +1407,7 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
         for (int m = 0; m < M; ++m) isum[m] = SYM ? _mm512_set1_epi32(zs[m][b]) : _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int k = 0; k < SW; ++k) {
+          _mm_prefetch(reinterpret_cast<const char*>(wp + (d0 + k) * 64 + kPrefetchBytes), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(wp + (d0 + k) * 64);
           const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
           for (int m = 0; m < M; ++m) {
@@ -1641,6 +1647,7 @@ void q8_gemv_rows_vnni(const Q8Weight& q, const Q8Lanes& a, int64_t n0, int64_t 
     __m512 acc[2 * M];
     for (int i = 0; i < 2 * M; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < steps; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * 64 + kPrefetchBytes), _MM_HINT_T0);
       const __m512i wv = c + 1 < steps ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi8(last, w + c * 64);
       const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(),
                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
