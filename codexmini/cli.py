@@ -153,7 +153,7 @@ def _runtime(args):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     return Runtime(args.model_dir if hasattr(args, "model_dir") else args.model_file, kernels=args.kernels,
-                   threads=args.threads)
+                   threads=args.threads, kv_dtype=args.kv_dtype)
 
 
 def cmd_generate_cmx(args) -> int:
@@ -285,10 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _runtime_options(p) -> None:
     from .runtime.kernels import KERNEL_MODES
+    from .runtime.model import KV_DTYPES
 
     p.add_argument("--kernels", default="auto", choices=KERNEL_MODES,
                    help="int8/int4 matmuls: auto (cmx where it builds, else native), codexmini's own CPU kernels "
                         "(cmx), torch's packed kernels (native), or weights widened to fp32 at load (dequant)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
+                   help="the KV caches: auto (float16 with codexmini's kernels, else float32), float16 or float32")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 

@@ -131,14 +131,30 @@ class Checkpoint:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer for t in layer.values())
 
 
+KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_kv_dtype(kv_dtype: str, mode: str) -> torch.dtype:
+    """The KV caches' dtype: "auto" is float16 where codexmini's kernels attend (they widen each key and value as
+    they read it: half the bytes a decoding step reads from the caches, and half their memory, as llama.cpp's
+    default f16 caches), float32 elsewhere (torch's attention would widen the whole cache every step); "float32"
+    keeps the runtime's logits within float rounding of the PyTorch model's."""
+    if kv_dtype == "auto":
+        return torch.float16 if mode == "cmx" else torch.float32
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of auto, {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+    return KV_DTYPES[kv_dtype]
+
+
 class Layer:
-    def __init__(self, f: CmxFile, i: int, mode: str, act_dtype):
+    def __init__(self, f: CmxFile, i: int, mode: str, act_dtype, kv_dtype: torch.dtype = torch.float32):
         c, t = f.config, f.tensors
         p = f"model.layers.{i}."
         self.type = c["layer_types"][i]
         self.h, self.kv = c["layer_num_attention_heads"][i], c["layer_num_key_value_heads"][i]
         self.hd, self.eps, self.window = c["head_dim"], c["rms_norm_eps"], c.get("sliding_window", 64)
         self.groups = self.h // self.kv
+        self.kv_dtype = kv_dtype
         self.in_norm = t[p + "input_layernorm.weight"].float()
         self.post_norm = t[p + "post_attention_layernorm.weight"].float()
         names = {n: p + n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -294,7 +310,7 @@ class Layer:
             return
         cap = -(-max(need, have + have // 4) // 256) * 256
         for name in ("k", "v"):
-            buf = torch.empty(self.kv, cap, self.hd)
+            buf = torch.empty(self.kv, cap, self.hd, dtype=self.kv_dtype)
             if n:
                 buf[:, :n] = st[name][:, :n]
             st[name] = buf
@@ -327,7 +343,7 @@ class Layer:
         self.grow_cache(st, n + T)
         st["k"][:, n:n + T], st["v"][:, n:n + T] = k, v
         st["n"] = S = n + T
-        K, V = st["k"][:, :S], st["v"][:, :S]
+        K, V = st["k"][:, :S].float(), st["v"][:, :S].float()
         mask = None
         if T > 1 and S > T:
             mask = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
@@ -468,7 +484,7 @@ class Runtime:
     """A loaded .cmx model. `forward` runs tokens through it; `generate` / `stream` sample text."""
 
     def __init__(self, path: str | Path, kernels: str = "auto", act_dtype: str = "auto",
-                 threads: int | None = None, prefill_chunk: int = 512):
+                 threads: int | None = None, prefill_chunk: int = 512, kv_dtype: str = "auto"):
         """`kernels`: "auto" (the default: "cmx" where codexmini's own CPU kernels build, else "native"), "cmx"
         (those kernels, on the file's packed weights), "native" (torch's packed int8 / int4 CPU kernels) or
         "dequant" (int weights widened to fp32 at load); see `kernels.py`.
@@ -479,7 +495,10 @@ class Runtime:
         where the CPU multiplies bf16 natively and faster than fp32 (measured at load, `native.bf16_prompts_pay`:
         about 1.5x the prefill speed on an AMD EPYC; fp32 elsewhere); for "native", bf16 (torch's
         CPU int kernels are fast only with bf16 inputs). "float32" gives results equal to the dequantized
-        reference. Everything else (norms, attention, float layers) runs in fp32."""
+        reference. Everything else (norms, attention, float layers) runs in fp32.
+
+        `kv_dtype`: the softmax layers' KV caches, "auto" (float16 with codexmini's kernels, else float32),
+        "float16" or "float32" (see `resolve_kv_dtype`)."""
         if threads:
             torch.set_num_threads(threads)
         if prefill_chunk < 1:
@@ -487,6 +506,7 @@ class Runtime:
         self.prefill_chunk = prefill_chunk
         t0 = time.perf_counter()
         kernels = self.kernels = resolve_mode(kernels)
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, kernels)
         f = read_cmx(path, mmap=True)  # weights are the file's pages, read as they are first used
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
         c = f.config
@@ -516,7 +536,7 @@ class Runtime:
             self.head = make_linear(t, EMBED, self.embed_scheme, kernels, dt)
         else:
             self.head = make_linear({"lm_head.weight": self.embed}, "lm_head", None)
-        self.layers = [Layer(f, i, kernels, dt) for i in range(c["num_hidden_layers"])]
+        self.layers = [Layer(f, i, kernels, dt, self.kv_dtype) for i in range(c["num_hidden_layers"])]
         self.head_dim, self.rope_theta, self.eps = c["head_dim"], c["rope_theta"], c["rms_norm_eps"]
         eos = c.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -714,7 +734,8 @@ class Runtime:
         session.pos, session.tokens = int(meta["pos"]), json.loads(meta["tokens"])
         for name, t in tensors.items():
             i, key = name.split(".", 1)
-            session.layers[int(i)][key] = t.clone()
+            # caches in this runtime's dtype, whatever the one that saved them used
+            session.layers[int(i)][key] = t.to(self.kv_dtype, copy=True) if key in ("k", "v") else t.clone()
         for st in session.layers:
             if "k" in st:
                 st["n"] = st["k"].shape[1]

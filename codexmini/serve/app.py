@@ -84,7 +84,8 @@ class Server:
         try:
             for name, path in self.specs.items():
                 t0 = time.perf_counter()
-                rt = Runtime(path, kernels=self.config.kernels, threads=self.config.threads)
+                rt = Runtime(path, kernels=self.config.kernels, threads=self.config.threads,
+                             kv_dtype=self.config.kv_dtype)
                 cache = PrefixCache(rt, int(self.config.prefix_cache_mb * (1 << 20)), self.config.prefill_chunk) \
                     if self.config.prefix_cache_mb > 0 else None
                 engine = Engine(name, rt, parallel=self.config.parallel, max_queue=self.config.max_queue,

@@ -36,6 +36,7 @@ def model_specs(items: list[str]) -> dict[str, Path]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..runtime.kernels import KERNEL_MODES
+    from ..runtime.model import KV_DTYPES
     from .config import ServeConfig
 
     d = ServeConfig()
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                    help="prompt tokens per step (linear-state checkpoints are taken at these boundaries)")
     p.add_argument("--kernels", default=d.kernels, choices=KERNEL_MODES, help="runtime kernels (see `generate`)")
+    p.add_argument("--kv-dtype", default=d.kv_dtype, choices=["auto", *KV_DTYPES],
+                   help="the KV caches (see `generate`): float16 halves their memory, so the prefix cache holds "
+                        "twice the tokens")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -95,7 +99,8 @@ def run(args) -> int:
 
     specs = model_specs(args.models)
     cfg = ServeConfig(parallel=args.parallel, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb,
-                      prefill_chunk=args.prefill_chunk, kernels=args.kernels, threads=args.threads,
+                      prefill_chunk=args.prefill_chunk, kernels=args.kernels, kv_dtype=args.kv_dtype,
+                      threads=args.threads,
                       api_key=api_key(args))
     cfg.check()
     if not 0 < args.port < 65536:

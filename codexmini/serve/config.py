@@ -15,6 +15,7 @@ class ServeConfig:
     prefix_cache_mb: float = 1024  # per model; 0 turns the prefix cache off
     prefill_chunk: int = 256  # prompt tokens per engine step (and the linear-state checkpoint spacing)
     kernels: str = "auto"
+    kv_dtype: str = "auto"
     threads: int | None = None
     api_key: str | None = field(default=None, repr=False)  # never in a log line
 

@@ -641,3 +641,36 @@ def test_hybrid_prompt_segments_equal_decoding_them_token_by_token():
     got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(5)], starts, q, k, v, fq, fk, a, D ** -0.5, 1e-6)
     assert torch.equal(got, want)
     assert all(torch.equal(x, y) for s, t in zip(seqs, alone) for x, y in zip(s, t))  # states, rings and metas
+
+
+@needs_ext
+@pytest.mark.parametrize("hd", [16, 64, 128])  # one head at a time; the grouped kernel
+def test_float16_caches_attend_as_the_float32_values_they_hold(hd):
+    """Float16 KV caches: the appended key and value are rounded to float16, and every output (one token, a batch,
+    a prompt chunk) equals bit for bit the float32 kernel on caches holding the same values; a cache whose keys and
+    values differ in dtype, or a batch mixing dtypes, is refused."""
+    g = torch.Generator().manual_seed(13)
+    H, KV, n, T = 6, 2, 70, 5
+    kc, vc = torch.randn(KV, n + T + 1, hd, generator=g).half(), torch.randn(KV, n + T + 1, hd, generator=g).half()
+    k32, v32 = kc.float(), vc.float()
+    qkv = torch.randn(T, (H + 2 * KV) * hd, generator=g)
+    want = ext.attend_prompt(qkv.clone(), k32, v32, n, H, KV, hd, hd ** -0.5, 0)
+    rounded = qkv.clone()
+    rounded[:, H * hd:] = rounded[:, H * hd:].half().float()  # what the float16 cache keeps of the new keys / values
+    want16 = ext.attend_prompt(rounded, k32.clone(), v32.clone(), n, H, KV, hd, hd ** -0.5, 0)
+    got = ext.attend_prompt(qkv, kc, vc, n, H, KV, hd, hd ** -0.5, 0)
+    assert kc.dtype == torch.float16 and torch.equal(got, want16)
+    assert torch.equal(kc[:, n:n + T].float(), rounded[:, H * hd:(H + KV) * hd].reshape(T, KV, hd).transpose(0, 1))
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=5e-3)  # float16 rounding of the new tokens only
+    # a batch: each row as alone, on float16 caches
+    caches = [(torch.randn(KV, m + 2, hd, generator=g).half(), torch.randn(KV, m + 2, hd, generator=g).half())
+              for m in (3, 40)]
+    rows = torch.randn(2, (H + 2 * KV) * hd, generator=g)
+    alone = torch.cat([ext.attend_decode(rows[b:b + 1].clone(), k.clone(), v.clone(), m, H, KV, hd, 0.1, 0)
+                       for b, ((k, v), m) in enumerate(zip(caches, (3, 40)))])
+    got = ext.attend_decode_batch(rows, [k for k, _ in caches], [v for _, v in caches], [3, 40], H, KV, hd, 0.1, 0)
+    assert torch.equal(got, alone)
+    with pytest.raises(RuntimeError, match="keys and values alike"):
+        ext.attend_decode(rows[:1].clone(), kc, vc.float(), 0, H, KV, hd, 0.1, 0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.attend_decode_batch(rows, [caches[0][0], k32], [caches[0][1], v32], [3, 40], H, KV, hd, 0.1, 0)

@@ -139,6 +139,38 @@ def test_session_saved_mid_decode_continues_identically(kernels, ids, tiny_token
         torch.testing.assert_close(want, model(ids[:, :30]).logits[0, 20:30], atol=2e-4, rtol=1e-4)
 
 
+def test_float16_kv_caches_halve_the_cache_and_stay_close(ids, tiny_tokenizer, tmp_path):
+    """kv_dtype: "auto" keeps float16 KV caches with codexmini's kernels (half the bytes) and float32 with torch's;
+    float16 logits stay within float16 rounding of float32's, which match the PyTorch model tightly; a session
+    saved from one loads into the other in the loader's dtype; a bad value names the choices."""
+    from codexmini.runtime import native
+
+    model = _model(layer_types=["softmax", "hybrid"], feature_map="hedgehog")
+    path = export_cmx(model, tiny_tokenizer, tmp_path / "m.cmx")
+    with torch.no_grad():
+        want = model(ids[:, :30]).logits[0]
+    exact = Runtime(path, kv_dtype="float32")
+    s32 = exact.new_session()
+    torch.testing.assert_close(exact.forward(ids[0, :30], s32, all_logits=True), want, atol=2e-4, rtol=1e-4)
+    assert Runtime(path, kernels="native").kv_dtype == torch.float32
+    if native.load() is not None:
+        assert Runtime(path).kv_dtype == torch.float16  # auto, with codexmini's kernels
+    half = Runtime(path, kv_dtype="float16")
+    s16 = half.new_session()
+    got = torch.cat([half.forward(ids[0, :12], s16, all_logits=True)]
+                    + [half.forward(ids[0, t:t + 1], s16, all_logits=True) for t in range(12, 30)])
+    assert s16.layers[0]["k"].dtype == torch.float16 and s32.layers[0]["k"].dtype == torch.float32
+    assert s16.layers[0]["k"].nbytes * 2 == s32.layers[0]["k"].nbytes
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=5e-3)
+    half.save_session(s16, tmp_path / "half.session")
+    restored = exact.load_session(tmp_path / "half.session")
+    assert restored.layers[0]["k"].dtype == torch.float32
+    torch.testing.assert_close(exact.forward(ids[0, 30:31], restored), half.forward(ids[0, 30:31], s16),
+                               atol=5e-3, rtol=5e-3)
+    with pytest.raises(ValueError, match="kv_dtype must be one of auto, float16, float32"):
+        Runtime(path, kv_dtype="bfloat16")
+
+
 def test_sampling_options_and_stop_strings(tiny_tokenizer, tmp_path):
     rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx"))
     cfg = SamplingConfig(max_tokens=25, temperature=1.0, seed=1, stop_at_eos=False)

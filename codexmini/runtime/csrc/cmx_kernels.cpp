@@ -1407,7 +1407,7 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
         for (int m = 0; m < M; ++m) isum[m] = SYM ? _mm512_set1_epi32(zs[m][b]) : _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int k = 0; k < SW; ++k) {
-          _mm_prefetch(reinterpret_cast<const char*>(wp + (d0 + k) * 64 + kPrefetchBytes), _MM_HINT_T0);
+          __builtin_prefetch(wp + (d0 + k) * 64 + kPrefetchBytes);
           const __m512i v = _mm512_loadu_si512(wp + (d0 + k) * 64);
           const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
           for (int m = 0; m < M; ++m) {
@@ -1647,7 +1647,7 @@ void q8_gemv_rows_vnni(const Q8Weight& q, const Q8Lanes& a, int64_t n0, int64_t 
     __m512 acc[2 * M];
     for (int i = 0; i < 2 * M; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < steps; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + c * 64 + kPrefetchBytes), _MM_HINT_T0);
+      __builtin_prefetch(w + c * 64 + kPrefetchBytes);
       const __m512i wv = c + 1 < steps ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi8(last, w + c * 64);
       const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(),
                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
@@ -1817,42 +1817,57 @@ void check_distinct(const std::vector<const void*>& buffers, const char* what, c
       TORCH_CHECK(buffers[j] != buffers[b], what, ": rows ", j, " and ", b, " share a ", noun);
 }
 
+// A sequence's KV cache: keys and values [KV, capacity, hd], float32 or float16 (half the bytes to read each step;
+// products and sums stay in float32).
 struct KVCache {
-  float* k;
-  float* v;
+  void* k;
+  void* v;
+  bool half;
   int64_t cap, n, lo;  // capacity in tokens; the slot this token goes into; the first slot it attends to
 };
 
 KVCache kv_cache(at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t window, int64_t kv_heads, int64_t hd,
                  const char* what) {
+  const auto dtype = kcache.scalar_type();
   TORCH_CHECK(kcache.dim() == 3 && kcache.is_contiguous() && vcache.is_contiguous() &&
-              kcache.sizes() == vcache.sizes() &&
-              kcache.size(0) == kv_heads && kcache.size(2) == hd && kcache.scalar_type() == at::kFloat &&
-              vcache.scalar_type() == at::kFloat, what, ": caches must be float32 [KV, capacity, hd]");
+              kcache.sizes() == vcache.sizes() && kcache.size(0) == kv_heads && kcache.size(2) == hd &&
+              (dtype == at::kFloat || dtype == at::kHalf) && vcache.scalar_type() == dtype,
+              what, ": caches must be float32 or float16 [KV, capacity, hd], keys and values alike");
   const int64_t cap = kcache.size(1);
   TORCH_CHECK(n >= 0 && n < cap, what, ": slot ", n, " is outside the cache capacity ", cap);
-  return {kcache.data_ptr<float>(), vcache.data_ptr<float>(), cap, n,
+  return {kcache.data_ptr(), vcache.data_ptr(), dtype == at::kHalf, cap, n,
           window > 0 ? std::max<int64_t>(0, n + 1 - window) : 0};
 }
 
 // Row q (C floats: H query heads, then KV keys, then KV values) into slot c.n of its cache.
+template <class T>
 void kv_append(const float* q, const KVCache& c, int64_t heads, int64_t kv_heads, int64_t hd) {
   for (int64_t g = 0; g < kv_heads; ++g) {
-    std::copy(q + (heads + g) * hd, q + (heads + g + 1) * hd, c.k + (g * c.cap + c.n) * hd);
-    std::copy(q + (heads + kv_heads + g) * hd, q + (heads + kv_heads + g + 1) * hd, c.v + (g * c.cap + c.n) * hd);
+    std::copy(q + (heads + g) * hd, q + (heads + g + 1) * hd, static_cast<T*>(c.k) + (g * c.cap + c.n) * hd);
+    std::copy(q + (heads + kv_heads + g) * hd, q + (heads + kv_heads + g + 1) * hd,
+              static_cast<T*>(c.v) + (g * c.cap + c.n) * hd);
   }
 }
 
 // Query head h of row q over slots [c.lo, c.n] of its KV group, into oh [hd]; p: scratch of at least c.n + 1 - c.lo.
+template <class T>
 void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, int64_t hd, float scale, float* p,
                  float* oh) {
   const int64_t S = c.n + 1 - c.lo;
   const float* qh = q + h * hd;
-  const float* K = c.k + ((h / groups) * c.cap + c.lo) * hd;
-  const float* V = c.v + ((h / groups) * c.cap + c.lo) * hd;
+  const T* K = static_cast<const T*>(c.k) + ((h / groups) * c.cap + c.lo) * hd;
+  const T* V = static_cast<const T*>(c.v) + ((h / groups) * c.cap + c.lo) * hd;
   float m = -INFINITY;
+  std::vector<float> wide(std::is_same_v<T, float> ? 0 : hd);  // a float16 key, widened: the same dot as float32's
   for (int64_t j = 0; j < S; ++j) {
-    p[j] = dot(qh, K + j * hd, hd) * scale;
+    const float* kj;
+    if constexpr (std::is_same_v<T, float>) {
+      kj = K + j * hd;
+    } else {
+      std::copy(K + j * hd, K + (j + 1) * hd, wide.begin());
+      kj = wide.data();
+    }
+    p[j] = dot(qh, kj, hd) * scale;
     m = std::max(m, p[j]);
   }
   float denom = 0.f;
@@ -1863,8 +1878,8 @@ void attend_head(const float* q, const KVCache& c, int64_t h, int64_t groups, in
   std::fill(oh, oh + hd, 0.f);
   for (int64_t j = 0; j < S; ++j) {
     const float pj = p[j] / denom;
-    const float* vj = V + j * hd;
-    for (int64_t d = 0; d < hd; ++d) oh[d] += pj * vj[d];
+    const T* vj = V + j * hd;
+    for (int64_t d = 0; d < hd; ++d) oh[d] += pj * static_cast<float>(vj[d]);
   }
 }
 
@@ -1888,15 +1903,21 @@ inline __m512 hsum16(const __m512* v) {
 constexpr int64_t kAttendBlock = 64;  // positions per block: its keys or values stay in L1 for every head of a group
 constexpr int64_t kAttendGroups = 16;  // query heads per KV head that attend_group takes (more: attend_head)
 
+// 16 cached keys or values as float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // The `groups` query heads h0 .. h0+groups-1 of row q that share KV head kvh, over slots [c.lo, c.n], into o
 // [groups, hd] (NC = hd / 16 vectors a row): each block of keys and values is read once for all of them (attend_head
 // reads them once per query head). p: scratch of at least groups * (c.n + 1 - c.lo).
-template <int NC>
+template <int NC, class T>
 void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups, float scale, float* p, float* o) {
   constexpr int64_t hd = NC * 16;
   const int64_t S = c.n + 1 - c.lo, h0 = kvh * groups;
-  const float* K = c.k + (kvh * c.cap + c.lo) * hd;
-  const float* V = c.v + (kvh * c.cap + c.lo) * hd;
+  const T* K = static_cast<const T*>(c.k) + (kvh * c.cap + c.lo) * hd;
+  const T* V = static_cast<const T*>(c.v) + (kvh * c.cap + c.lo) * hd;
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 mx[kAttendGroups];
   float inv[kAttendGroups];
@@ -1913,7 +1934,7 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
         for (int i = 0; i < 16; ++i) {
           acc[i] = _mm512_setzero_ps();
           if (i < nj)
-            for (int k = 0; k < NC; ++k) acc[i] = _mm512_fmadd_ps(qh[k], _mm512_loadu_ps(K + (j + i) * hd + 16 * k), acc[i]);
+            for (int k = 0; k < NC; ++k) acc[i] = _mm512_fmadd_ps(qh[k], load16(K + (j + i) * hd + 16 * k), acc[i]);
         }
         const __mmask16 live = static_cast<__mmask16>(nj == 16 ? 0xFFFF : (1u << nj) - 1);
         const __m512 r = _mm512_mul_ps(hsum16(acc), sc);
@@ -1944,7 +1965,7 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
       for (int k = 0; k < NC; ++k) acc[k] = _mm512_loadu_ps(o + h * hd + 16 * k);
       for (int64_t j = j0; j < j1; ++j) {
         const __m512 w = _mm512_set1_ps(ph[j]);
-        for (int k = 0; k < NC; ++k) acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + j * hd + 16 * k), acc[k]);
+        for (int k = 0; k < NC; ++k) acc[k] = _mm512_fmadd_ps(w, load16(V + j * hd + 16 * k), acc[k]);
       }
       for (int k = 0; k < NC; ++k) _mm512_storeu_ps(o + h * hd + 16 * k, acc[k]);
     }
@@ -1960,14 +1981,16 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
 // AVX-512, take attend_head).
 bool group_attention(int64_t hd, int64_t groups) { return (hd == 32 || hd == 64 || hd == 128) && groups <= kAttendGroups; }
 
+template <class T>
 void attend_kv_head(const float* q, const KVCache& c, int64_t kvh, int64_t groups, int64_t hd, float scale, float* p,
                     float* o) {
-  if (hd == 32) attend_group<2>(q, c, kvh, groups, scale, p, o);
-  else if (hd == 64) attend_group<4>(q, c, kvh, groups, scale, p, o);
-  else attend_group<8>(q, c, kvh, groups, scale, p, o);
+  if (hd == 32) attend_group<2, T>(q, c, kvh, groups, scale, p, o);
+  else if (hd == 64) attend_group<4, T>(q, c, kvh, groups, scale, p, o);
+  else attend_group<8, T>(q, c, kvh, groups, scale, p, o);
 }
 #else
 bool group_attention(int64_t, int64_t) { return false; }
+template <class T>
 void attend_kv_head(const float*, const KVCache&, int64_t, int64_t, int64_t, float, float*, float*) {}
 #endif
 
@@ -1991,8 +2014,13 @@ at::Tensor attend_slots(const at::Tensor& qkv, const std::vector<KVCache>& cache
     longest = std::max(longest, c.n + 1 - c.lo);
   }
   const int64_t C = qkv.size(1), groups = heads / kv_heads;
+  const bool half = caches[0].half;
+  for (const auto& c : caches) TORCH_CHECK(c.half == half, "attention: every cache of one call must be of one dtype");
   const float* q = qkv.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) kv_append(q + b * C, caches[b], heads, kv_heads, hd);
+  for (int64_t b = 0; b < B; ++b) {
+    if (half) kv_append<c10::Half>(q + b * C, caches[b], heads, kv_heads, hd);
+    else kv_append<float>(q + b * C, caches[b], heads, kv_heads, hd);
+  }
   at::Tensor out = at::empty({B, heads * hd}, at::kFloat);
   float* o = out.data_ptr<float>();
   // one (row, KV head) per task where attend_group takes them (its keys and values read once for its query heads),
@@ -2005,8 +2033,11 @@ at::Tensor attend_slots(const at::Tensor& qkv, const std::vector<KVCache>& cache
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / units, u = t % units;
       float* ou = o + (b * heads + u * per_unit) * hd;
-      if (grouped) attend_kv_head(q + b * C, caches[b], u, groups, hd, static_cast<float>(scale), p.data(), ou);
-      else attend_head(q + b * C, caches[b], u, groups, hd, static_cast<float>(scale), p.data(), ou);
+      const float sc = static_cast<float>(scale);
+      if (grouped && half) attend_kv_head<c10::Half>(q + b * C, caches[b], u, groups, hd, sc, p.data(), ou);
+      else if (grouped) attend_kv_head<float>(q + b * C, caches[b], u, groups, hd, sc, p.data(), ou);
+      else if (half) attend_head<c10::Half>(q + b * C, caches[b], u, groups, hd, sc, p.data(), ou);
+      else attend_head<float>(q + b * C, caches[b], u, groups, hd, sc, p.data(), ou);
     }
   });
   return out;
