@@ -377,6 +377,10 @@ def test_fused_layer_steps_equal_their_ops_references():
     assert ext.silu_mul(gu)[1, 20].isnan() and not ext.silu_mul(gu)[0].isnan().any()
     xh, wh = torch.randn(3, 16, generator=g), torch.randn(3, 16, 8, generator=g)
     torch.testing.assert_close(ext.hedgehog(xh, wh), hedgehog_feature_map(xh[:, None], wh)[:, 0])
+    for fh in (16, 64, 128):  # the vector path (whole vectors of features), projections far apart included
+        xh, wh = torch.randn(6, 64, generator=g) * 3, torch.randn(3, 64, fh, generator=g)
+        want = hedgehog_feature_map(xh.reshape(2, 3, 64).transpose(0, 1), wh).transpose(0, 1).reshape(6, 2 * fh)
+        torch.testing.assert_close(ext.hedgehog(xh, wh), want)
 
 
 @needs_ext

@@ -2099,6 +2099,93 @@ int64_t segment_rows(const std::vector<int64_t>& starts, int64_t B, const char* 
   return starts[B];
 }
 
+// One head of linear attention over rows r = 0 .. n-1 of one sequence (the pointers at row 0, advanced by their
+// strides per row): for each, state = decay * state + fk^T [v, 1], acc = fq state, out = acc[:D] / (acc[D] + eps).
+// The state [F, D+1] is read and written once per two rows (each row's update is the same arithmetic as when it
+// comes alone, so decoding a prompt's tokens one by one gives the same bits). NV vectors of 16 hold D + 1 columns.
+#if defined(__AVX512F__)
+template <int NV>
+void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const float* q, int64_t qs, const float* k,
+                      int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n, float eps) {
+  const int64_t V1 = D + 1;
+  __mmask16 sm[NV], vm[NV];  // the state's columns (D + 1) and the values' (D) in each vector
+  for (int c = 0; c < NV; ++c) {
+    const int64_t left = V1 - 16 * c, vleft = D - 16 * c;
+    sm[c] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
+    vm[c] = static_cast<__mmask16>(vleft >= 16 ? 0xFFFF : vleft > 0 ? (1u << vleft) - 1 : 0);
+  }
+  const __m512 av = _mm512_set1_ps(dec ? *dec : 1.f);
+  const __m512i at_d = _mm512_set1_epi32(static_cast<int>(D % 16));
+  auto v1_of = [&](const float* vr, __m512* out) {  // [v, 1]
+    for (int c = 0; c < NV; ++c) {
+      out[c] = _mm512_maskz_loadu_ps(vm[c], vr + 16 * c);
+      if (c == D / 16)
+        out[c] = _mm512_mask_mov_ps(out[c], _mm512_cmpeq_epi32_mask(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8,
+                                    7, 6, 5, 4, 3, 2, 1, 0), at_d), _mm512_set1_ps(1.f));
+    }
+  };
+  auto update = [&](__m512* row, const __m512* v1, float kf, float qf, __m512* acc) __attribute__((always_inline)) {
+    const __m512 kb = _mm512_set1_ps(kf), qb = _mm512_set1_ps(qf);
+    for (int c = 0; c < NV; ++c) {
+      row[c] = _mm512_fmadd_ps(kb, v1[c], dec ? _mm512_mul_ps(av, row[c]) : row[c]);
+      acc[c] = _mm512_fmadd_ps(qb, row[c], acc[c]);
+    }
+  };
+  auto finish = [&](const __m512* acc, float* out) {
+    alignas(64) float last[16];
+    _mm512_store_ps(last, acc[D / 16]);
+    const __m512 inv = _mm512_set1_ps(1.f / (last[D % 16] + eps));
+    for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(out + 16 * c, vm[c], _mm512_mul_ps(acc[c], inv));
+  };
+  int64_t r = 0;
+  for (; NV <= 5 && r + 1 < n; r += 2) {  // two rows a pass (more vectors than registers beyond 5)
+    __m512 va[NV], vb[NV], aa[NV], ab[NV], row[NV];
+    v1_of(v + r * vs, va);
+    v1_of(v + (r + 1) * vs, vb);
+    for (int c = 0; c < NV; ++c) aa[c] = ab[c] = _mm512_setzero_ps();
+    const float *qa = q + r * qs, *qb = qa + qs, *ka = k + r * ks, *kb = ka + ks;
+    for (int64_t f = 0; f < Fd; ++f) {
+      float* sr = S + f * V1;
+      for (int c = 0; c < NV; ++c) row[c] = _mm512_maskz_loadu_ps(sm[c], sr + 16 * c);
+      update(row, va, ka[f], qa[f], aa);
+      update(row, vb, kb[f], qb[f], ab);
+      for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, sm[c], row[c]);
+    }
+    finish(aa, o + r * os);
+    finish(ab, o + (r + 1) * os);
+  }
+  for (; r < n; ++r) {
+    __m512 va[NV], aa[NV], row[NV];
+    v1_of(v + r * vs, va);
+    for (int c = 0; c < NV; ++c) aa[c] = _mm512_setzero_ps();
+    const float *qa = q + r * qs, *ka = k + r * ks;
+    for (int64_t f = 0; f < Fd; ++f) {
+      float* sr = S + f * V1;
+      for (int c = 0; c < NV; ++c) row[c] = _mm512_maskz_loadu_ps(sm[c], sr + 16 * c);
+      update(row, va, ka[f], qa[f], aa);
+      for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, sm[c], row[c]);
+    }
+    finish(aa, o + r * os);
+  }
+}
+
+// linear_head_simd for D + 1 <= 16 * 9 columns (else false: the caller's plain loop).
+bool linear_head(float* S, int64_t Fd, int64_t D, const float* dec, const float* q, int64_t qs, const float* k,
+                 int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n, float eps) {
+  switch ((D + 16) / 16) {
+#define CMX_LINEAR_HEAD(NV) \
+  case NV: linear_head_simd<NV>(S, Fd, D, dec, q, qs, k, ks, v, vs, o, os, n, eps); return true;
+    CMX_LINEAR_HEAD(1) CMX_LINEAR_HEAD(2) CMX_LINEAR_HEAD(3) CMX_LINEAR_HEAD(4) CMX_LINEAR_HEAD(5)
+    CMX_LINEAR_HEAD(6) CMX_LINEAR_HEAD(7) CMX_LINEAR_HEAD(8) CMX_LINEAR_HEAD(9)
+#undef CMX_LINEAR_HEAD
+    default: return false;
+  }
+}
+#else
+bool linear_head(float*, int64_t, int64_t, const float*, const float*, int64_t, const float*, int64_t, const float*,
+                 int64_t, float*, int64_t, int64_t, float) { return false; }
+#endif
+
 // Linear attention on fixed-size states, in place, token by token: for each row r of sequence b and each head h
 // (KV group g = h / (H/KV)),
 //   state[h] = decay[h] * state[h] + fk[r, g]^T [v[r, g], 1],   o = fq[r, h] state[h],   out[r, h] = o[:D] / (o[D] + eps).
@@ -2141,10 +2228,14 @@ at::Tensor linear_rows(std::vector<at::Tensor> states, const std::vector<int64_t
   at::parallel_for(0, B * H, R * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     std::vector<float> v1(V1), acc(V1);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H;
+      const int64_t b = t / H, h = t % H, r0 = starts[b], hg = h / groups;
+      if (linear_head(S[b] + h * Fd * V1, Fd, D, dec ? dec + h : nullptr, q + (r0 * H + h) * Fd, H * Fd,
+                      k + (r0 * KV + hg) * Fd, KV * Fd, vv + (r0 * KV + hg) * D, KV * D, o + (r0 * H + h) * D, H * D,
+                      starts[b + 1] - r0, static_cast<float>(eps)))
+        continue;
       const float a = dec ? dec[h] : 1.f;
-      for (int64_t r = starts[b]; r < starts[b + 1]; ++r) {
-        const int64_t g = r * KV + h / groups, rh = r * H + h;
+      for (int64_t r = r0; r < starts[b + 1]; ++r) {
+        const int64_t g = r * KV + hg, rh = r * H + h;
         std::copy(vv + g * D, vv + (g + 1) * D, v1.begin());
         v1[D] = 1.f;
         std::fill(acc.begin(), acc.end(), 0.f);
@@ -2179,6 +2270,51 @@ at::Tensor linear_segments_(std::vector<at::Tensor> states, const std::vector<in
 
 // Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)];
 // or of several tokens, x [R, D] with R a multiple of H (row r is head r % H of token r / H), out [R, 2 Fh].
+// Hedgehog's map of one head of one token (x [D], w [D, Fh], NF = Fh / 16 vectors of the projection kept in
+// registers) into out [2 Fh]: [softmax(x w), softmax(-x w)], with exp16 (a scalar exp per feature was most of a
+// prompt's feature-map time).
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+template <int NF>
+void hedgehog_simd(const float* x, const float* w, int64_t D, float* out) {
+  __m512 proj[NF];
+  for (int c = 0; c < NF; ++c) proj[c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 xd = _mm512_set1_ps(x[d]);
+    for (int c = 0; c < NF; ++c) proj[c] = _mm512_fmadd_ps(xd, _mm512_loadu_ps(w + d * NF * 16 + 16 * c), proj[c]);
+  }
+  __m512 mx = proj[0], mn = proj[0];
+  for (int c = 1; c < NF; ++c) {
+    mx = _mm512_max_ps(mx, proj[c]);
+    mn = _mm512_min_ps(mn, proj[c]);
+  }
+  const __m512 hi = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), lo = _mm512_set1_ps(_mm512_reduce_min_ps(mn));
+  __m512 sp = _mm512_setzero_ps(), sn = _mm512_setzero_ps(), ep[NF], en[NF];
+  for (int c = 0; c < NF; ++c) {
+    ep[c] = exp16(_mm512_sub_ps(proj[c], hi));
+    en[c] = exp16(_mm512_sub_ps(lo, proj[c]));
+    sp = _mm512_add_ps(sp, ep[c]);
+    sn = _mm512_add_ps(sn, en[c]);
+  }
+  const __m512 ip = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sp)), in = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sn));
+  for (int c = 0; c < NF; ++c) {
+    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(ep[c], ip));
+    _mm512_storeu_ps(out + NF * 16 + 16 * c, _mm512_mul_ps(en[c], in));
+  }
+}
+
+bool hedgehog_row(const float* x, const float* w, int64_t D, int64_t Fh, float* out) {
+  switch (Fh) {
+    case 16: hedgehog_simd<1>(x, w, D, out); return true;
+    case 32: hedgehog_simd<2>(x, w, D, out); return true;
+    case 64: hedgehog_simd<4>(x, w, D, out); return true;
+    case 128: hedgehog_simd<8>(x, w, D, out); return true;
+    default: return false;
+  }
+}
+#else
+bool hedgehog_row(const float*, const float*, int64_t, int64_t, float*) { return false; }
+#endif
+
 at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat &&
               w.scalar_type() == at::kFloat && w.dim() == 3 && x.numel() > 0 &&
@@ -2194,6 +2330,7 @@ at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
     std::vector<float> proj(Fh);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % H;
+      if (hedgehog_row(xp + r * D, wp + h * D * Fh, D, Fh, o + r * 2 * Fh)) continue;
       std::fill(proj.begin(), proj.end(), 0.f);
       for (int64_t d = 0; d < D; ++d) {
         const float xd = xp[r * D + d];
