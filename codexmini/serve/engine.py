@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.sampling import SamplingConfig, copy_row, next_token
+from ..runtime.sampling import SamplingConfig, adjusted_row, next_token
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .protocol import GenParams
@@ -362,13 +362,7 @@ class Engine:
         p = seq.job.params
         scores = logits
         if p.logit_bias or ((p.frequency_penalty or p.presence_penalty) and seq.counts):
-            scores = copy_row(logits)
-            if p.logit_bias:
-                scores[torch.tensor(list(p.logit_bias))] += torch.tensor(list(p.logit_bias.values()))
-            if seq.counts and (p.frequency_penalty or p.presence_penalty):
-                ids = torch.tensor(list(seq.counts))
-                n = torch.tensor(list(seq.counts.values()), dtype=torch.float32)
-                scores[ids] -= p.frequency_penalty * n + p.presence_penalty
+            scores = adjusted_row(logits, p.logit_bias, seq.counts, p.frequency_penalty, p.presence_penalty)
         tok = next_token(scores, seq.cfg, seq.session.tokens, seq.gen)
         now = time.monotonic()
         if seq.first_token_at is None:

@@ -371,3 +371,20 @@ def test_weights_are_used_in_place_from_the_files_mapping(tiny_tokenizer, tmp_pa
         for layer, exact in zip(fast.layers, qrt.layers):
             for p, q in zip(layer.qkv.parts, exact.qkv.parts):
                 assert p.panels == panels and in_file(p.packed, qranges) != panels and p.nbytes == q.nbytes
+
+
+def test_adjusted_row_adds_biases_and_takes_penalties_on_a_copy():
+    """OpenAI's logit_bias and frequency / presence penalties, in float32 on a private copy of the row."""
+    from collections import Counter
+
+    from codexmini.runtime.sampling import adjusted_row
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    before = logits.clone()
+    counts = Counter([3, 3, 7])
+    got = adjusted_row(logits, {5: -100.0, 9: 2.5}, counts, frequency=0.5, presence=0.25)
+    want = logits.clone()
+    want[torch.tensor([5, 9])] += torch.tensor([-100.0, 2.5])
+    want[torch.tensor([3, 7])] -= 0.5 * torch.tensor([2.0, 1.0]) + 0.25
+    assert torch.equal(got, want) and torch.equal(logits, before)
+    assert torch.equal(adjusted_row(logits, {}, counts), logits)  # no penalty asked: the counts do nothing
