@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from codexmini.runtime import SamplingConfig
 from codexmini.runtime.sampling import stream_text, stream_tokens
 from codexmini.serve.errors import ApiError
-from codexmini.serve.prefix_cache import PrefixCache, common_prefix
+from codexmini.serve.prefix_cache import PrefixCache, common_prefix, pack
 from codexmini.serve.protocol import parse_chat, parse_completion
 from codexmini.serve.templates import ChatTemplate
 from codexmini.serve.tokens import TextStream, TokenText
@@ -107,11 +108,17 @@ def test_templates_cannot_reach_internals_or_mutate(source):
 
 # --------------------------------------------------------------------------- prefix cache
 def test_common_prefix():
-    t = torch.tensor
-    assert common_prefix(t([1, 2, 3]), t([1, 2, 4])) == 2
-    assert common_prefix(t([1, 2]), t([1, 2, 4])) == 2
-    assert common_prefix(t([5]), t([1])) == 0
-    assert common_prefix(t([], dtype=torch.long), t([1])) == 0
+    assert common_prefix(pack([1, 2, 3]), pack([1, 2, 4])) == 2
+    assert common_prefix(pack([1, 2]), pack([1, 2, 4])) == 2
+    assert common_prefix(pack([5]), pack([1])) == 0
+    assert common_prefix(pack([]), pack([1])) == 0
+    assert common_prefix(pack([256]), pack([1])) == 0  # whole tokens, not bytes: 256 and 1 share a zero byte
+    rng = random.Random(0)
+    for _ in range(300):  # against the plain definition
+        a = [rng.randrange(3) for _ in range(rng.randrange(40))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(40))]
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(pack(a), pack(b)) == want
 
 
 def _session(rt, ids):
