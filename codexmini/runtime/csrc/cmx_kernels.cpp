@@ -2188,7 +2188,7 @@ bool linear_head(float*, int64_t, int64_t, const float*, const float*, int64_t, 
 
 // Linear attention on fixed-size states, in place, token by token: for each row r of sequence b and each head h
 // (KV group g = h / (H/KV)),
-//   state[h] = decay[h] * state[h] + fk[r, g]^T [v[r, g], 1],  o = fq[r, h] state[h],  out[r, h] = o[:D] / (o[D] + eps).
+//   state[h] = decay[h] * state[h] + fk[r, g]^T [v[r, g], 1], o = fq[r, h] state[h], out[r, h] = o[:D] / (o[D] + eps).
 // states[b] [H, F, D+1] (rows starts[b] .. starts[b+1]-1 continue it, in order), fq [R, H, F], fk [R, KV, F],
 // v [R, KV, D], decay [H] multiplicative or empty for none; returns [R, H, D]. One decoding step of B sequences
 // has one row each; a prompt chunk is one sequence's T rows, each computed exactly as decoding it would. Every
