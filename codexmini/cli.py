@@ -291,7 +291,8 @@ def _runtime_options(p) -> None:
                    help="int8/int4 matmuls: auto (cmx where it builds, else native), codexmini's own CPU kernels "
                         "(cmx), torch's packed kernels (native), or weights widened to fp32 at load (dequant)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
-                   help="the KV caches: auto (float16 with codexmini's kernels, else float32), float16 or float32")
+                   help="the KV caches: auto (float16 where codexmini's kernels attend in AVX-512, else float32), "
+                        "float16 or float32")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 

@@ -16,7 +16,7 @@ stand-in of the same shape (20 layers of SmolLM2-135M's width, MLP pruned by a q
 layers, int4 g32 with the tied table, also int4 g32, as the head, fp16 floats) with random weights: speed depends on the shape, not the weights.
 The all-softmax / all-linear / all-hybrid models are the same shape. Each server runs in its own process.
 
-    .venv/bin/python scripts/bench_serve.py                          # about 15 minutes on 2 cores
+    .venv/bin/python scripts/bench_serve.py                          # about 8 minutes on 2 cores
     .venv/bin/python scripts/bench_serve.py --concurrency 1,8 --rounds 1 --requests 1 --skip-prefix
 """
 

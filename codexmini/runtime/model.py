@@ -134,13 +134,14 @@ class Checkpoint:
 KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_kv_dtype(kv_dtype: str, mode: str) -> torch.dtype:
-    """The KV caches' dtype: "auto" is float16 where codexmini's kernels attend (they widen each key and value as
-    they read it: half the bytes a decoding step reads from the caches, and half their memory, as llama.cpp's
-    default f16 caches), float32 elsewhere (torch's attention would widen the whole cache every step); "float32"
-    keeps the runtime's logits within float rounding of the PyTorch model's."""
+def resolve_kv_dtype(kv_dtype: str, vector_attention: bool) -> torch.dtype:
+    """The KV caches' dtype: "auto" is float16 where codexmini's kernels attend in AVX-512 (`vector_attention`: they
+    widen 16 keys' or values' elements an instruction as they read them: half the bytes a decoding step reads from
+    the caches, and half their memory, as llama.cpp's default f16 caches), float32 elsewhere (torch's attention
+    would widen the whole cache every step, the kernels' plain C++ one value at a time); "float32" keeps the
+    runtime's logits within float rounding of the PyTorch model's."""
     if kv_dtype == "auto":
-        return torch.float16 if mode == "cmx" else torch.float32
+        return torch.float16 if vector_attention else torch.float32
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of auto, {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
     return KV_DTYPES[kv_dtype]
@@ -497,8 +498,8 @@ class Runtime:
         CPU int kernels are fast only with bf16 inputs). "float32" gives results equal to the dequantized
         reference. Everything else (norms, attention, float layers) runs in fp32.
 
-        `kv_dtype`: the softmax layers' KV caches, "auto" (float16 with codexmini's kernels, else float32),
-        "float16" or "float32" (see `resolve_kv_dtype`)."""
+        `kv_dtype`: the softmax layers' KV caches, "auto" (float16 where codexmini's kernels attend in AVX-512, else
+        float32), "float16" or "float32" (see `resolve_kv_dtype`)."""
         if threads:
             torch.set_num_threads(threads)
         if prefill_chunk < 1:
@@ -506,7 +507,12 @@ class Runtime:
         self.prefill_chunk = prefill_chunk
         t0 = time.perf_counter()
         kernels = self.kernels = resolve_mode(kernels)
-        self.kv_dtype = resolve_kv_dtype(kv_dtype, kernels)
+        if kernels == "cmx":
+            from . import native
+
+            self.kv_dtype = resolve_kv_dtype(kv_dtype, native.load().vector_attention())
+        else:
+            self.kv_dtype = resolve_kv_dtype(kv_dtype, False)
         f = read_cmx(path, mmap=True)  # weights are the file's pages, read as they are first used
         self.file, self.config, self.checksum = Path(path), f.config, f.checksum
         c = f.config

@@ -2571,6 +2571,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hybrid_segments_", &hybrid_segments_, nogil, "hybrid_decode_ for several sequences' runs of tokens (rows "
         "starts[b]..starts[b+1]-1 continue sequence b), token by token, in one parallel loop");
   m.def("isa", &isa, "the SIMD instruction set the kernels were compiled for");
+  m.def("vector_attention", [] { return group_attention(64, 1); }, "whether attention over a KV cache runs in AVX-512 "
+        "here (float16 caches widened 16 values an instruction as they are read)");
   m.def("gemv_rows", [] { return kDecodeRows; }, "inputs of up to this many rows take the GEMVs (decoding); more "
         "rows the tiled GEMM (prompts)");
   m.def("bf16_prompts", [] { return g_bf16_prompts; }, "whether the fast activations run prompts' matmuls in bf16");
