@@ -60,6 +60,27 @@ class CmxFile:
     tensors: dict[str, torch.Tensor]
     checksum: str
     ranges: dict[str, tuple[int, int]] | None = None  # each tensor's byte range in the file (when mapped)
+    mapping: object = None  # the memory map the tensors view (when mapped)
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages under a mapped tensor that the reader no longer reads (e.g. weights it keeps
+        repacked elsewhere): the whole pages inside its bytes leave the process's memory; the file's data stays in
+        the OS page cache, and reading the tensor again maps it back. Nothing happens for a tensor that is not a
+        view of the map."""
+        import mmap
+
+        if self.mapping is None or not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0:
+            return
+        import ctypes
+
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
+        start = t.data_ptr() - base
+        if not 0 <= start < len(self.mapping):
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+        if hi > lo:
+            self.mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -67,7 +88,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]], object]:
     """Every tensor of a safetensors file (already validated by `safe_open`) as a view into a private, copy-on-write
     memory map of the file, with its absolute byte range. Only the pages a reader touches become resident, so a
     runtime's memory is the weights it uses (an embedding table is only read a row at a time)."""
@@ -93,7 +114,7 @@ def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tupl
                 t = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin)
             t = t.view(dtype).reshape(shape)
         tensors[name], ranges[name] = t, (begin, end)
-    return tensors, ranges
+    return tensors, ranges, mm
 
 
 def _metadata_digest(h, meta: dict[str, str]) -> None:
@@ -178,12 +199,12 @@ def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False)
     path = Path(path)
     if not path.is_file():
         raise CmxError(f"{path}: no such file")
-    ranges = None
+    ranges = mapping = None
     try:
         with safe_open(str(path), framework="pt") as f:  # the library validates the container
             meta = f.metadata() or {}
             if mmap:
-                tensors, ranges = _mapped_tensors(path)
+                tensors, ranges, mapping = _mapped_tensors(path)
             else:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CmxError:
@@ -220,7 +241,7 @@ def read_cmx(path: str | Path, verify_checksum: bool = True, mmap: bool = False)
             raise CmxError(f"{path}: checksum mismatch: the file was modified or corrupted after export (its "
                            "weights or its metadata); export it again")
     return CmxFile(path, version, config, schemes, meta["tokenizer"], meta.get("chat_template", ""), tensors,
-                   meta["checksum"], ranges)
+                   meta["checksum"], ranges, mapping)
 
 
 def _json(text: str, key: str):

@@ -142,6 +142,8 @@ class CmxGroupLinear:
         self.nbytes = self.packed.numel() + self.scale.numel() * self.scale.element_size() + \
             self.zero.numel() * self.zero.element_size()
         self.panels = panels and int8_act and panel_layout(ext, bits, self.packed, self.scale)
+        # the tensors as given (the file's, when mapped): what a repack leaves unread (`Runtime` releases their pages)
+        self.sources = (self.packed, self.scale, self.zero)
         if self.panels:
             rows = ext.panels()
             self.packed, self.scale = to_panels(self.packed, rows, 4), to_panels(self.scale, rows)

@@ -481,6 +481,16 @@ class Layer:
         return o[0]
 
 
+def _release_repacked(f: CmxFile, kernels: list) -> None:
+    """Int4 layers repacked into panels compute from their own copy: the file's pages under them, read once for the
+    repack, would otherwise stay resident beside it (the int4 weights' size again). `CmxFile.release` drops them."""
+    for k in kernels:
+        for part in getattr(k, "parts", [k]):
+            if isinstance(part, CmxGroupLinear) and part.panels:
+                for t in part.sources:
+                    f.release(t)
+
+
 class Runtime:
     """A loaded .cmx model. `forward` runs tokens through it; `generate` / `stream` sample text."""
 
@@ -542,7 +552,11 @@ class Runtime:
             self.head = make_linear(t, EMBED, self.embed_scheme, kernels, dt)
         else:
             self.head = make_linear({"lm_head.weight": self.embed}, "lm_head", None)
-        self.layers = [Layer(f, i, kernels, dt, self.kv_dtype) for i in range(c["num_hidden_layers"])]
+        _release_repacked(f, [self.head])
+        self.layers = []
+        for i in range(c["num_hidden_layers"]):
+            self.layers.append(Layer(f, i, kernels, dt, self.kv_dtype))
+            _release_repacked(f, self.layers[-1].linears)  # as it goes: the peak holds one layer twice, not all
         self.head_dim, self.rope_theta, self.eps = c["head_dim"], c["rope_theta"], c["rms_norm_eps"]
         eos = c.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -390,3 +390,42 @@ def test_adjusted_row_adds_biases_and_takes_penalties_on_a_copy():
     want[torch.tensor([3, 7])] -= 0.5 * torch.tensor([2.0, 1.0]) + 0.25
     assert torch.equal(got, want) and torch.equal(logits, before)
     assert torch.equal(adjusted_row(logits, {}, counts), logits)  # no penalty asked: the counts do nothing
+
+
+def test_repacked_int4_layers_release_the_files_pages(tiny_tokenizer, tmp_path, monkeypatch):
+    """Int4 layers repacked into panels compute from their copy: the file's pages under them, read once for the
+    repack, leave the process (`CmxFile.release`), so the weights are not resident twice; the file maps back in
+    when read again."""
+    from codexmini.cmx import CmxFile
+    from codexmini.runtime import native
+
+    ext = native.load()
+    if ext is None or not ext.panels():
+        pytest.skip("the int4 panel kernels need a build with AVX-512 VNNI")
+
+    def resident(path):  # kB of the file's mappings resident in this process
+        total, ours = 0, False
+        for line in open("/proc/self/smaps"):
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                ours = line.rstrip().endswith(str(path))
+            elif ours and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    model = _model(layer_types=["softmax", "softmax"], hidden_size=256, intermediate_size=1024)
+    qmodel, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32"))
+    path = export_cmx(qmodel, tiny_tokenizer, tmp_path / "q4.cmx")
+    int4_kb = sum(t.numel() for n, t in read_cmx(path).tensors.items() if n.endswith(".qweight")) // 1024
+    ids = torch.arange(4, 30)
+    exact = Runtime(path, act_dtype="float32")  # no panels: computes from the file's pages
+    want = exact.forward(ids, exact.new_session())
+    del exact
+    assert resident(path) == 0  # that map is gone with it
+    rt = Runtime(path)
+    released = resident(path)
+    assert released < int4_kb / 4, (released, int4_kb)
+    torch.testing.assert_close(rt.forward(ids, rt.new_session()), want, atol=5e-2, rtol=5e-2)
+    monkeypatch.setattr(CmxFile, "release", lambda self, t: None)
+    kept = Runtime(path)
+    assert resident(path) - released > int4_kb * 0.9  # without the release: the repacked pages stay
+    del kept
