@@ -94,7 +94,7 @@ def test_kill_then_resume_logs_every_step_once_and_survives_a_damaged_checkpoint
               stage / ".staged.abc123", stage.parent / ".config.yaml.xyz.tmp"]
     for p in litter:
         if p.suffix == ".tmp" and p.parent.name == "checkpoints":
-            p.mkdir()
+            p.mkdir(exist_ok=True)  # the kill may have come in the middle of that very save
             (p / "model.safetensors").write_bytes(b"\0" * 100_000)
         elif p.name.startswith(".staged."):
             p.mkdir()
