@@ -285,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _runtime_options(p) -> None:
     from .runtime.kernels import KERNEL_MODES
-    from .runtime.model import KV_DTYPES
+    from .runtime.model import KV_DTYPE_CHOICES
 
     p.add_argument("--kernels", default="auto", choices=KERNEL_MODES,
                    help="int8/int4 matmuls: auto (cmx where it builds, else native), codexmini's own CPU kernels "
                         "(cmx), torch's packed kernels (native), or weights widened to fp32 at load (dequant)")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
+    p.add_argument("--kv-dtype", default="auto", choices=KV_DTYPE_CHOICES,
                    help="the KV caches: auto (float16 where codexmini's kernels attend in AVX-512, else float32), "
                         "float16 or float32")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

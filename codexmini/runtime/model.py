@@ -132,6 +132,7 @@ class Checkpoint:
 
 
 KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # what `kv_dtype` / `--kv-dtype` take
 
 
 def resolve_kv_dtype(kv_dtype: str, vector_attention: bool) -> torch.dtype:
@@ -143,7 +144,7 @@ def resolve_kv_dtype(kv_dtype: str, vector_attention: bool) -> torch.dtype:
     if kv_dtype == "auto":
         return torch.float16 if vector_attention else torch.float32
     if kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of auto, {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPE_CHOICES)}; got {kv_dtype!r}")
     return KV_DTYPES[kv_dtype]
 
 

@@ -36,7 +36,7 @@ def model_specs(items: list[str]) -> dict[str, Path]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..runtime.kernels import KERNEL_MODES
-    from ..runtime.model import KV_DTYPES
+    from ..runtime.model import KV_DTYPE_CHOICES
     from .config import ServeConfig
 
     d = ServeConfig()
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                    help="prompt tokens per step (linear-state checkpoints are taken at these boundaries)")
     p.add_argument("--kernels", default=d.kernels, choices=KERNEL_MODES, help="runtime kernels (see `generate`)")
-    p.add_argument("--kv-dtype", default=d.kv_dtype, choices=["auto", *KV_DTYPES],
+    p.add_argument("--kv-dtype", default=d.kv_dtype, choices=KV_DTYPE_CHOICES,
                    help="the KV caches (see `generate`): float16 halves their memory, so the prefix cache holds "
                         "twice the tokens")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from codexmini.runtime import SamplingConfig
+from codexmini.serve.prefix_cache import common_prefix, pack
 from tests.serve.conftest import LiveServer
 from tests.serve.test_server import chat_prompt
 
@@ -119,7 +120,7 @@ def test_second_chat_turn_reuses_the_first(server, runtimes, model):
     # the first turn reuses nothing of its own: at most the template's opening, which any chat the session's server
     # saw before shares (tests/serve/test_errors.py's, when it runs first)
     other = rt.tokenizer.encode(chat_prompt(rt, [{"role": "system", "content": "Q"}]), add_special_tokens=False).ids
-    opening = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
+    opening = common_prefix(pack(ids), pack(other))
     assert first.usage.prompt_tokens_details.cached_tokens <= opening < first_prompt // 2
     assert first_prompt <= cached < second.usage.prompt_tokens
     # the answer is the one computed from scratch

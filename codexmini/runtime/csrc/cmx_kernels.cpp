@@ -2115,13 +2115,11 @@ void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const f
     vm[c] = static_cast<__mmask16>(vleft >= 16 ? 0xFFFF : vleft > 0 ? (1u << vleft) - 1 : 0);
   }
   const __m512 av = _mm512_set1_ps(dec ? *dec : 1.f);
-  const __m512i at_d = _mm512_set1_epi32(static_cast<int>(D % 16));
+  const __mmask16 at_d = static_cast<__mmask16>(1u << (D % 16));  // column D's lane in vector D / 16
   auto v1_of = [&](const float* vr, __m512* out) {  // [v, 1]
     for (int c = 0; c < NV; ++c) {
       out[c] = _mm512_maskz_loadu_ps(vm[c], vr + 16 * c);
-      if (c == D / 16)
-        out[c] = _mm512_mask_mov_ps(out[c], _mm512_cmpeq_epi32_mask(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8,
-                                    7, 6, 5, 4, 3, 2, 1, 0), at_d), _mm512_set1_ps(1.f));
+      if (c == D / 16) out[c] = _mm512_mask_mov_ps(out[c], at_d, _mm512_set1_ps(1.f));
     }
   };
   auto update = [&](__m512* row, const __m512* v1, float kf, float qf, __m512* acc) __attribute__((always_inline)) {
@@ -2268,8 +2266,6 @@ at::Tensor linear_segments_(std::vector<at::Tensor> states, const std::vector<in
   return linear_rows(states, starts, fq, fk, v, decay, eps, "linear_segments_");
 }
 
-// Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)];
-// or of several tokens, x [R, D] with R a multiple of H (row r is head r % H of token r / H), out [R, 2 Fh].
 // Hedgehog's map of one head of one token (x [D], w [D, Fh], NF = Fh / 16 vectors of the projection kept in
 // registers) into out [2 Fh]: [softmax(x w), softmax(-x w)], with exp16 (a scalar exp per feature was most of a
 // prompt's feature-map time).
@@ -2315,6 +2311,8 @@ bool hedgehog_row(const float* x, const float* w, int64_t D, int64_t Fh, float* 
 bool hedgehog_row(const float*, const float*, int64_t, int64_t, float*) { return false; }
 #endif
 
+// Hedgehog feature map of one token: proj = x[h] w[h] (x [H, D], w [H, D, Fh]) -> [softmax(proj), softmax(-proj)];
+// or of several tokens, x [R, D] with R a multiple of H (row r is head r % H of token r / H), out [R, 2 Fh].
 at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat &&
               w.scalar_type() == at::kFloat && w.dim() == 3 && x.numel() > 0 &&
