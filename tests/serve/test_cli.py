@@ -50,11 +50,17 @@ def test_the_subcommand_parses(cmx_models, tmp_path):
     key.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         api_key(parser.parse_args(["serve", "m.cmx", "--api-key-file", str(key)]))
+    assert parser.parse_args(["serve", "m.cmx", "--kv-dtype", "float32"]).kv_dtype == "float32"
+    assert parser.parse_args(["serve", "m.cmx"]).kv_dtype == "auto"
 
 
 def test_bad_arguments_exit_with_a_message(cmx_models, capsys):
     assert main([str(cmx_models["linear"]), "--parallel", "0"]) == 2
     assert "--parallel must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([str(cmx_models["linear"]), "--kv-dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--kv-dtype" in err and "'bfloat16'" in err and "float16" in err
 
 
 def _serve(args, timeout=60):
