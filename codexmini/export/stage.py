@@ -20,8 +20,9 @@ from .to_cmx import ExportConfig, check_export_config, export_cmx
 
 
 def runtime_check(model, path, ids: torch.Tensor, kernels: str) -> dict:
-    """Runtime logits on `ids` (prefill half, then token by token) against PyTorch's: with fp32 activations
-    (exact) and with the int kernels' fast inputs (what users run). Returns diffs, NLLs and the fast runtime."""
+    """Runtime logits on `ids` (prefill half, then token by token) against PyTorch's: with fp32 activations and
+    KV caches (exact) and with the int kernels' fast inputs and the default caches (what users run). Returns
+    diffs, NLLs and the fast runtime."""
     from ..runtime import Runtime
 
     with torch.no_grad():
@@ -29,7 +30,7 @@ def runtime_check(model, path, ids: torch.Tensor, kernels: str) -> dict:
     diffs, nll = {}, {"pytorch": float(F.cross_entropy(want[:-1], ids[1:]))}
     rt = None
     for act in ("float32", "auto"):
-        rt = Runtime(path, kernels=kernels, act_dtype=act)
+        rt = Runtime(path, kernels=kernels, act_dtype=act, kv_dtype="float32" if act == "float32" else "auto")
         s = rt.new_session()
         half = len(ids) // 2
         got = torch.cat([rt.forward(ids[:half], s, all_logits=True)]
