@@ -204,7 +204,7 @@ class Layer:
             qkv = self.qkv(a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)  # query and key heads, in place
             if self.type == "softmax":
-                o = self._softmax_prompt(qkv, st)
+                o = self._softmax_segments(qkv, [st], [0, T])
             else:
                 o = self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), [st], [0, T])
         else:
@@ -226,7 +226,7 @@ class Layer:
             qkv = _by_rows(self.qkv, a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
             if self.type == "softmax":  # every session's heads in one call
-                rows.append(self._softmax_decode(qkv, sts))
+                rows.append(self._softmax_segments(qkv, sts, list(range(B + 1))))
             else:
                 rows.append(self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), sts, list(range(B + 1))))
         else:
@@ -244,31 +244,25 @@ class Layer:
     def forward_segments(self, x: torch.Tensor, cos, sin, segments: list[tuple[int, int, dict]]) -> torch.Tensor:
         """Several sequences' prompt chunks at once: rows `a:b` of x `[T, d]` continue the state of their segment
         `(a, b, st)`, each row at its own position (cos / sin `[T, D]`). The linear layers take all T rows in one
-        call (a prompt's kernel dequantizes each weight tile once for every sequence); attention runs per segment,
-        as `forward` runs it on that sequence's chunk alone."""
+        call (a prompt's kernel dequantizes each weight tile once for every sequence), and so does attention with
+        codexmini's kernels; every row is computed as `forward` on that sequence's chunk alone computes it. A segment
+        of one row is a decoding step: prompts and decoding sequences can share one forward."""
         T, ext = x.shape[0], self.ext
         a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
-        fused = ext is not None and self.qkv is not None
-        if fused:
+        if ext is not None and self.qkv is not None:  # every segment's rows in one call, each as `forward` gives it
             qkv = self.qkv(a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
-            q, k, v = (t.reshape(T, -1, self.hd).transpose(0, 1) for t in qkv.split(self.split_qkv, dim=-1))
-        else:
-            q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
-            q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
-            k = apply_rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
-            v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
-        if fused and self.type != "softmax":  # every segment's tokens in one call, as `forward` runs each alone
-            starts = [a for a, _, _ in segments] + [segments[-1][1]]
-            o = self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), [st for _, _, st in segments], starts)
+            starts = [i for i, _, _ in segments] + [segments[-1][1]]
+            sts = [st for _, _, st in segments]
+            o = self._softmax_segments(qkv, sts, starts) if self.type == "softmax" else \
+                self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), sts, starts)
             return self._mlp(self.o(o, x))
-        rows = []
-        for i, j, st in segments:
-            if fused:  # what `forward` does with this chunk alone
-                rows.append(self._softmax_prompt(qkv[i:j], st))
-            else:
-                rows.append(self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1)
-                            .reshape(j - i, self.h * self.hd))
+        q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
+        q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
+        k = apply_rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
+        v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
+        rows = [self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1).reshape(j - i, self.h * self.hd)
+                for i, j, st in segments]
         return self._mlp(self.o(torch.cat(rows), x))
 
     def _mlp(self, h: torch.Tensor, by_rows=None) -> torch.Tensor:
@@ -317,26 +311,18 @@ class Layer:
                 buf[:, :n] = st[name][:, :n]
             st[name] = buf
 
-    def _softmax_decode(self, qkv: torch.Tensor, sts: list[dict]) -> torch.Tensor:
-        """One token for each of the sessions `sts` (row i of qkv continues `sts[i]`) through codexmini's fused
-        attention kernel, all of them in one call (the reference is `_softmax`)."""
+    def _softmax_segments(self, qkv: torch.Tensor, sts: list[dict], starts: list[int]) -> torch.Tensor:
+        """Rows of several sessions through codexmini's fused attention kernel, in one call: rows
+        `starts[b]:starts[b + 1]` of qkv `[R, C]` (rotary applied) continue `sts[b]`, causally, each row computed as
+        decoding it alone would be (a decoding step has one row per session, a prompt chunk a session's T rows).
+        The reference is `_softmax`, torch's SDPA (which cost 3-5x as much on a short prompt)."""
         ns = [st.get("n", 0) for st in sts]
-        for st, n in zip(sts, ns):
-            self.grow_cache(st, n + 1)
-        o = self.ext.attend_decode_batch(qkv, [st["k"] for st in sts], [st["v"] for st in sts], ns, self.h, self.kv,
-                                         self.hd, self.hd ** -0.5, 0)
-        for st, n in zip(sts, ns):
-            st["n"] = n + 1
-        return o
-
-    def _softmax_prompt(self, qkv: torch.Tensor, st: dict) -> torch.Tensor:
-        """T tokens of one session (rows of qkv `[T, C]`, rotary applied) through codexmini's fused attention kernel:
-        causal, each row computed as decoding it token by token would (the reference is `_softmax`, torch's SDPA,
-        which cost 3-5x as much on a short prompt)."""
-        n, T = st.get("n", 0), qkv.shape[0]
-        self.grow_cache(st, n + T)
-        o = self.ext.attend_prompt(qkv, st["k"], st["v"], n, self.h, self.kv, self.hd, self.hd ** -0.5, 0)
-        st["n"] = n + T
+        for b, (st, n) in enumerate(zip(sts, ns)):
+            self.grow_cache(st, n + starts[b + 1] - starts[b])
+        o = self.ext.attend_segments(qkv, [st["k"] for st in sts], [st["v"] for st in sts], ns, starts, self.h,
+                                     self.kv, self.hd, self.hd ** -0.5, 0)
+        for b, (st, n) in enumerate(zip(sts, ns)):
+            st["n"] = n + starts[b + 1] - starts[b]
         return o
 
     def _softmax(self, q, k, v, st):

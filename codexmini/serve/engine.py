@@ -5,10 +5,11 @@ Requests wait in a bounded queue (full: `QueueFull`, which the app answers with 
 admitted as slots free up, at most `parallel` at a time. Each admitted request gets its own session, forked from the
 prefix cache where an earlier request shared its beginning. Every step of the loop then
 1. drops the sequences whose client went away (their slot is free for the next step),
-2. runs the next chunks of the prompts still prefilling, up to `prefill_chunk` tokens in all, in one forward
-   (a long prompt delays the others' next token by one chunk, not by the whole prompt),
-3. decodes one token for every sequence past its prompt in one forward (`Runtime.decode_batch`: each weight read
-   serves all of them), samples each with its own parameters and generator, and sends the text on.
+2. decodes one token for every sequence past its prompt in one forward, samples each with its own parameters and
+   generator, and sends the text on: with the next chunks of the prompts still prefilling (up to `prefill_chunk`
+   tokens in all) when there are any (`Runtime.prefill_batch`, the decoding tokens one-row chunks beside them: a
+   long prompt delays the others' next token by one chunk, not by the whole prompt), else alone
+   (`Runtime.decode_batch`: each weight read serves all of them).
 Sequences join and leave between steps. Sampling, seeds and stop strings are per sequence, so a request's output
 does not depend on what runs beside it: its greedy tokens are the ones it gets alone.
 
@@ -303,13 +304,19 @@ class Engine:
         for seq in [s for s in self._active if s.job.cancelled]:
             self.metrics.inc("codexmini_requests_cancelled_total", model=self.name)
             self._finish(seq, "cancelled", flush=False)
-        if any(s.prefilling for s in self._active):
-            self._prefill()
-            self._flush()  # first tokens go out now, not after this step's decode forward
         batch = [s for s in self._active if not s.prefilling]
+        if any(s.prefilling for s in self._active):
+            rode = self._prefill(batch)
+            self._flush()  # first tokens go out now, not after this step's decode forward
+            if rode:
+                return
+            batch = [s for s in self._active if not s.prefilling]
         if not batch:
             return
-        logits = self.rt.decode_batch([s.next_id for s in batch], [s.session for s in batch])
+        self._decoded(batch, self.rt.decode_batch([s.next_id for s in batch], [s.session for s in batch]))
+
+    def _decoded(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        """The decoding sequences `batch` have run their next token (logits `[B, V]`): sample the one after."""
         self.metrics.inc("codexmini_decode_steps_total", model=self.name)
         self.metrics.observe("codexmini_decode_batch_size", len(batch), model=self.name)
         for seq, row in zip(batch, logits):
@@ -322,10 +329,13 @@ class Engine:
         if self.cache is not None and self.cache.wants_checkpoint(pos) and pos not in seq.checkpoints:
             seq.checkpoints[pos] = self.rt.checkpoint(seq.session)
 
-    def _prefill(self) -> None:
+    def _prefill(self, decoding: list[Sequence]) -> bool:
         """The next prompt chunks of the sequences still prefilling, oldest first, up to `prefill_chunk` tokens in
         all, in one forward (`Runtime.prefill_batch`: the int kernels dequantize each weight once for all of
-        them); a sequence whose prompt is done samples its first token."""
+        them); a sequence whose prompt is done samples its first token. The `decoding` sequences ride along, their
+        next token a one-row chunk of the same forward: a prompt's matmuls are bound by compute, so a few more
+        rows cost little beside a decoding step of their own, which would read every weight again (each row is
+        computed as it is alone: greedy answers do not change). Returns whether they did."""
         budget, work = self.prefill_chunk, []
         for seq in self._active:
             if not seq.prefilling:
@@ -340,9 +350,12 @@ class Engine:
                 budget -= stop - start
         run = [(seq, chunk) for seq, chunk in work if chunk]
         if run:
-            logits = self.rt.prefill_batch([chunk for _, chunk in run], [seq.session for seq, _ in run])
+            logits = self.rt.prefill_batch([chunk for _, chunk in run] + [[seq.next_id] for seq in decoding],
+                                           [seq.session for seq, _ in run] + [seq.session for seq in decoding])
             for (seq, _), row in zip(run, logits):
                 seq.logits = row
+            if decoding:
+                self._decoded(decoding, logits[len(run):])
         for seq, chunk in work:
             end = len(seq.prompt)
             if seq.session.pos < end:
@@ -357,6 +370,7 @@ class Engine:
                 self._finish(seq, "length")
             else:
                 self._sample(seq, logits)
+        return bool(run and decoding)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.job.params

@@ -167,6 +167,34 @@ def test_batched_prefill_equals_each_prompt_alone(variant, kernels, tiny_tokeniz
     assert [s.tokens for s in batched] == [s.tokens for s in alone]
 
 
+def test_decoding_rows_beside_prompts_are_exact_in_an_int_model(tiny_tokenizer, tmp_path):
+    """The server's mixed step: decoding sessions' next tokens as one-row chunks of a `prefill_batch` beside other
+    sessions' prompts give bit for bit the logits each gets decoding alone (every linear layer and the head in int
+    kernels: their prompt path computes each row as the one-row path does; attention and the linear states run
+    each row as its own decoding step)."""
+    model = _model(layer_types=["softmax", "hybrid", "linear"], num_hidden_layers=3, feature_map="hedgehog",
+                   linear_decay=True, tie_word_embeddings=False)
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32",
+                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
+    if rt.kernels != "cmx":
+        pytest.skip("codexmini's kernels did not build here")
+    decoding, alone = [rt.new_session() for _ in range(5)], [rt.new_session() for _ in range(5)]
+    for i, (s, a) in enumerate(zip(decoding, alone)):  # the same tokens (past the hybrid window for some); not
+        for session in (s, a):  # a fork: it lays the window out in time order, which changes its sums' order
+            rt.forward(list(range(10, 14 + 7 * i)), session)
+            rt.forward([60 + i], session)
+    prompts = _prompts(3, seed=7)
+    fresh = [rt.new_session() for _ in prompts]
+    ids = [31, 32, 33, 34, 35]
+    got = rt.prefill_batch(prompts[:2] + [[t] for t in ids] + prompts[2:], fresh[:2] + decoding + fresh[2:])
+    want = torch.stack([rt.forward([t], s) for t, s in zip(ids, alone)])
+    assert torch.equal(got[2:7], want)
+    assert torch.equal(got[[0, 1, 7]], torch.stack([rt.forward(p, rt.new_session()) for p in prompts]))
+    # and the next step, decoding alone, goes on from identical states
+    assert torch.equal(rt.decode_batch([40] * 5, decoding), torch.stack([rt.forward([40], s) for s in alone]))
+
+
 def test_prefill_batch_refuses_bad_input(tiny_tokenizer, tmp_path):
     rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "m.cmx"))
     s = rt.new_session()

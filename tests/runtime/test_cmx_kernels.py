@@ -473,6 +473,36 @@ def test_attention_of_a_batch_equals_each_sequence_alone(window, long, hd):
         ext.attend_decode_batch(qkv[:2].contiguous(), [k, k], [v, v], ns[:2], H, KV, hd, 1.0, 0)
 
 @needs_ext
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("hd", [16, 64])
+def test_attention_of_mixed_segments_equals_each_sequence_alone(window, hd):
+    """attend_segments: prompt chunks and decoding rows of several sequences in one call (rows starts[b] ..
+    starts[b+1] continue sequence b from slot ns[b]), bit for bit attend_prompt on each sequence's rows alone, with
+    the same keys and values written; two segments on one cache and bad offsets are refused."""
+    g = torch.Generator().manual_seed(11)
+    H, KV = 6, 2
+    ns, lens = [40, 3, 0, 250, 7], [60, 1, 5, 1, 0]  # a prompt after 40 cached, decoding rows, a first chunk, none
+    caches = [(torch.randn(KV, n + t + 2, hd, generator=g), torch.randn(KV, n + t + 2, hd, generator=g))
+              for n, t in zip(ns, lens)]
+    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    qkv = torch.randn(starts[-1], (H + 2 * KV) * hd, generator=g)
+    alone = [(k.clone(), v.clone()) for k, v in caches]
+    want = torch.cat([ext.attend_prompt(qkv[a:b].clone(), k, v, n, H, KV, hd, hd ** -0.5, window)
+                      for (k, v), n, a, b in zip(alone, ns, starts, starts[1:]) if b > a])
+    got = ext.attend_segments(qkv, [k for k, _ in caches], [v for _, v in caches], ns, starts, H, KV, hd,
+                              hd ** -0.5, window)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for (k, v), (ka, va) in zip(caches, alone):
+        assert torch.equal(k, ka) and torch.equal(v, va)
+    k, v = caches[0]
+    with pytest.raises(RuntimeError, match="rows 0 and 1 share a cache"):
+        ext.attend_segments(qkv[:61].contiguous(), [k, k], [v, v], ns[:2], starts[:3], H, KV, hd, 1.0, 0)
+    with pytest.raises(RuntimeError, match="starts must not decrease"):
+        ext.attend_segments(qkv[:61].contiguous(), [k, caches[1][0]], [v, caches[1][1]], ns[:2], [0, 62, 61], H, KV,
+                            hd, 1.0, 0)
+
+
+@needs_ext
 @pytest.mark.parametrize("decay", [False, True])
 def test_linear_decode_step_equals_the_reference(decay):
     g = torch.Generator().manual_seed(7)

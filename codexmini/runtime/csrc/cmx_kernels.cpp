@@ -36,6 +36,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <limits>
@@ -2043,23 +2044,55 @@ at::Tensor attend_slots(const at::Tensor& qkv, const std::vector<KVCache>& cache
   return out;
 }
 
-// Row b of qkv [B, C] continues caches[b] (kcaches[b] / vcaches[b] [KV, capacity, hd], this token into slot ns[b]):
-// writes its key and value, then attends each query head over slots [n + 1 - window, n] (all of 0..n when window
-// <= 0) of its KV group. Returns [B, heads * hd]: every row computed as it is alone.
-at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, std::vector<at::Tensor> vcaches,
-                       const std::vector<int64_t>& ns, int64_t heads, int64_t kv_heads, int64_t hd, double scale,
-                       int64_t window, const char* what) {
+// Rows [starts[b], starts[b + 1]) continue sequence b, in order: B + 1 offsets from 0, none decreasing. Checked.
+int64_t segment_rows(const std::vector<int64_t>& starts, int64_t B, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B + 1 && starts[0] == 0, what,
+              ": starts must hold one offset per sequence and the end, from 0");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(starts[b] <= starts[b + 1], what, ": starts must not decrease (sequence ", b, ")");
+  return starts[B];
+}
+
+// Rows [starts[b], starts[b + 1]) of qkv [R, C] continue sequence b (kcaches[b] / vcaches[b] [KV, capacity, hd]),
+// its first row into slot ns[b], the next into ns[b] + 1, ...: each row's key and value are written, then each of its
+// query heads attends slots [slot + 1 - window, slot] (all of 0..slot when window <= 0) of its KV group, exactly as
+// decoding the rows one token at a time would. One call for any mix: a decoding step (one row per sequence), a
+// prompt chunk (one sequence), several prompts, or prompts beside decoding rows. Returns [R, heads * hd].
+at::Tensor attend_segments_impl(const at::Tensor& qkv, std::vector<at::Tensor>& kcaches,
+                                std::vector<at::Tensor>& vcaches, const std::vector<int64_t>& ns,
+                                const std::vector<int64_t>& starts, int64_t heads, int64_t kv_heads, int64_t hd,
+                                double scale, int64_t window, const char* what) {
   const int64_t B = static_cast<int64_t>(ns.size());
   TORCH_CHECK(B > 0 && static_cast<int64_t>(kcaches.size()) == B && static_cast<int64_t>(vcaches.size()) == B,
-              what, ": one key cache, value cache and slot per row");
-  check_qkv(qkv, B, heads, kv_heads, hd, what);
+              what, ": one key cache, value cache and first slot per sequence");
+  const int64_t R = segment_rows(starts, B, what);
+  TORCH_CHECK(R > 0, what, ": no rows");
+  check_qkv(qkv, R, heads, kv_heads, hd, what);
   std::vector<KVCache> caches;
   std::vector<const void*> buffers;
   for (int64_t b = 0; b < B; ++b) {
-    buffers.push_back(caches.emplace_back(kv_cache(kcaches[b], vcaches[b], ns[b], window, kv_heads, hd, what)).k);
+    buffers.push_back(kcaches[b].data_ptr());
+    for (int64_t t = 0; t < starts[b + 1] - starts[b]; ++t)
+      caches.push_back(kv_cache(kcaches[b], vcaches[b], ns[b] + t, window, kv_heads, hd, what));
   }
   check_distinct(buffers, what, "cache");
   return attend_slots(qkv, caches, heads, kv_heads, hd, scale);
+}
+
+at::Tensor attend_segments(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, std::vector<at::Tensor> vcaches,
+                           const std::vector<int64_t>& ns, const std::vector<int64_t>& starts, int64_t heads,
+                           int64_t kv_heads, int64_t hd, double scale, int64_t window) {
+  return attend_segments_impl(qkv, kcaches, vcaches, ns, starts, heads, kv_heads, hd, scale, window,
+                              "attend_segments");
+}
+
+// One row per sequence (attend_segments' decoding step).
+at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, std::vector<at::Tensor> vcaches,
+                       const std::vector<int64_t>& ns, int64_t heads, int64_t kv_heads, int64_t hd, double scale,
+                       int64_t window, const char* what) {
+  std::vector<int64_t> starts(ns.size() + 1);
+  std::iota(starts.begin(), starts.end(), int64_t{0});
+  return attend_segments_impl(qkv, kcaches, vcaches, ns, starts, heads, kv_heads, hd, scale, window, what);
 }
 
 // A prompt chunk of one sequence, causally: row t of qkv [T, C] goes into slot n + t of kcache / vcache and attends
@@ -2067,13 +2100,9 @@ at::Tensor attend_rows(const at::Tensor& qkv, std::vector<at::Tensor> kcaches, s
 // Returns [T, heads * hd]. (The reference, and the path without these kernels, is torch's SDPA with a causal mask.)
 at::Tensor attend_prompt(const at::Tensor& qkv, at::Tensor& kcache, at::Tensor& vcache, int64_t n, int64_t heads,
                          int64_t kv_heads, int64_t hd, double scale, int64_t window) {
-  const int64_t T = qkv.size(0);
-  TORCH_CHECK(T > 0, "attend_prompt: no rows");
-  check_qkv(qkv, T, heads, kv_heads, hd, "attend_prompt");
-  std::vector<KVCache> caches;
-  for (int64_t t = 0; t < T; ++t)
-    caches.push_back(kv_cache(kcache, vcache, n + t, window, kv_heads, hd, "attend_prompt"));
-  return attend_slots(qkv, caches, heads, kv_heads, hd, scale);
+  std::vector<at::Tensor> ks{kcache}, vs{vcache};
+  return attend_segments_impl(qkv, ks, vs, {n}, {0, qkv.size(0)}, heads, kv_heads, hd, scale, window,
+                              "attend_prompt");
 }
 
 // One decoding step of softmax attention with a KV cache: writes this token's key and value (rows of qkv [1, C]
@@ -2090,14 +2119,6 @@ at::Tensor attend_decode_batch(const at::Tensor& qkv, std::vector<at::Tensor> kc
   return attend_rows(qkv, kcaches, vcaches, ns, heads, kv_heads, hd, scale, window, "attend_decode_batch");
 }
 
-// Rows [starts[b], starts[b + 1]) continue sequence b, in order: B + 1 offsets from 0, none decreasing. Checked.
-int64_t segment_rows(const std::vector<int64_t>& starts, int64_t B, const char* what) {
-  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B + 1 && starts[0] == 0, what,
-              ": starts must hold one offset per sequence and the end, from 0");
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(starts[b] <= starts[b + 1], what, ": starts must not decrease (sequence ", b, ")");
-  return starts[B];
-}
 
 // One head of linear attention over rows r = 0 .. n-1 of one sequence (the pointers at row 0, advanced by their
 // strides per row): for each, state = decay * state + fk^T [v, 1], acc = fq state, out = acc[:D] / (acc[D] + eps).
@@ -2559,6 +2580,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, nogil, "append this token's key/value to the cache and attend (one token)");
   m.def("attend_prompt", &attend_prompt, nogil, "append a prompt chunk's keys/values to the cache and attend each "
         "row causally, as token-by-token decoding would");
+  m.def("attend_segments", &attend_segments, nogil, "attend_decode for several sequences' runs of rows (rows "
+        "starts[b]..starts[b+1] continue sequence b from slot ns[b]): decoding steps, prompt chunks, or both at once");
   m.def("attend_decode_batch", &attend_decode_batch, nogil, "attend_decode for several sequences, one row of qkv each, "
         "in one parallel loop");
   m.def("linear_decode_", &linear_decode_, nogil, "one token of linear attention on its state, in place");
