@@ -10,9 +10,9 @@
   are the file's), and take fp32 activations (equal to the dequantized reference up to the order of fp32
   additions) or int8 ones (the fast choice). Decode rows (up to `gemv_rows()`) run a SIMD GEMV that reads each
   weight row once for several of them; longer inputs dequantize a tile of rows at a time and multiply with MKL (in
-  bf16 where that is measured faster). One exception to "as stored": int4 layers fed int8 activations on a CPU with
-  AVX-512 VNNI are repacked once, at load, into panels of 16 rows (`to_panels`: the same bytes, reordered), whose
-  kernel keeps output channels in SIMD lanes (see `q4p_linear` in the source).
+  bf16 where that is measured faster). One exception to "as stored": int4 / int3 / int2 layers fed int8 activations
+  on a CPU with AVX-512 VNNI are repacked once, at load, into panels of 16 rows (`to_panels`, `to_lowbit_panels`:
+  the same bytes, reordered), whose kernels keep output channels in SIMD lanes (see `q4p_linear` in the source).
 - "auto" (the runtime's default): "cmx" where the kernels build, else "native".
 - "dequant": int weights expanded to fp32 at load (fastest matmul on CPUs without fast int kernels, but
   without the memory saving).
@@ -130,8 +130,9 @@ class CmxInt8Linear:
 class CmxGroupLinear:
     """int4 / int3 / int2 groups through codexmini's kernels: the file's packed codes, scales (fp16 or fp32) and,
     for asymmetric layers, zero points as they are; a symmetric layer passes an empty zero (the implied middle
-    code), a `_min` layer its float16 mins in the zero's place (the kernels tell them by dtype). `panels`: int4 fed
-    int8 activations, where `panel_layout` allows, is repacked by `to_panels` for the panel kernel (`q4p_linear`)."""
+    code), a `_min` layer its float16 mins in the zero's place (the kernels tell them by dtype). `panels`: fed int8
+    activations, where `panel_layout` allows, the codes are repacked (`to_panels`, `to_lowbit_panels`) for the
+    panel kernels (`q4p_linear`, `q3p_linear`, `q2p_linear`)."""
 
     def __init__(self, ext, bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  int8_act: bool = False, min_: torch.Tensor | None = None, panels: bool = True):
@@ -146,9 +147,11 @@ class CmxGroupLinear:
         self.sources = (self.packed, self.scale, self.zero)
         if self.panels:
             rows = ext.panels()
-            self.packed, self.scale = to_panels(self.packed, rows, 4), to_panels(self.scale, rows)
+            self.packed = to_panels(self.packed, rows, 4) if bits == 4 else to_lowbit_panels(self.packed, bits, rows)
+            self.scale = to_panels(self.scale, rows)
             self.zero = to_panels(self.zero, rows) if self.zero.numel() else self.zero
-            self._call = lambda x, packed, scale, zero, residual, _: ext.q4p_linear(x, packed, scale, zero, residual)
+            kernel = getattr(ext, f"q{bits}p_linear")
+            self._call = lambda x, packed, scale, zero, residual, _: kernel(x, packed, scale, zero, residual)
         else:
             self._call = getattr(ext, f"q{bits}_linear")
 
@@ -157,21 +160,41 @@ class CmxGroupLinear:
 
 
 def panel_layout(ext, bits: int, packed: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether an int4 layer takes the panel kernel here: the kernels' own rule (`ext.panel_layout`: a build with
-    AVX-512 VNNI, rows in whole panels, 32-column blocks of int8 activations tiling the row, groups that nest in
-    those blocks (8, 16) or are made of them (32, 64, ...))."""
-    if bits != 4 or scale.dim() != 2 or not scale.shape[1]:
+    """Whether an int4 / int3 / int2 layer takes the panel kernels here: the kernels' own rule (`ext.panel_layout`: a
+    build with AVX-512 VNNI, rows in whole panels, 32-column blocks of int8 activations tiling the row, groups that
+    nest in those blocks (int4: 8, 16; int3 / int2: 16) or are made of them (32, 64, ...))."""
+    if bits not in (2, 3, 4) or scale.dim() != 2 or not scale.shape[1] or packed.shape[1] * 8 % bits:
         return False
-    cols = packed.shape[1] * 2
-    return ext.panel_layout(packed.shape[0], cols, cols // scale.shape[1] if cols % scale.shape[1] == 0 else 0)
+    cols = packed.shape[1] * 8 // bits
+    return ext.panel_layout(packed.shape[0], cols, cols // scale.shape[1] if cols % scale.shape[1] == 0 else 0, bits)
 
 
 def to_panels(t: torch.Tensor, rows: int, word: int = 1) -> torch.Tensor:
-    """A per-row tensor `[out, n]` (codes, scales, zero points or mins) in the panel kernel's order, same shape and
-    bytes: per panel of `rows` output rows, each unit of `word` elements (4 bytes of int4 codes: 8 columns; one scale)
-    of every row side by side, so that one vector load holds that unit of `rows` output channels."""
+    """A per-row tensor `[out, n]` (int4 codes, scales, zero points or mins) in the panel kernel's order, same shape
+    and bytes: per panel of `rows` output rows, each unit of `word` elements (4 bytes of int4 codes: 8 columns; one
+    scale) of every row side by side, so that one vector load holds that unit of `rows` output channels."""
     out, n = t.shape
     return t.reshape(out // rows, rows, n // word, word).transpose(1, 2).contiguous().reshape(out, n)
+
+
+def to_lowbit_panels(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """An int3 / int2 layer's portable codes `[out, in*bits/8]` in the panel kernels' order, same shape and size: per
+    panel of `rows` output rows and step of 16 columns, the rows' 4 low-plane bytes side by side (the portable int2
+    bytes: column 4j+k in bits 2k of byte j), then for int3 the step's high bits as 4 masks of 64 bits (mask k: bit
+    4l + j = the high bit of row l's column 16s + 4j + k), so that field k of the low bytes is a vector of `rows`
+    channels x 4 codes and mask k goes straight into a mask register."""
+    out, nbytes = packed.shape
+    cols = nbytes * 8 // bits
+    panels, steps = out // rows, cols // 16
+    low = packed[:, :cols // 4].reshape(panels, rows, steps, 4).transpose(1, 2).reshape(panels, steps, 4 * rows)
+    if bits == 2:
+        return low.contiguous().reshape(out, nbytes)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    high = (packed[:, cols // 4:].unsqueeze(-1) >> shifts) & 1  # [out, cols/8, 8]: column 8j+k's high bit at [j, k]
+    high = high.reshape(panels, rows, steps, 4, 4)  # [p, l, s, j, k]: column 16s + 4j + k
+    masks = high.permute(0, 2, 4, 1, 3).reshape(panels, steps, 4, 4 * rows // 8, 8)  # bit 4l + j, 8 to a byte
+    masks = (masks << shifts).sum(-1, dtype=torch.uint8)  # (distinct bits: the sum is their or)
+    return torch.cat([low, masks.reshape(panels, steps, -1)], dim=-1).contiguous().reshape(out, nbytes)
 
 
 def _kernel_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -210,7 +233,7 @@ def resolve_act(mode: str, act: str) -> str:
 def make_linear(tensors: dict, name: str, scheme: str | None, mode: str = "native", act: str = "float32",
                 panels: bool = True):
     """The kernel object for linear layer `name` (float when `scheme` is None); `act`: see `resolve_act`; `panels`:
-    whether a cmx int4 layer may be repacked for the panel kernel (see `CmxGroupLinear`)."""
+    whether a cmx int4 / int3 / int2 layer may be repacked for the panel kernels (see `CmxGroupLinear`)."""
     mode = resolve_mode(mode)
     act = resolve_act(mode, act)
     if scheme is None:
@@ -248,7 +271,8 @@ class CmxConcatLinear:
         self.nbytes = sum(p.nbytes for p in parts)
         ext = parts[0].ext
         if isinstance(parts[0], CmxGroupLinear) and all(p.panels for p in parts):
-            self._call = lambda x, qs, ss, zs, _, silu=False: ext.q4p_linear_cat(x, qs, ss, zs, silu)
+            cat = getattr(ext, f"q{parts[0].bits}p_linear_cat")
+            self._call = lambda x, qs, ss, zs, _, silu=False: cat(x, qs, ss, zs, silu)
             self._args = ([p.packed for p in parts], [p.scale for p in parts], [p.zero for p in parts])
         elif isinstance(parts[0], CmxGroupLinear):
             if any(p.panels for p in parts):

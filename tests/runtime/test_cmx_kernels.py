@@ -14,7 +14,7 @@ from codexmini.ops.rope import apply_rope
 from codexmini.quantize import QuantizeConfig, quantize_model
 from codexmini.runtime import Runtime, native
 from codexmini.runtime.kernels import (CmxConcatLinear, CmxGroupLinear, make_fused_linear, make_linear, resolve_act,
-                                      resolve_mode, to_panels)
+                                      resolve_mode, to_lowbit_panels, to_panels)
 from tests.runtime.test_runtime import _model
 
 ext = native.load()
@@ -176,54 +176,75 @@ PANEL_ROWS = ext.panel_gemv_rows() if PANELS else 0  # inputs of up to this many
 needs_panels = pytest.mark.skipif(not PANELS, reason="the int4 panel kernels need a build with AVX-512 VNNI")
 
 
-def _panel_weight(N, K, G, mode, half, seed=0):
-    """An int4 layer's portable tensors (codes, scale, and zero points / mins / nothing), the same in panels, and
-    ops' dequantized weight."""
+def _panel_weight(N, K, G, mode, half, seed=0, bits=4):
+    """An int4 / int3 / int2 layer's portable tensors (codes, scale, and zero points / mins / nothing), the same in
+    panels, and ops' dequantized weight."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    q = torch.randint(0, 256, (N, K * bits // 8), dtype=torch.uint8, generator=g)  # any byte is valid codes
     s = torch.rand(N, K // G, generator=g) * 0.1
     s = s.half() if half else s
     offsets = {"sym": torch.empty(0, dtype=torch.uint8),
-               "asym": torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g),
+               "asym": torch.randint(0, 2 ** bits, (N, K // G), dtype=torch.uint8, generator=g),
                "min": ((torch.rand(N, K // G, generator=g) - 0.5) * 0.8).half()}[mode]
-    scheme = f"int4_g{G}" + {"sym": "", "asym": "_asym", "min": "_min"}[mode]
+    scheme = f"int{bits}_g{G}" + {"sym": "", "asym": "_asym", "min": "_min"}[mode]
     W = dequantize(scheme, q, s, offsets if mode == "asym" else None, offsets if mode == "min" else None)
-    panel = (to_panels(q, PANELS, 4), to_panels(s, PANELS), to_panels(offsets, PANELS) if offsets.numel() else offsets)
+    codes = to_panels(q, PANELS, 4) if bits == 4 else to_lowbit_panels(q, bits, PANELS)
+    panel = (codes, to_panels(s, PANELS), to_panels(offsets, PANELS) if offsets.numel() else offsets)
     return (q, s, offsets), panel, W
 
 
 @needs_panels
-@pytest.mark.parametrize("G", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("bits, G", [(4, 8), (4, 16), (4, 32), (4, 64), (4, 128), (3, 16), (3, 32), (3, 128),
+                                     (2, 16), (2, 32), (2, 64)])
 @pytest.mark.parametrize("mode", ["sym", "asym", "min"])
 @pytest.mark.parametrize("half", [True, False], ids=["fp16_scale", "fp32_scale"])
-def test_int4_panels_equal_the_int8_activation_reference(G, mode, half):
-    """The panel kernel (up to PANEL_ROWS rows: int8 activations; prompts too where the CPU has no AMX) equals
+def test_panels_equal_the_int8_activation_reference(bits, G, mode, half):
+    """The panel kernels (up to PANEL_ROWS rows: int8 activations; prompts too where the CPU has no AMX) equal
     int8-rounded activations times ops' dequantized weight, and the portable-layout kernel with int8 activations (for
     decoding rows); longer inputs (the tiled GEMM over the panels' dequantization) equal the fast prompt product.
     Every row of a batch is bit for bit the row alone."""
     N, K = 96, 256
-    portable, panel, W = _panel_weight(N, K, G, mode, half)
+    portable, panel, W = _panel_weight(N, K, G, mode, half, bits=bits)
+    kernel, reference = getattr(ext, f"q{bits}p_linear"), getattr(ext, f"q{bits}_linear")
     gen = torch.Generator().manual_seed(7)
     for M in (1, 3, 8, 19, GEMV_ROWS + 1):
         x = torch.randn(M, K, generator=gen)
         r = torch.randn(M, N, generator=gen)
-        got = ext.q4p_linear(x, *panel, r)
+        got = kernel(x, *panel, r)
         want = (int8_activations(x) @ W.t() if M <= PANEL_ROWS else fast_prompt_product(x, W)) + r
         tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5 if M <= PANEL_ROWS else BF16_TOL["rtol"])
         torch.testing.assert_close(got, want, **tol)
         if M <= GEMV_ROWS:  # (19 rows: three chunks of rows of x, each row still exactly as alone)
-            torch.testing.assert_close(got, ext.q4_linear(x, *portable, r, True), **tol)
-            alone = torch.cat([ext.q4p_linear(x[m:m + 1], *panel) for m in range(M)])
-            assert torch.equal(ext.q4p_linear(x, *panel), alone)
+            torch.testing.assert_close(got, reference(x, *portable, r, True), **tol)
+            alone = torch.cat([kernel(x[m:m + 1], *panel) for m in range(M)])
+            assert torch.equal(kernel(x, *panel), alone)
 
 
 @needs_panels
+@pytest.mark.parametrize("bits", [3, 2])
+def test_lowbit_panels_hold_the_same_codes(bits):
+    """to_lowbit_panels reorders bytes and bits without losing any: every code of the portable layout is where the
+    kernel reads it (checked through a weight of one-hot rows: each output picks one column's code)."""
+    N, K, G = 32, 64, 32
+    (q, s, _), (codes, scale, _), W = _panel_weight(N, K, G, "min", False, seed=3, bits=bits)
+    ones = torch.ones(N, K // G, dtype=torch.float32)
+    zero_min = torch.zeros(N, K // G).half()  # w = code exactly
+    for col in (0, 5, 17, 63):
+        x = torch.zeros(1, K)
+        x[0, col] = 1.0  # int8 activations hold 1.0 exactly (127 * 1/127)
+        got = getattr(ext, f"q{bits}p_linear")(x, codes, to_panels(ones, PANELS), to_panels(zero_min, PANELS))
+        want = dequantize(f"int{bits}_g{G}_min", q, ones, None, zero_min)[:, col]
+        torch.testing.assert_close(got[0], want, rtol=1e-6, atol=1e-6)
+
+
+@needs_panels
+@pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("M", [1, 5, GEMV_ROWS + 1, 300])  # 300: a fused gate/up in two slabs of rows
-def test_int4_panels_side_by_side_and_fused_silu_equal_the_reference(M):
+def test_panels_side_by_side_and_fused_silu_equal_the_reference(M, bits):
     """q/k/v-like parts of different heights (whole panels), group sizes and offsets in one call, and gate/up into
     silu(gate) * up."""
     K = 128
-    parts = [_panel_weight(N, K, G, mode, True, seed=i)
+    parts = [_panel_weight(N, K, G, mode, True, seed=i, bits=bits)
              for i, (N, G, mode) in enumerate(((160, 32, "sym"), (32, 16, "asym"), (48, 64, "min")))]
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(8))
 
@@ -233,15 +254,15 @@ def test_int4_panels_side_by_side_and_fused_silu_equal_the_reference(M):
     args = tuple([p[1][i] for p in parts] for i in range(3))
     want = product(torch.cat([p[2] for p in parts]))
     tol = dict(atol=1e-5 * want.abs().max().item(), rtol=BF16_TOL["rtol"] if M > PANEL_ROWS else 1e-5)
-    torch.testing.assert_close(ext.q4p_linear_cat(x, *args), want, **tol)
-    gate, up = parts[0], _panel_weight(160, K, 32, "sym", True, seed=9)
+    torch.testing.assert_close(getattr(ext, f"q{bits}p_linear_cat")(x, *args), want, **tol)
+    gate, up = parts[0], _panel_weight(160, K, 32, "sym", True, seed=9, bits=bits)
     pair = tuple([gate[1][i], up[1][i]] for i in range(3))
     want = torch.nn.functional.silu(product(gate[2])) * product(up[2])
-    torch.testing.assert_close(ext.q4p_linear_cat(x, *pair, True), want, **tol)
+    torch.testing.assert_close(getattr(ext, f"q{bits}p_linear_cat")(x, *pair, True), want, **tol)
 
 
 @needs_panels
-def test_the_runtime_puts_int4_layers_in_panels_only_where_the_kernel_takes_them():
+def test_the_runtime_puts_int_layers_in_panels_only_where_the_kernel_takes_them():
     """int8 activations and whole panels: repacked (and fused parts all alike); fp32 activations, or rows that are
     not whole panels, keep the file's layout. Both give the reference's products."""
     t, _ = _int4(64, 128, 32)
@@ -255,6 +276,11 @@ def test_the_runtime_puts_int4_layers_in_panels_only_where_the_kernel_takes_them
     assert torch.equal(fast.packed.flatten().sort().values, t["w.qweight"].flatten().sort().values)
     torch.testing.assert_close(fast(x), int8_activations(x) @ W.t(), atol=1e-5 * W.abs().max().item(), rtol=1e-5)
     torch.testing.assert_close(exact(x), x @ W.t(), atol=1e-5, rtol=1e-5)
+    for bits in (3, 2):  # int3 / int2 too, in their own panel order
+        (q, s, _), _, Wb = _panel_weight(64, 128, 32, "sym", True, seed=bits, bits=bits)
+        low = make_linear({"w.qweight": q, "w.scale": s}, "w", f"int{bits}_g32", "cmx", "int8")
+        assert low.panels and not torch.equal(low.packed, q) and low.packed.shape == q.shape
+        torch.testing.assert_close(low(x), int8_activations(x) @ Wb.t(), atol=1e-5 * Wb.abs().max().item(), rtol=1e-5)
     t40, _ = _int4(40, 128, 32, seed=3)  # 40 rows: not whole panels, and so neither is a part fused with it
     t40.pop("w.zero")
     assert not make_linear(t40, "w", "int4_g32", "cmx", "int8").panels

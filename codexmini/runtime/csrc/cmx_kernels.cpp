@@ -1229,18 +1229,25 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
   return silu ? silu_mul(y) : y;
 }
 
-// ------------------------------------------------------------------------------------------------ int4 panels
-// The decoding layout of int4 weights fed int8 activations, repacked once at load by the runtime
-// (codexmini.runtime.kernels.to_panels; the same bytes as the portable layout, reordered): rows in panels of kPanel =
-// 16. Panel p holds, for every word d of a row (4 bytes: columns 8d .. 8d+7, two per byte, low nibble first, as in
-// the portable layout), the 16 rows' words side by side (64 bytes, row 16p + l's at byte 4l); its scales, and zero
-// points or mins, are [ng][16] per panel likewise. Output channels then lie in SIMD lanes: one `vpdpbusd` multiplies
-// 4 columns of 16 channels by 4 broadcast activations of one row of x, the float epilogue (the group's scale and its
-// zero points' share) is paid once per group for 16 channels, and no horizontal sum is left: where the portable
-// layout's GEMV (lanes along the columns) pays 7 float operations per 2 dot products and row of x, this pays 3-4 per 8
-// (g32). The activations are reordered once per call: per word, the 4 even columns (the low nibbles' partners), then
-// the 4 odd ones. Every group size that nests in the 32-column blocks of the int8 activations or is a multiple of
-// them (8, 16, 32, 64, ...) takes it; each row of x is computed exactly as it is alone.
+// ------------------------------------------------------------------------------------------------ panels
+// The decoding layout of int4 / int3 / int2 weights fed int8 activations, repacked once at load by the runtime
+// (codexmini.runtime.kernels.to_panels / to_lowbit_panels; the same bytes as the portable layout, reordered): rows in
+// panels of kPanel = 16, so that output channels lie in SIMD lanes: one `vpdpbusd` multiplies 4 columns of 16
+// channels by 4 broadcast activations of one row of x, the float epilogue (the group's scale and its zero points'
+// share) is paid once per group for 16 channels, and no horizontal sum is left: where the portable layout's GEMV
+// (lanes along the columns) pays 7 float operations per 2 dot products and row of x, this pays 3-4 per 8 (g32).
+// - int4: panel p holds, for every word d of a row (4 bytes: columns 8d .. 8d+7, two per byte, low nibble first, as
+//   in the portable layout), the 16 rows' words side by side (64 bytes, row 16p + l's at byte 4l). The activations
+//   are reordered once per call: per word, the 4 even columns (the low nibbles' partners), then the 4 odd ones.
+// - int2 / int3: panel p holds, for every step s of 16 columns, the 16 rows' 4 low-plane bytes side by side (64
+//   bytes, as int4's words: byte j of a row holds the low two bits of columns 16s + 4j + k in bits 2k), and for int3
+//   then the high bits as 4 masks of 64 bits (32 bytes), mask k's bit 4l + j the high bit of row l's column
+//   16s + 4j + k. Field k of the 64 bytes (a shift and an and) is a vector of 16 channels x 4 codes; int3 adds 4
+//   where mask k says (one masked byte add, the mask loaded straight into a mask register). The activations are
+//   reordered to match: per step, for k = 0..3, columns 16s + k, +4, +8, +12.
+// Scales, and zero points or mins, are [ng][16] per panel. Every group size that nests in the 32-column blocks of
+// the int8 activations or is a multiple of them takes it (int4: 8, 16, 32, 64, ...; int3 / int2: 16, 32, 64, ...);
+// each row of x is computed exactly as it is alone.
 constexpr int64_t kPanel = 16;
 // Prompts too take the panel GEMV (kGemvRows rows of x at a time over each block of kBlockRows weight rows) up to
 // this many rows, and the tiled GEMM only beyond: on a 2-core AMD EPYC (AVX-512 VNNI and BF16, no AMX) the GEMV beat
@@ -1255,16 +1262,28 @@ constexpr int64_t kPanelRows = std::numeric_limits<int64_t>::max();
 constexpr int64_t kSlabRows = 256;  // a fused gate/up's rows per pass: at most [256, 2N] of their outputs at once
 
 struct PanelWeight {
-  int64_t N, K, G, ng;
-  const uint8_t* w;     // [N/16][K/8][16] words
+  int64_t bits, N, K, G, ng;
+  const uint8_t* w;     // int4: [N/16][K/8][16] words; int3 / int2: [N/16][K/16] steps of step_bytes()
   Scales scale;         // [N/16][ng][16]
-  const uint8_t* zero;  // the same, zero points (asymmetric), or nullptr: symmetric (the implied 8)
+  const uint8_t* zero;  // the same, zero points (asymmetric), or nullptr: symmetric (the implied 2^(bits-1))
   const c10::Half* mn;  // the same, the `_min` schemes' offsets, or nullptr
   int64_t words() const { return K / 8; }
+  int64_t step_bytes() const { return bits == 3 ? 96 : 64; }  // int3 / int2: a 16-column step of a panel
   int64_t at(int64_t n, int64_t g) const { return (n / kPanel * ng + g) * kPanel + n % kPanel; }  // group (n, g)'s
   const uint8_t* word(int64_t n, int64_t d) const { return w + ((n / kPanel * words() + d) * kPanel + n % kPanel) * 4; }
+  int code(int64_t n, int64_t e) const;  // the code of row n, column e (the layouts' definition)
   DequantRows dequant() const;
 };
+
+int PanelWeight::code(int64_t n, int64_t e) const {
+  const int64_t l = n % kPanel;
+  if (bits == 4) return (word(n, e / 8)[(e % 8) / 2] >> (4 * (e % 2))) & 0x0F;
+  const uint8_t* st = w + (n / kPanel * (K / 16) + e / 16) * step_bytes();
+  const int64_t j = (e % 16) / 4, k = e % 4;
+  int c = (st[4 * l + j] >> (2 * k)) & 3;
+  if (bits == 3) c |= ((st[64 + 8 * k + (4 * l + j) / 8] >> ((4 * l + j) % 8)) & 1) << 2;
+  return c;
+}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define CMX_PANELS 1
@@ -1274,39 +1293,45 @@ struct PanelWeight {
 
 // Whether a weight of N rows, K columns and groups of G takes the panels (on this build): the one rule, which the
 // runtime asks through panel_layout() before it repacks.
-bool panel_layout(int64_t N, int64_t K, int64_t G) {
-  return CMX_PANELS && N % kPanel == 0 && K % 32 == 0 && G > 0 && K % G == 0 &&
-         (G % 32 == 0 || (32 % G == 0 && G % 8 == 0));
+bool panel_layout(int64_t N, int64_t K, int64_t G, int64_t bits) {
+  const int64_t smallest = bits == 4 ? 8 : 16;  // a group holds whole words (int4) or steps (int3 / int2)
+  return CMX_PANELS && (bits == 4 || bits == 3 || bits == 2) && N % kPanel == 0 && K % 32 == 0 && G > 0 &&
+         K % G == 0 && (G % 32 == 0 || (32 % G == 0 && G % smallest == 0));
 }
 
-PanelWeight panel_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero) {
-  TORCH_CHECK(CMX_PANELS, "int4 panels need a build with AVX-512 VNNI (kernels.panels() is 0 here)");
+const char* panel_name(int64_t bits) { return bits == 4 ? "q4p_linear" : bits == 3 ? "q3p_linear" : "q2p_linear"; }
+
+PanelWeight panel_weight(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int64_t bits) {
+  const char* what = panel_name(bits);
+  TORCH_CHECK(CMX_PANELS, what, ": panels need a build with AVX-512 VNNI (kernels.panels() is 0 here)");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "int4 panels: qweight must be a contiguous uint8 [N, K/2]");
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(N % kPanel == 0 && K % 32 == 0, "int4 panels: N must be a multiple of ", kPanel, " and K of 32, got N=",
-              N, " K=", K);
+              what, ": qweight must be a contiguous uint8 [N, K*", bits, "/8]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 8 / bits;
+  TORCH_CHECK(N % kPanel == 0 && K % 32 == 0 && qweight.size(1) * 8 % bits == 0, what, ": N must be a multiple of ",
+              kPanel, " and K of 32, got N=", N, " K=", K);
   TORCH_CHECK(is_scale_dtype(scale) && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
-              scale.size(1) > 0 && K % scale.size(1) == 0, "int4 panels: scale must be a contiguous float32 or "
+              scale.size(1) > 0 && K % scale.size(1) == 0, what, ": scale must be a contiguous float32 or "
               "float16 [N, K/G]");
   const int64_t G = K / scale.size(1);
-  TORCH_CHECK(panel_layout(N, K, G), "int4 panels: group size ", G, " is neither a multiple of 32 nor 8 or 16");
+  TORCH_CHECK(panel_layout(N, K, G, bits), what, ": group size ", G, " is neither a multiple of 32 nor ",
+              bits == 4 ? "8 or 16" : "16");
   const bool mins = zero.numel() && zero.scalar_type() == at::kHalf;
   TORCH_CHECK(zero.numel() == 0 || ((zero.scalar_type() == at::kByte || mins) && zero.is_contiguous() &&
                                     zero.sizes() == scale.sizes()),
-              "int4 panels: zero must be shaped like scale (uint8 zero points or float16 mins) or empty (symmetric)");
-  return {N, K, G, scale.size(1), qweight.data_ptr<uint8_t>(), scales_of(scale),
+              what, ": zero must be shaped like scale (uint8 zero points or float16 mins) or empty (symmetric)");
+  return {bits, N, K, G, scale.size(1), qweight.data_ptr<uint8_t>(), scales_of(scale),
           zero.numel() && !mins ? zero.data_ptr<uint8_t>() : nullptr, mins ? zero.data_ptr<c10::Half>() : nullptr};
 }
 
 // The int8 activations of up to kGemvRows rows of x in the panels' order.
 struct PanelActs {
   int64_t M = 0;
-  std::vector<int32_t> xw;  // [M][K/4] per word: the even columns' 4 int8 activations, then the odd ones'
+  std::vector<int32_t> xw;  // [M][K/4] int4: per word, the even columns' 4 int8 activations, then the odd ones';
+                            // int3 / int2: per step and k, those of columns 16s + k, +4, +8, +12
   std::vector<float> dx;    // [M][K/32] their block scales
   std::vector<float> xs;    // [M][ng] the (dequantized) activations summed per group: the zero points' share
-  std::vector<int32_t> zs;  // [M][K / min(G, 32)] -8 times the int8 activations' sum per sub-block (a group, or
-                            // a 32-column block of one): a symmetric weight's implied zero point, in integers
+  std::vector<int32_t> zs;  // [M][K / min(G, 32)] -2^(bits-1) times the int8 activations' sum per sub-block (a
+                            // group, or a 32-column block of one): a symmetric weight's implied zero point, in integers
 };
 
 PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
@@ -1323,15 +1348,21 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
     for (int64_t b = 0; b < subs; ++b) {  // a sub-block lies in one group and one 32-column block: an exact sum
       int32_t t = 0;
       for (int64_t e = b * sub; e < (b + 1) * sub; ++e) t += r.xq[e];
-      a.zs[m * subs + b] = -8 * t;
+      a.zs[m * subs + b] = -(1 << (q.bits - 1)) * t;
       a.xs[m * q.ng + b * sub / q.G] += static_cast<float>(t) * r.dx[b * sub / 32];
     }
     int8_t* out = reinterpret_cast<int8_t*>(a.xw.data() + m * K / 4);
-    for (int64_t d = 0; d < K / 8; ++d)
-      for (int j = 0; j < 4; ++j) {
-        out[8 * d + j] = r.xq[8 * d + 2 * j];
-        out[8 * d + 4 + j] = r.xq[8 * d + 2 * j + 1];
-      }
+    if (q.bits == 4) {
+      for (int64_t d = 0; d < K / 8; ++d)
+        for (int j = 0; j < 4; ++j) {
+          out[8 * d + j] = r.xq[8 * d + 2 * j];
+          out[8 * d + 4 + j] = r.xq[8 * d + 2 * j + 1];
+        }
+    } else {
+      for (int64_t st = 0; st < K / 16; ++st)
+        for (int k = 0; k < 4; ++k)
+          for (int j = 0; j < 4; ++j) out[16 * st + 4 * k + j] = r.xq[16 * st + 4 * j + k];
+    }
     std::copy(r.dx.begin(), r.dx.end(), a.dx.begin() + m * K / 32);
   }
   return a;
@@ -1340,6 +1371,16 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
 #if CMX_PANELS
 // Rows a..b-1 as fp32 for the tiled GEMM, 16 columns at a time (the same operations as the reference).
 DequantRows PanelWeight::dequant() const {
+  if (bits != 4)  // int3 / int2 (a long prompt on a CPU with AMX): code by code, as the layouts define them
+    return {N, [q = *this](int64_t a, int64_t b, float* out) {
+      for (int64_t n = a; n < b; ++n)
+        for (int64_t e = 0; e < q.K; ++e) {
+          const int64_t i = q.at(n, e / q.G);
+          const float c = static_cast<float>(q.code(n, e));
+          out[(n - a) * q.K + e] = q.mn ? c * q.scale[i] + static_cast<float>(q.mn[i])
+                                        : (c - (q.zero ? q.zero[i] : 1 << (q.bits - 1))) * q.scale[i];
+        }
+    }};
   return {N, [q = *this](int64_t a, int64_t b, float* out) {
     for (int64_t n = a; n < b; ++n) {
       float* o = out + (n - a) * q.K;
@@ -1433,12 +1474,106 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
   }
 }
 
+// The int3 / int2 panels: as panel_rows, SS 16-column steps per sub-block (1: groups of 16; 2: a 32-column block).
+template <int M, int SS, bool SYM, int BITS>
+void lowbit_panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
+  constexpr int64_t SB = BITS == 3 ? 96 : 64;  // bytes per step
+  const int64_t steps = q.K / 16, ng = q.ng, subs = q.G / (16 * SS), K = q.K;
+  const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  const int32_t* xw[M];
+  const float* dx[M];
+  const float* xs[M];
+  const int32_t* zs[M];
+  for (int m = 0; m < M; ++m) {
+    xw[m] = a.xw.data() + m * K / 4;
+    dx[m] = a.dx.data() + m * K / 32;
+    xs[m] = a.xs.data() + m * ng;
+    zs[m] = a.zs.data() + m * K / (16 * SS);
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* wp = q.w + p * steps * SB;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t si = (p * ng + g) * kPanel;
+      const __m512 sw = q.scale.half ? _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(q.scale.at(si))))
+                                     : _mm512_loadu_ps(static_cast<const float*>(q.scale.at(si)));
+      __m512 off = _mm512_setzero_ps();  // the group's offset per unit of the activations' sum (not SYM)
+      if (SYM) {
+      } else if (q.mn) {
+        off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
+      } else {
+        off = _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.zero + si))))));
+      }
+      __m512 f[M];
+      for (int64_t s = 0; s < subs; ++s) {
+        const int64_t b = g * subs + s, s0 = b * SS, blk = s0 * 16 / 32;  // sub-block, its first step, its block
+        // two integer sums per row of x (fields 0, 2 and 1, 3): two dependency chains of vpdpbusd, added exactly
+        __m512i isum[M], jsum[M];
+        for (int m = 0; m < M; ++m) {
+          isum[m] = SYM ? _mm512_set1_epi32(zs[m][b]) : _mm512_setzero_si512();
+          jsum[m] = _mm512_setzero_si512();
+        }
+        for (int t = 0; t < SS; ++t) {
+          const uint8_t* sp = wp + (s0 + t) * SB;
+          __builtin_prefetch(sp + kPrefetchBytes);
+          if (BITS == 3) __builtin_prefetch(sp + 64 + kPrefetchBytes);
+          const __m512i v = _mm512_loadu_si512(sp);
+          const int32_t* xk[M];
+          for (int m = 0; m < M; ++m) xk[m] = xw[m] + 4 * (s0 + t);
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k) {
+#if defined(__GFNI__)  // bits 2k, 2k+1 of every byte into bits 0, 1 (a bit-matrix product: one instruction)
+            __m512i c = k ? _mm512_gf2p8affine_epi64_epi8(
+                                v, _mm512_set1_epi64(static_cast<long long>((1ull << (2 * k) << 56) |
+                                                                            (1ull << (2 * k + 1) << 48))), 0)
+                          : _mm512_and_si512(v, three);
+#else
+            __m512i c = _mm512_and_si512(k ? _mm512_srli_epi16(v, 2 * k) : v, three);
+#endif
+            if (BITS == 3)
+              c = _mm512_mask_add_epi8(c, _load_mask64(reinterpret_cast<__mmask64*>(const_cast<uint8_t*>(sp + 64 + 8 * k))), c, four);
+            for (int m = 0; m < M; ++m) {
+              __m512i& sum = k % 2 ? jsum[m] : isum[m];
+              sum = _mm512_dpbusd_epi32(sum, c, _mm512_set1_epi32(xk[m][k]));
+            }
+          }
+        }
+        for (int m = 0; m < M; ++m) {  // (explicit FMAs: no mul + add the compiler may or may not contract)
+          const __m512 c = _mm512_cvtepi32_ps(_mm512_add_epi32(isum[m], jsum[m])), d = _mm512_set1_ps(dx[m][blk]);
+          f[m] = s ? _mm512_fmadd_ps(c, d, f[m]) : _mm512_mul_ps(c, d);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(f[m], sw, acc[m]);
+        if (!SYM) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float* o = y + m * ldy + p * kPanel;
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[m]));
+    }
+  }
+}
+
+template <int M, int BITS>
+void lowbit_panel_gemv_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
+  const bool sym = !q.zero && !q.mn;
+  if (q.G == 16) sym ? lowbit_panel_rows<M, 1, true, BITS>(q, a, p0, p1, y, ldy)
+                     : lowbit_panel_rows<M, 1, false, BITS>(q, a, p0, p1, y, ldy);
+  else sym ? lowbit_panel_rows<M, 2, true, BITS>(q, a, p0, p1, y, ldy)
+           : lowbit_panel_rows<M, 2, false, BITS>(q, a, p0, p1, y, ldy);
+}
+
 void panel_gemv_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
   const int64_t sw = std::min<int64_t>(q.G, 32) / 8;
   with_rows(a.M, [&](auto m) {
     constexpr int M = decltype(m)::value;
     const bool sym = !q.zero && !q.mn;
-    if (sw == 1) sym ? panel_rows<M, 1, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 1, false>(q, a, p0, p1, y, ldy);
+    if (q.bits == 3) lowbit_panel_gemv_rows<M, 3>(q, a, p0, p1, y, ldy);
+    else if (q.bits == 2) lowbit_panel_gemv_rows<M, 2>(q, a, p0, p1, y, ldy);
+    else if (sw == 1) sym ? panel_rows<M, 1, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 1, false>(q, a, p0, p1, y, ldy);
     else if (sw == 2) sym ? panel_rows<M, 2, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 2, false>(q, a, p0, p1, y, ldy);
     else sym ? panel_rows<M, 4, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 4, false>(q, a, p0, p1, y, ldy);
   });
@@ -1464,7 +1599,7 @@ void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, floa
   });
   std::vector<int64_t> start{0};  // in panels
   for (const auto& p : parts) start.push_back(start.back() + p.N / kPanel);
-  over_blocks(start.back(), (grain(K / 2) + kPanel - 1) / kPanel, static_cast<int64_t>(acts.size()),
+  over_blocks(start.back(), (grain(K * parts[0].bits / 8) + kPanel - 1) / kPanel, static_cast<int64_t>(acts.size()),
               [&](int64_t c, int64_t s, int64_t e) {
     over_parts(start, s, e, [&](size_t i, int64_t r0, int64_t r1) {
       panel_gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i] * kPanel, ldy);
@@ -1472,11 +1607,13 @@ void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, floa
   }, kBlockRows / kPanel);
 }
 
-// q4p_linear: y = x W^T (+ residual) for an int4 weight in panels (int8 activations, up to kPanelRows rows).
+// q4p_linear / q3p_linear / q2p_linear: y = x W^T (+ residual) for a weight in panels (int8 activations, up to
+// kPanelRows rows).
+template <int BITS>
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
                         const c10::optional<at::Tensor>& residual) {
-  const PanelWeight q = panel_weight(qweight, scale, zero);
-  check_input(x, q.K, "q4p_linear");
+  const PanelWeight q = panel_weight(qweight, scale, zero, BITS);
+  check_input(x, q.K, panel_name(BITS));
   const int64_t M = x.size(0);
   check_residual(residual, M, q.N);
   if (M > kPanelRows) return tiled_gemm(x, q.K, {q.dequant()}, residual, false, g_bf16_prompts);  // long prompt
@@ -1485,18 +1622,21 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return y;
 }
 
-// q4p_linear_cat: several panel weights on one input, outputs side by side (see group_linear_cat).
+// q4p_linear_cat / ...: several panel weights of one bit width on one input, outputs side by side (see
+// group_linear_cat).
+template <int BITS>
 at::Tensor panel_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& qweights,
                             const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& zeros, bool silu) {
+  const std::string what = std::string(panel_name(BITS)) + "_cat";
   TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size() && qweights.size() == zeros.size(),
-              "q4p_linear_cat: one scale and one zero tensor per weight");
+              what, ": one scale and one zero tensor per weight");
   std::vector<PanelWeight> parts;
-  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(panel_weight(qweights[i], scales[i], zeros[i]));
+  for (size_t i = 0; i < qweights.size(); ++i) parts.push_back(panel_weight(qweights[i], scales[i], zeros[i], BITS));
   TORCH_CHECK(!silu || (parts.size() == 2 && parts[0].N == parts[1].N),
-              "q4p_linear_cat: silu takes two weights (gate, up) of equal rows");
+              what, ": silu takes two weights (gate, up) of equal rows");
   const int64_t K = parts[0].K, M = x.size(0);
-  for (const auto& p : parts) TORCH_CHECK(p.K == K, "q4p_linear_cat: the weights read inputs of different widths");
-  check_input(x, K, "q4p_linear_cat");
+  for (const auto& p : parts) TORCH_CHECK(p.K == K, what, ": the weights read inputs of different widths");
+  check_input(x, K, what.c_str());
   if (M > kPanelRows) {
     std::vector<DequantRows> rows;
     for (const auto& p : parts) rows.push_back(p.dequant());
@@ -2559,18 +2699,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "side; silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
           py::arg("int8_act") = false, py::arg("silu") = false);
   }
-  m.def("q4p_linear", &panel_linear, nogil, "y = x W^T (+ residual) for an int4 weight repacked in panels of 16 rows "
-        "(kernels.to_panels); decoding rows take int8 activations",
-        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none());
-  m.def("q4p_linear_cat", &panel_linear_cat, nogil, "several int4 panel layers on one input, outputs side by side; "
-        "silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("zeros"),
-        py::arg("silu") = false);
-  m.def("panel_gemv_rows", [] { return kPanelRows; }, "inputs of up to this many rows take the int4 panel GEMV "
+  for (int bits : {4, 3, 2}) {
+    const std::string name = panel_name(bits);
+    auto one = bits == 4 ? &panel_linear<4> : bits == 3 ? &panel_linear<3> : &panel_linear<2>;
+    auto cat = bits == 4 ? &panel_linear_cat<4> : bits == 3 ? &panel_linear_cat<3> : &panel_linear_cat<2>;
+    m.def(name.c_str(), one, nogil, "y = x W^T (+ residual) for a weight of this width (q4p: int4, ...) repacked in "
+          "panels of 16 rows (kernels.to_panels / to_lowbit_panels); int8 activations",
+          py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("residual") = py::none());
+    m.def((name + "_cat").c_str(), cat, nogil, "several panel layers of this width on one input, outputs side by "
+          "side; silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"),
+          py::arg("zeros"), py::arg("silu") = false);
+  }
+  m.def("panel_gemv_rows", [] { return kPanelRows; }, "inputs of up to this many rows take the panel GEMV "
         "(int8 activations); more the tiled GEMM");
-  m.def("panel_layout", &panel_layout, "whether a weight of N rows, K columns and groups of G takes the int4 "
-        "panels here", py::arg("N"), py::arg("K"), py::arg("G"));
-  m.def("panels", [] { return CMX_PANELS ? kPanel : int64_t{0}; }, "rows per panel of the int4 panel kernels "
-        "(q4p_linear), or 0 where this build has none");
+  m.def("panel_layout", &panel_layout, "whether a weight of N rows, K columns, groups of G and `bits` bits takes the "
+        "panels here", py::arg("N"), py::arg("K"), py::arg("G"), py::arg("bits") = 4);
+  m.def("panels", [] { return CMX_PANELS ? kPanel : int64_t{0}; }, "rows per panel of the panel kernels "
+        "(q4p_linear, q3p_linear, q2p_linear), or 0 where this build has none");
   m.def("q8_linear_cat", &q8_linear_cat, nogil, "several int8 layers on one input, outputs side by side; silu: "
         "silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"), py::arg("int8_act") = false,
         py::arg("silu") = false);
