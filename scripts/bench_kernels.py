@@ -14,6 +14,10 @@ per call and GB/s of weight bytes read (codes, scales and zero points).
 
 Table 3 (`--table rows`): a batched decode step, one weight against 1 .. `gemv_rows()` rows of int8 activations:
 int4 in the file's layout and repacked in panels (what the runtime runs where the CPU has AVX-512 VNNI), and int8.
+
+Table 4 (`--table stack`): every linear layer of a 30-layer stack of SmolLM2-135M's shapes in turn (q, k, v, o,
+gate, up, down: 106 M weights, so they stream from memory as in a decoding step), int4 / int3 / int2 g32 with int8
+activations, in the file's layout and in panels; ms per pass over the stack (median of 7) and GB/s of weight bytes.
 """
 
 from __future__ import annotations
@@ -130,10 +134,48 @@ def rows_table(ext, repeats: int) -> None:
             print(f"| {N}x{K} {name} | {label} | " + " | ".join(f"{u:.1f} ({u / us[0]:.2f}x)" for u in us) + " |")
 
 
+def stack_table(ext, rows=(1, 8), passes: int = 7) -> None:
+    """A decoding step's matrices in turn, too many to stay in cache: the kernels per byte of weights read."""
+    from codexmini.ops.layouts import pack_bits
+    from codexmini.runtime.kernels import to_lowbit_panels, to_panels
+
+    g = torch.Generator().manual_seed(3)
+    empty = torch.empty(0, dtype=torch.uint8)
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    print("| kernel | " + " | ".join(f"{m} row(s): ms / GB/s" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for bits in (4, 3, 2):
+        weights = []
+        for N, K in shapes:
+            q = pack_bits(torch.randint(0, 1 << bits, (N, K), generator=g), bits)
+            s = (torch.rand(N, K // 32, generator=g) * 0.01).half()
+            weights.append((q, s))
+        nbytes = sum(q.numel() + s.numel() * 2 for q, s in weights)
+        kinds = [("file layout", getattr(ext, f"q{bits}_linear"), weights, (None, True))]
+        if ext.panels():
+            P = ext.panels()
+            panels = [(to_panels(q, P, 4) if bits == 4 else to_lowbit_panels(q, bits, P), to_panels(s, P))
+                      for q, s in weights]
+            kinds.append(("panels", getattr(ext, f"q{bits}p_linear"), panels, (None,)))
+        for label, call, ws, extra in kinds:
+            cells = []
+            for m in rows:
+                xs = {K: torch.randn(m, K, generator=g) for K in (576, 1536)}
+                times = []
+                for _ in range(passes):
+                    t0 = time.perf_counter()
+                    for q, s in ws:
+                        call(xs[q.shape[1] * 8 // bits], q, s, empty, *extra)
+                    times.append(time.perf_counter() - t0)
+                t = statistics.median(times)
+                cells.append(f"{t * 1e3:.2f} / {nbytes / t / 1e9:.1f}")
+            print(f"| int{bits} g32 {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=200)
-    p.add_argument("--table", choices=["all", "onerow", "lowbit", "rows"], default="all")
+    p.add_argument("--table", choices=["all", "onerow", "lowbit", "rows", "stack"], default="all")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
     from codexmini.runtime import native
@@ -155,6 +197,9 @@ def main() -> None:
             print()
     if args.table in ("all", "rows") and ext is not None:
         rows_table(ext, args.repeats)
+        print()
+    if args.table in ("all", "stack") and ext is not None:
+        stack_table(ext)
 
 
 if __name__ == "__main__":
