@@ -173,7 +173,7 @@ def test_bad_kernel_inputs_are_refused_with_the_reason():
 
 PANELS = ext.panels() if ext is not None else 0
 PANEL_ROWS = ext.panel_gemv_rows() if PANELS else 0  # inputs of up to this many rows take the panel GEMV
-needs_panels = pytest.mark.skipif(not PANELS, reason="the int4 panel kernels need a build with AVX-512 VNNI")
+needs_panels = pytest.mark.skipif(not PANELS, reason="the panel kernels need a build with AVX-512 VNNI")
 
 
 def _panel_weight(N, K, G, mode, half, seed=0, bits=4):
