@@ -35,6 +35,18 @@ def _decode_pair(rt, prompts, steps):
     return tokens_b, tokens_a, worst, batched, alone
 
 
+def _int_runtime(tiny_tokenizer, tmp_path) -> Runtime:
+    """A softmax / hybrid / linear model with every linear layer and the head in int kernels (int4 g32, int8 head)."""
+    model = _model(layer_types=["softmax", "hybrid", "linear"], num_hidden_layers=3, feature_map="hedgehog",
+                   linear_decay=True, tie_word_embeddings=False)
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32",
+                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
+    if rt.kernels != "cmx":
+        pytest.skip("codexmini's kernels did not build here")
+    return rt
+
+
 @pytest.mark.parametrize("kernels", ["auto", "native"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_batched_decode_equals_decoding_alone(variant, kernels, tiny_tokenizer, tmp_path):
@@ -49,13 +61,7 @@ def test_batched_decode_equals_decoding_alone(variant, kernels, tiny_tokenizer, 
 
 def test_batched_decode_of_an_int_model_is_exact(tiny_tokenizer, tmp_path):
     """Every linear layer and the head in int kernels: each row of a batch is computed exactly as alone."""
-    model = _model(layer_types=["softmax", "hybrid", "linear"], num_hidden_layers=3, feature_map="hedgehog",
-                   linear_decay=True, tie_word_embeddings=False)
-    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32",
-                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
-    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
-    if rt.kernels != "cmx":
-        pytest.skip("codexmini's kernels did not build here")
+    rt = _int_runtime(tiny_tokenizer, tmp_path)
     tokens_b, tokens_a, worst, _, _ = _decode_pair(rt, _prompts(2 * decode_rows() + 2, seed=5), 12)
     assert tokens_b == tokens_a and worst == 0.0
 
@@ -172,13 +178,7 @@ def test_decoding_rows_beside_prompts_are_exact_in_an_int_model(tiny_tokenizer, 
     sessions' prompts give bit for bit the logits each gets decoding alone (every linear layer and the head in int
     kernels: their prompt path computes each row as the one-row path does; attention and the linear states run
     each row as its own decoding step)."""
-    model = _model(layer_types=["softmax", "hybrid", "linear"], num_hidden_layers=3, feature_map="hedgehog",
-                   linear_decay=True, tie_word_embeddings=False)
-    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default="int4_g32",
-                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
-    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
-    if rt.kernels != "cmx":
-        pytest.skip("codexmini's kernels did not build here")
+    rt = _int_runtime(tiny_tokenizer, tmp_path)
     decoding, alone = [rt.new_session() for _ in range(5)], [rt.new_session() for _ in range(5)]
     for i, (s, a) in enumerate(zip(decoding, alone)):  # the same tokens (past the hybrid window for some); not
         for session in (s, a):  # a fork: it lays the window out in time order, which changes its sums' order
