@@ -77,15 +77,27 @@ def test_kill_then_resume_logs_every_step_once_and_survives_a_damaged_checkpoint
     # Enough steps that the run is far from done when it is killed just after step 12.
     overrides = ["trainer.max_steps=60", "trainer.checkpoint_every=5", "trainer.keep_checkpoints=2"]
     first = _start(out, *overrides)
+
+    def newest_checkpoint() -> int:
+        return max((int(p.name.split("_")[1]) for p in (stage / "checkpoints").glob("step_*")), default=0)
+
     try:
-        # Kill after two checkpoints, with steps logged past the newest one.
-        _wait(lambda: (stage / "checkpoints" / "step_10" / "state.json").is_file() and
-              (stage / "metrics.jsonl").is_file() and max(_steps(stage / "metrics.jsonl"), default=0) >= 12, first)
+        # Kill after two checkpoints, with steps logged past the newest one. The run goes on between a look and a
+        # kill (it reached its next checkpoint there once), so it is stopped (SIGSTOP) to look, and let go on
+        # until the look finds what the test needs.
+        while True:
+            _wait(lambda: (stage / "checkpoints" / "step_10" / "state.json").is_file() and
+                  (stage / "metrics.jsonl").is_file() and max(_steps(stage / "metrics.jsonl"), default=0) >= 12, first)
+            first.send_signal(signal.SIGSTOP)
+            if max(_steps(stage / "metrics.jsonl"), default=0) > newest_checkpoint():
+                break
+            first.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
     finally:
         _kill(first)
     assert not (stage / "manifest.json").exists()
     logged = _steps(stage / "metrics.jsonl")
-    newest = max(int(p.name.split("_")[1]) for p in (stage / "checkpoints").glob("step_*"))
+    newest = newest_checkpoint()
     assert max(logged) > newest  # steps the resumed run will do (and log) again
     # Damage the newest checkpoint (a save cut short by a full disk), and leave the litter a kill -9 leaves.
     weights = stage / "checkpoints" / f"step_{newest}" / "model.safetensors"
