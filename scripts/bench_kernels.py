@@ -17,7 +17,8 @@ int4 in the file's layout and repacked in panels (what the runtime runs where th
 
 Table 4 (`--table stack`): every linear layer of a 30-layer stack of SmolLM2-135M's shapes in turn (q, k, v, o,
 gate, up, down: 106 M weights, so they stream from memory as in a decoding step), int4 / int3 / int2 g32 with int8
-activations, in the file's layout and in panels; ms per pass over the stack (median of 7) and GB/s of weight bytes.
+activations, in the file's layout and in panels; ms per pass over the stack (median of 7, the kernels in turn) and
+GB/s of weight bytes.
 """
 
 from __future__ import annotations
@@ -135,15 +136,15 @@ def rows_table(ext, repeats: int) -> None:
 
 
 def stack_table(ext, rows=(1, 8), passes: int = 7) -> None:
-    """A decoding step's matrices in turn, too many to stay in cache: the kernels per byte of weights read."""
+    """A decoding step's matrices in turn, too many to stay in cache: the kernels per byte of weights read. The
+    passes visit every kernel in turn (round-robin), so a slow spell of the machine touches them alike."""
     from codexmini.ops.layouts import pack_bits
     from codexmini.runtime.kernels import to_lowbit_panels, to_panels
 
     g = torch.Generator().manual_seed(3)
     empty = torch.empty(0, dtype=torch.uint8)
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
-    print("| kernel | " + " | ".join(f"{m} row(s): ms / GB/s" for m in rows) + " |")
-    print("|---|" + "---|" * len(rows))
+    kernels = []  # (label, call, weights, extra arguments, bits, weight bytes)
     for bits in (4, 3, 2):
         weights = []
         for N, K in shapes:
@@ -151,25 +152,30 @@ def stack_table(ext, rows=(1, 8), passes: int = 7) -> None:
             s = (torch.rand(N, K // 32, generator=g) * 0.01).half()
             weights.append((q, s))
         nbytes = sum(q.numel() + s.numel() * 2 for q, s in weights)
-        kinds = [("file layout", getattr(ext, f"q{bits}_linear"), weights, (None, True))]
+        kernels.append((f"int{bits} g32 file layout", getattr(ext, f"q{bits}_linear"), weights, (None, True), bits,
+                        nbytes))
         if ext.panels():
             P = ext.panels()
             panels = [(to_panels(q, P, 4) if bits == 4 else to_lowbit_panels(q, bits, P), to_panels(s, P))
                       for q, s in weights]
-            kinds.append(("panels", getattr(ext, f"q{bits}p_linear"), panels, (None,)))
-        for label, call, ws, extra in kinds:
-            cells = []
+            kernels.append((f"int{bits} g32 panels", getattr(ext, f"q{bits}p_linear"), panels, (None,), bits, nbytes))
+    xs = {m: {K: torch.randn(m, K, generator=g) for K in (576, 1536)} for m in rows}
+    times = {(i, m): [] for i in range(len(kernels)) for m in rows}
+    for _ in range(passes):
+        for i, (_, call, ws, extra, bits, _) in enumerate(kernels):
             for m in rows:
-                xs = {K: torch.randn(m, K, generator=g) for K in (576, 1536)}
-                times = []
-                for _ in range(passes):
-                    t0 = time.perf_counter()
-                    for q, s in ws:
-                        call(xs[q.shape[1] * 8 // bits], q, s, empty, *extra)
-                    times.append(time.perf_counter() - t0)
-                t = statistics.median(times)
-                cells.append(f"{t * 1e3:.2f} / {nbytes / t / 1e9:.1f}")
-            print(f"| int{bits} g32 {label} | " + " | ".join(cells) + " |")
+                t0 = time.perf_counter()
+                for q, s in ws:
+                    call(xs[m][q.shape[1] * 8 // bits], q, s, empty, *extra)
+                times[i, m].append(time.perf_counter() - t0)
+    print("| kernel | " + " | ".join(f"{m} row(s): ms / GB/s" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for i, (label, _, _, _, _, nbytes) in enumerate(kernels):
+        cells = []
+        for m in rows:
+            t = statistics.median(times[i, m])
+            cells.append(f"{t * 1e3:.2f} / {nbytes / t / 1e9:.1f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

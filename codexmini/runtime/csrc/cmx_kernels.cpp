@@ -1529,12 +1529,8 @@ void lowbit_panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int
       __m512 f[M];
       for (int64_t s = 0; s < subs; ++s) {
         const int64_t b = g * subs + s, s0 = b * SS, blk = s0 * 16 / 32;  // sub-block, its first step, its block
-        // two integer sums per row of x (fields 0, 2 and 1, 3): two dependency chains of vpdpbusd, added exactly
-        __m512i isum[M], jsum[M];
-        for (int m = 0; m < M; ++m) {
-          isum[m] = SYM ? _mm512_set1_epi32(zs[m][b]) : _mm512_setzero_si512();
-          jsum[m] = _mm512_setzero_si512();
-        }
+        __m512i isum[M];
+        for (int m = 0; m < M; ++m) isum[m] = SYM ? _mm512_set1_epi32(zs[m][b]) : _mm512_setzero_si512();
         for (int t = 0; t < SS; ++t) {
           const uint8_t* sp = wp + (s0 + t) * SB;
           __builtin_prefetch(sp + kPrefetchBytes);
@@ -1552,15 +1548,13 @@ void lowbit_panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int
 #else
             __m512i c = _mm512_and_si512(k ? _mm512_srli_epi16(v, 2 * k) : v, three);
 #endif
-            if (BITS == 3)
-              c = _mm512_mask_add_epi8(c, _load_mask64(reinterpret_cast<__mmask64*>(const_cast<uint8_t*>(sp + 64 + 8 * k))), c, four);
-            for (int m = 0; m < M; ++m) {
-              __m512i& sum = k % 2 ? jsum[m] : isum[m];
-              sum = _mm512_dpbusd_epi32(sum, c, _mm512_set1_epi32(xk[m][k]));
+            if (BITS == 3) {  // (the mask straight from memory into a mask register)
+              __mmask64* hk = reinterpret_cast<__mmask64*>(const_cast<uint8_t*>(sp + 64 + 8 * k));
+              c = _mm512_mask_add_epi8(c, _load_mask64(hk), c, four);
             }
+            for (int m = 0; m < M; ++m) isum[m] = _mm512_dpbusd_epi32(isum[m], c, _mm512_set1_epi32(xk[m][k]));
           }
         }
-        for (int m = 0; m < M; ++m) isum[m] = _mm512_add_epi32(isum[m], jsum[m]);
         panel_sub<M>(isum, dx, blk, s == 0, f);
       }
       panel_group_end<M, SYM>(f, sw, off, xs, g, acc);
