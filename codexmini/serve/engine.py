@@ -334,8 +334,9 @@ class Engine:
         all, in one forward (`Runtime.prefill_batch`: the int kernels dequantize each weight once for all of
         them); a sequence whose prompt is done samples its first token. The `decoding` sequences ride along, their
         next token a one-row chunk of the same forward: a prompt's matmuls are bound by compute, so a few more
-        rows cost little beside a decoding step of their own, which would read every weight again (each row is
-        computed as it is alone: greedy answers do not change). Returns whether they did."""
+        rows cost little beside a decoding step of their own, which would read every weight again (codexmini's int
+        kernels compute each row exactly as alone, so greedy answers do not change; float layers, as in a batched
+        decoding step, up to the order of additions). Returns whether they did."""
         budget, work = self.prefill_chunk, []
         for seq in self._active:
             if not seq.prefilling:
