@@ -221,6 +221,16 @@ def test_panels_equal_the_int8_activation_reference(bits, G, mode, half):
 
 
 @needs_panels
+@pytest.mark.parametrize("bits, G", [(4, 8), (4, 32), (3, 16), (3, 64), (2, 32)])
+@pytest.mark.parametrize("mode", ["sym", "asym", "min"])
+def test_panels_dequantize_to_the_reference(bits, G, mode):
+    """The panels' fp32 rows (what a long prompt multiplies on a CPU with AMX, tested here on any CPU with the panel
+    kernels) equal ops' dequantization of the portable layout."""
+    _, panel, W = _panel_weight(48, 128, G, mode, True, seed=5, bits=bits)
+    torch.testing.assert_close(ext.panel_dequant(*panel, bits), W, rtol=1e-6, atol=1e-7)
+
+
+@needs_panels
 @pytest.mark.parametrize("bits", [3, 2])
 def test_lowbit_panels_hold_the_same_codes(bits):
     """to_lowbit_panels reorders bytes and bits without losing any: every code of the portable layout is where the

@@ -1271,13 +1271,12 @@ struct PanelWeight {
   int64_t step_bytes() const { return bits == 3 ? 96 : 64; }  // int3 / int2: a 16-column step of a panel
   int64_t at(int64_t n, int64_t g) const { return (n / kPanel * ng + g) * kPanel + n % kPanel; }  // group (n, g)'s
   const uint8_t* word(int64_t n, int64_t d) const { return w + ((n / kPanel * words() + d) * kPanel + n % kPanel) * 4; }
-  int code(int64_t n, int64_t e) const;  // the code of row n, column e (the layouts' definition)
+  int lowbit_code(int64_t n, int64_t e) const;  // int3 / int2: the code of row n, column e (the layout's definition)
   DequantRows dequant() const;
 };
 
-int PanelWeight::code(int64_t n, int64_t e) const {
+int PanelWeight::lowbit_code(int64_t n, int64_t e) const {
   const int64_t l = n % kPanel;
-  if (bits == 4) return (word(n, e / 8)[(e % 8) / 2] >> (4 * (e % 2))) & 0x0F;
   const uint8_t* st = w + (n / kPanel * (K / 16) + e / 16) * step_bytes();
   const int64_t j = (e % 16) / 4, k = e % 4;
   int c = (st[4 * l + j] >> (2 * k)) & 3;
@@ -1376,7 +1375,7 @@ DequantRows PanelWeight::dequant() const {
       for (int64_t n = a; n < b; ++n)
         for (int64_t e = 0; e < q.K; ++e) {
           const int64_t i = q.at(n, e / q.G);
-          const float c = static_cast<float>(q.code(n, e));
+          const float c = static_cast<float>(q.lowbit_code(n, e));
           out[(n - a) * q.K + e] = q.mn ? c * q.scale[i] + static_cast<float>(q.mn[i])
                                         : (c - (q.zero ? q.zero[i] : 1 << (q.bits - 1))) * q.scale[i];
         }
@@ -1614,6 +1613,15 @@ void panel_gemv(const at::Tensor& x, const std::vector<PanelWeight>& parts, floa
       panel_gemv_rows(parts[i], acts[c].at(parts[i].G), r0, r1, y + c * kGemvRows * ldy + start[i] * kPanel, ldy);
     });
   }, kBlockRows / kPanel);
+}
+
+// panel_dequant: a weight in panels as fp32 [N, K], what a long prompt multiplies where the CPU has AMX (the test of
+// that path on CPUs without it).
+at::Tensor panel_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int64_t bits) {
+  const PanelWeight q = panel_weight(qweight, scale, zero, bits);
+  at::Tensor out = at::empty({q.N, q.K}, at::kFloat);
+  q.dequant().rows(0, q.N, out.data_ptr<float>());
+  return out;
 }
 
 // q4p_linear / q3p_linear / q2p_linear: y = x W^T (+ residual) for a weight in panels (int8 activations, up to
@@ -2719,6 +2727,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "side; silu: silu(gate) * up of two", py::arg("x"), py::arg("qweights"), py::arg("scales"),
           py::arg("zeros"), py::arg("silu") = false);
   }
+  m.def("panel_dequant", &panel_dequant, "a weight in panels (q4p / q3p / q2p) as fp32 [N, K]: the rows a long "
+        "prompt multiplies where the CPU has AMX", py::arg("qweight"), py::arg("scale"), py::arg("zero"),
+        py::arg("bits"));
   m.def("panel_gemv_rows", [] { return kPanelRows; }, "inputs of up to this many rows take the panel GEMV "
         "(int8 activations); more the tiled GEMM");
   m.def("panel_layout", &panel_layout, "whether a weight of N rows, K columns, groups of G and `bits` bits takes the "
