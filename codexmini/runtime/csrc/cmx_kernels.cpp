@@ -1407,58 +1407,8 @@ DequantRows PanelWeight::dequant() const {
   }};
 }
 
-// Where each of the M rows of x starts in the activations a kernel reads (see PanelActs).
-template <int M>
-struct PanelRows {
-  const int32_t* xw[M];
-  const float* dx[M];
-  const float* xs[M];
-  const int32_t* zs[M];
-  PanelRows(const PanelActs& a, const PanelWeight& q) {
-    for (int m = 0; m < M; ++m) {
-      xw[m] = a.xw.data() + m * q.K / 4;
-      dx[m] = a.dx.data() + m * q.K / 32;
-      xs[m] = a.xs.data() + m * q.ng;
-      zs[m] = a.zs.data() + m * q.K / std::min<int64_t>(q.G, 32);
-    }
-  }
-};
-
-// The 16 scales of a panel's group at si, and its offset per unit of the activations' sum (the zero points' share
-// -scale * zero, or the mins; nothing for SYM).
-template <bool SYM>
-inline void panel_group(const PanelWeight& q, int64_t si, __m512& sw, __m512& off) {
-  sw = q.scale.half ? _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(q.scale.at(si))))
-                    : _mm512_loadu_ps(static_cast<const float*>(q.scale.at(si)));
-  off = _mm512_setzero_ps();
-  if (SYM) {
-  } else if (q.mn) {
-    off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
-  } else {
-    off = _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.zero + si))))));
-  }
-}
-
-// A sub-block's integer sums, times its 32-column block's activation scales, into the group's float sums f (the
-// first sub-block starts them); then the group's sums, times its scales (and its offset times the activations' sum),
-// into acc. (Explicit FMAs: no mul + add the compiler may or may not contract.)
-template <int M>
-inline void panel_sub(const __m512i* isum, const float* const* dx, int64_t blk, bool first, __m512* f) {
-  for (int m = 0; m < M; ++m) {
-    const __m512 c = _mm512_cvtepi32_ps(isum[m]), d = _mm512_set1_ps(dx[m][blk]);
-    f[m] = first ? _mm512_mul_ps(c, d) : _mm512_fmadd_ps(c, d, f[m]);
-  }
-}
-
-template <int M, bool SYM>
-inline void panel_group_end(const __m512* f, __m512 sw, __m512 off, const float* const* xs, int64_t g, __m512* acc) {
-  for (int m = 0; m < M; ++m) {
-    acc[m] = _mm512_fmadd_ps(f[m], sw, acc[m]);
-    if (!SYM) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), acc[m]);
-  }
-}
-
+// (The two panel kernels, int4's and int3 / int2's below, repeat their frame on purpose: with it in shared inline
+// helpers the accumulators left registers, 8 rows 18% slower, and as a lambda 20-45%; bench_kernels --table stack.)
 // y[m, 16p + l] += sum over the panel's columns for panels p0..p1-1 and M rows of x; SW words per sub-block (the
 // group, or a 32-column block of it).
 // SYM: a symmetric weight, whose implied zero point starts each sub-block's integer sum (`zs`) instead of costing
@@ -1467,19 +1417,32 @@ template <int M, int SW, bool SYM>
 void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
   const int64_t W = q.words(), ng = q.ng, subs = q.G / (8 * SW), K = q.K;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const PanelRows<M> r(a, q);
-  const int32_t* const* xw = r.xw;
-  const float* const* dx = r.dx;
-  const float* const* xs = r.xs;
-  const int32_t* const* zs = r.zs;
+  const int32_t* xw[M];
+  const float* dx[M];
+  const float* xs[M];
+  const int32_t* zs[M];
+  for (int m = 0; m < M; ++m) {
+    xw[m] = a.xw.data() + m * K / 4;
+    dx[m] = a.dx.data() + m * K / 32;
+    xs[m] = a.xs.data() + m * ng;
+    zs[m] = a.zs.data() + m * K / (8 * SW);
+  }
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* wp = q.w + p * W * 64;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t si = (p * ng + g) * kPanel;
-      __m512 sw, off;
-      panel_group<SYM>(q, si, sw, off);
+      const __m512 sw = q.scale.half ? _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(q.scale.at(si))))
+                                     : _mm512_loadu_ps(static_cast<const float*>(q.scale.at(si)));
+      __m512 off = _mm512_setzero_ps();  // the group's offset per unit of the activations' sum (not SYM)
+      if (SYM) {
+      } else if (q.mn) {
+        off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
+      } else {
+        off = _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.zero + si))))));
+      }
       __m512 f[M];
       for (int64_t s = 0; s < subs; ++s) {
         const int64_t b = g * subs + s, d0 = b * SW, blk = d0 / 4;  // sub-block, its first word, its 32 columns
@@ -1495,9 +1458,15 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
             isum[m] = _mm512_dpbusd_epi32(isum[m], hi, _mm512_set1_epi32(xw[m][2 * (d0 + k) + 1]));
           }
         }
-        panel_sub<M>(isum, dx, blk, s == 0, f);
+        for (int m = 0; m < M; ++m) {  // (explicit FMAs: no mul + add the compiler may or may not contract)
+          const __m512 c = _mm512_cvtepi32_ps(isum[m]), d = _mm512_set1_ps(dx[m][blk]);
+          f[m] = s ? _mm512_fmadd_ps(c, d, f[m]) : _mm512_mul_ps(c, d);
+        }
       }
-      panel_group_end<M, SYM>(f, sw, off, xs, g, acc);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(f[m], sw, acc[m]);
+        if (!SYM) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), acc[m]);
+      }
     }
     for (int m = 0; m < M; ++m) {
       float* o = y + m * ldy + p * kPanel;
@@ -1512,19 +1481,32 @@ void lowbit_panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int
   constexpr int64_t SB = BITS == 3 ? 96 : 64;  // bytes per step
   const int64_t steps = q.K / 16, ng = q.ng, subs = q.G / (16 * SS), K = q.K;
   const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
-  const PanelRows<M> r(a, q);
-  const int32_t* const* xw = r.xw;
-  const float* const* dx = r.dx;
-  const float* const* xs = r.xs;
-  const int32_t* const* zs = r.zs;
+  const int32_t* xw[M];
+  const float* dx[M];
+  const float* xs[M];
+  const int32_t* zs[M];
+  for (int m = 0; m < M; ++m) {
+    xw[m] = a.xw.data() + m * K / 4;
+    dx[m] = a.dx.data() + m * K / 32;
+    xs[m] = a.xs.data() + m * ng;
+    zs[m] = a.zs.data() + m * K / (16 * SS);
+  }
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* wp = q.w + p * steps * SB;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t si = (p * ng + g) * kPanel;
-      __m512 sw, off;
-      panel_group<SYM>(q, si, sw, off);
+      const __m512 sw = q.scale.half ? _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(q.scale.at(si))))
+                                     : _mm512_loadu_ps(static_cast<const float*>(q.scale.at(si)));
+      __m512 off = _mm512_setzero_ps();  // the group's offset per unit of the activations' sum (not SYM)
+      if (SYM) {
+      } else if (q.mn) {
+        off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.mn + si)));
+      } else {
+        off = _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.zero + si))))));
+      }
       __m512 f[M];
       for (int64_t s = 0; s < subs; ++s) {
         const int64_t b = g * subs + s, s0 = b * SS, blk = s0 * 16 / 32;  // sub-block, its first step, its block
@@ -1554,9 +1536,15 @@ void lowbit_panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int
             for (int m = 0; m < M; ++m) isum[m] = _mm512_dpbusd_epi32(isum[m], c, _mm512_set1_epi32(xk[m][k]));
           }
         }
-        panel_sub<M>(isum, dx, blk, s == 0, f);
+        for (int m = 0; m < M; ++m) {  // (explicit FMAs: no mul + add the compiler may or may not contract)
+          const __m512 c = _mm512_cvtepi32_ps(isum[m]), d = _mm512_set1_ps(dx[m][blk]);
+          f[m] = s ? _mm512_fmadd_ps(c, d, f[m]) : _mm512_mul_ps(c, d);
+        }
       }
-      panel_group_end<M, SYM>(f, sw, off, xs, g, acc);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(f[m], sw, acc[m]);
+        if (!SYM) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m][g]), acc[m]);
+      }
     }
     for (int m = 0; m < M; ++m) {
       float* o = y + m * ldy + p * kPanel;
