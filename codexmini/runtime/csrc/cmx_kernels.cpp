@@ -1242,9 +1242,9 @@ at::Tensor group_linear_cat(const at::Tensor& x, const std::vector<at::Tensor>& 
 // - int2 / int3: panel p holds, for every step s of 16 columns, the 16 rows' 4 low-plane bytes side by side (64
 //   bytes, as int4's words: byte j of a row holds the low two bits of columns 16s + 4j + k in bits 2k), and for int3
 //   then the high bits as 4 masks of 64 bits (32 bytes), mask k's bit 4l + j the high bit of row l's column
-//   16s + 4j + k. Field k of the 64 bytes (a shift and an and) is a vector of 16 channels x 4 codes; int3 adds 4
-//   where mask k says (one masked byte add, the mask loaded straight into a mask register). The activations are
-//   reordered to match: per step, for k = 0..3, columns 16s + k, +4, +8, +12.
+//   16s + 4j + k. Field k of the 64 bytes (a GFNI bit-matrix product, or a shift and an and) is a vector of 16
+//   channels x 4 codes; int3 adds 4 where mask k says (one masked byte add, the mask loaded straight into a mask
+//   register). The activations are reordered to match: per step, for k = 0..3, columns 16s + k, +4, +8, +12.
 // Scales, and zero points or mins, are [ng][16] per panel. Every group size that nests in the 32-column blocks of
 // the int8 activations or is a multiple of them takes it (int4: 8, 16, 32, 64, ...; int3 / int2: 16, 32, 64, ...);
 // each row of x is computed exactly as it is alone.
@@ -1261,6 +1261,9 @@ constexpr int64_t kPanelRows = std::numeric_limits<int64_t>::max();
 #endif
 constexpr int64_t kSlabRows = 256;  // a fused gate/up's rows per pass: at most [256, 2N] of their outputs at once
 
+// int3 / int2 panels: bytes per 16-column step of a panel (16 rows' low-plane bytes, and int3's 4 masks).
+constexpr int64_t lowbit_step_bytes(int64_t bits) { return bits == 3 ? 96 : 64; }
+
 struct PanelWeight {
   int64_t bits, N, K, G, ng;
   const uint8_t* w;     // int4: [N/16][K/8][16] words; int3 / int2: [N/16][K/16] steps of step_bytes()
@@ -1268,21 +1271,11 @@ struct PanelWeight {
   const uint8_t* zero;  // the same, zero points (asymmetric), or nullptr: symmetric (the implied 2^(bits-1))
   const c10::Half* mn;  // the same, the `_min` schemes' offsets, or nullptr
   int64_t words() const { return K / 8; }
-  int64_t step_bytes() const { return bits == 3 ? 96 : 64; }  // int3 / int2: a 16-column step of a panel
+  int64_t step_bytes() const { return lowbit_step_bytes(bits); }
   int64_t at(int64_t n, int64_t g) const { return (n / kPanel * ng + g) * kPanel + n % kPanel; }  // group (n, g)'s
   const uint8_t* word(int64_t n, int64_t d) const { return w + ((n / kPanel * words() + d) * kPanel + n % kPanel) * 4; }
-  int lowbit_code(int64_t n, int64_t e) const;  // int3 / int2: the code of row n, column e (the layout's definition)
   DequantRows dequant() const;
 };
-
-int PanelWeight::lowbit_code(int64_t n, int64_t e) const {
-  const int64_t l = n % kPanel;
-  const uint8_t* st = w + (n / kPanel * (K / 16) + e / 16) * step_bytes();
-  const int64_t j = (e % 16) / 4, k = e % 4;
-  int c = (st[4 * l + j] >> (2 * k)) & 3;
-  if (bits == 3) c |= ((st[64 + 8 * k + (4 * l + j) / 8] >> ((4 * l + j) % 8)) & 1) << 2;
-  return c;
-}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define CMX_PANELS 1
@@ -1368,30 +1361,50 @@ PanelActs panel_acts(const float* x, int64_t M, const PanelWeight& q) {
 }
 
 #if CMX_PANELS
+// The 16 codes of row n, step st of an int3 / int2 panel weight (columns 16 st .. 16 st + 15) as int32 lanes: the
+// row's 4 low-plane bytes hold column c's low bits at bit 2c; int3's high bit of column c = 4j + k is bit 4l + j of
+// mask k.
+inline __m512i lowbit_step_codes(const PanelWeight& q, int64_t n, int64_t st) {
+  const int64_t l = n % kPanel;
+  const uint8_t* sp = q.w + (n / kPanel * (q.K / 16) + st) * q.step_bytes();
+  uint32_t low, high = 0;
+  std::memcpy(&low, sp + 4 * l, 4);
+  const __m512i c = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(low)), _mm512_add_epi32(c, c)),
+                                   _mm512_set1_epi32(3));
+  if (q.bits == 3) {
+    for (int k = 0; k < 4; ++k) {
+      uint64_t mask;
+      std::memcpy(&mask, sp + 64 + 8 * k, 8);
+      const uint32_t nibble = static_cast<uint32_t>(mask >> (4 * l)) & 0x0F;  // columns 4j + k, j = 0..3
+      for (int j = 0; j < 4; ++j) high |= ((nibble >> j) & 1u) << (4 * j + k);
+    }
+    codes = _mm512_or_si512(codes, _mm512_slli_epi32(_mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(high)), c), _mm512_set1_epi32(1)), 2));
+  }
+  return codes;
+}
+
 // Rows a..b-1 as fp32 for the tiled GEMM, 16 columns at a time (the same operations as the reference).
 DequantRows PanelWeight::dequant() const {
-  if (bits != 4)  // int3 / int2 (a long prompt on a CPU with AMX): code by code, as the layouts define them
-    return {N, [q = *this](int64_t a, int64_t b, float* out) {
-      for (int64_t n = a; n < b; ++n)
-        for (int64_t e = 0; e < q.K; ++e) {
-          const int64_t i = q.at(n, e / q.G);
-          const float c = static_cast<float>(q.lowbit_code(n, e));
-          out[(n - a) * q.K + e] = q.mn ? c * q.scale[i] + static_cast<float>(q.mn[i])
-                                        : (c - (q.zero ? q.zero[i] : 1 << (q.bits - 1))) * q.scale[i];
-        }
-    }};
   return {N, [q = *this](int64_t a, int64_t b, float* out) {
     for (int64_t n = a; n < b; ++n) {
       float* o = out + (n - a) * q.K;
-      for (int64_t e = 0; e < q.K; e += 16) {  // two words: 16 columns, in one group or (G = 8) two
-        uint32_t lo, hi;
-        std::memcpy(&lo, q.word(n, e / 8), 4);
-        std::memcpy(&hi, q.word(n, e / 8 + 1), 4);
-        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
-                                             _mm256_set1_epi32(static_cast<int>(hi)), 1);
-        const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(
-            _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
-            _mm512_set1_epi32(0x0F)));
+      for (int64_t e = 0; e < q.K; e += 16) {  // int4: two words, in one group or (G = 8) two; else one step
+        __m512i codes;
+        if (q.bits == 4) {
+          uint32_t lo, hi;
+          std::memcpy(&lo, q.word(n, e / 8), 4);
+          std::memcpy(&hi, q.word(n, e / 8 + 1), 4);
+          const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
+                                               _mm256_set1_epi32(static_cast<int>(hi)), 1);
+          codes = _mm512_and_si512(
+              _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+              _mm512_set1_epi32(0x0F));
+        } else {
+          codes = lowbit_step_codes(q, n, e / 16);
+        }
+        const __m512 c = _mm512_cvtepi32_ps(codes);
         const int64_t i0 = q.at(n, e / q.G), i1 = q.at(n, (e + 15) / q.G);
         auto pair = [](float x, float y) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x), _mm512_set1_ps(y)); };
         const __m512 s = pair(q.scale[i0], q.scale[i1]);
@@ -1399,7 +1412,8 @@ DequantRows PanelWeight::dequant() const {
           const __m512 m = pair(static_cast<float>(q.mn[i0]), static_cast<float>(q.mn[i1]));
           _mm512_storeu_ps(o + e, _mm512_add_ps(_mm512_mul_ps(c, s), m));
         } else {
-          const __m512 z = q.zero ? pair(q.zero[i0], q.zero[i1]) : _mm512_set1_ps(8.f);
+          const __m512 z = q.zero ? pair(q.zero[i0], q.zero[i1])
+                                  : _mm512_set1_ps(static_cast<float>(1 << (q.bits - 1)));  // the implied zero
           _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_sub_ps(c, z), s));
         }
       }
@@ -1478,7 +1492,7 @@ void panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1
 // The int3 / int2 panels: as panel_rows, SS 16-column steps per sub-block (1: groups of 16; 2: a 32-column block).
 template <int M, int SS, bool SYM, int BITS>
 void lowbit_panel_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64_t p1, float* y, int64_t ldy) {
-  constexpr int64_t SB = BITS == 3 ? 96 : 64;  // bytes per step
+  constexpr int64_t SB = lowbit_step_bytes(BITS);
   const int64_t steps = q.K / 16, ng = q.ng, subs = q.G / (16 * SS), K = q.K;
   const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
   const int32_t* xw[M];
@@ -1569,8 +1583,10 @@ void panel_gemv_rows(const PanelWeight& q, const PanelActs& a, int64_t p0, int64
     const bool sym = !q.zero && !q.mn;
     if (q.bits == 3) lowbit_panel_gemv_rows<M, 3>(q, a, p0, p1, y, ldy);
     else if (q.bits == 2) lowbit_panel_gemv_rows<M, 2>(q, a, p0, p1, y, ldy);
-    else if (sw == 1) sym ? panel_rows<M, 1, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 1, false>(q, a, p0, p1, y, ldy);
-    else if (sw == 2) sym ? panel_rows<M, 2, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 2, false>(q, a, p0, p1, y, ldy);
+    else if (sw == 1)
+      sym ? panel_rows<M, 1, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 1, false>(q, a, p0, p1, y, ldy);
+    else if (sw == 2)
+      sym ? panel_rows<M, 2, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 2, false>(q, a, p0, p1, y, ldy);
     else sym ? panel_rows<M, 4, true>(q, a, p0, p1, y, ldy) : panel_rows<M, 4, false>(q, a, p0, p1, y, ldy);
   });
 }
