@@ -198,22 +198,8 @@ class Layer:
         return feature_map(self.feature_map, x, self.fm_w[side] if self.fm_w else None)
 
     def forward(self, x: torch.Tensor, cos, sin, st: dict) -> torch.Tensor:
-        T, ext = x.shape[0], self.ext
-        a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
-        if ext and self.qkv:
-            qkv = self.qkv(a)
-            ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)  # query and key heads, in place
-            if self.type == "softmax":
-                o = self._softmax_segments(qkv, [st], [0, T])
-            else:
-                o = self._recurrent_rows(*qkv.split(self.split_qkv, dim=-1), [st], [0, T])
-        else:
-            q, k, v = self.qkv(a).split(self.split_qkv, dim=-1) if self.qkv else (self.q(a), self.k(a), self.v(a))
-            q = apply_rope(q.reshape(T, self.h, self.hd).transpose(0, 1), cos, sin)
-            k = apply_rope(k.reshape(T, self.kv, self.hd).transpose(0, 1), cos, sin)
-            v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
-            o = self._attend(q, k, v, st).transpose(0, 1).reshape(T, self.h * self.hd)
-        return self._mlp(self.o(o, x))
+        """T tokens of one sequence (x `[T, d]`) after what `st` holds: `forward_segments` with one segment."""
+        return self.forward_segments(x, cos, sin, [(0, x.shape[0], st)])
 
     def forward_rows(self, x: torch.Tensor, cos, sin, sts: list[dict]) -> torch.Tensor:
         """One token for each of B sequences: row i of x `[B, d]` continues the state `sts[i]`, at its own position
@@ -263,7 +249,7 @@ class Layer:
         v = v.reshape(T, self.kv, self.hd).transpose(0, 1)
         rows = [self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1).reshape(j - i, self.h * self.hd)
                 for i, j, st in segments]
-        return self._mlp(self.o(torch.cat(rows), x))
+        return self._mlp(self.o(rows[0] if len(rows) == 1 else torch.cat(rows), x))
 
     def _mlp(self, h: torch.Tensor, by_rows=None) -> torch.Tensor:
         """The MLP block after attention (`h` = the residual stream with attention added); `by_rows`: how the
@@ -469,8 +455,8 @@ class Layer:
 
 
 def _release_repacked(f: CmxFile, kernels: list) -> None:
-    """Int4 layers repacked into panels compute from their own copy: the file's pages under them, read once for the
-    repack, would otherwise stay resident beside it (the int4 weights' size again). `CmxFile.release` drops them."""
+    """Int layers repacked into panels compute from their own copy: the file's pages under them, read once for the
+    repack, would otherwise stay resident beside it (the weights' size again). `CmxFile.release` drops them."""
     for k in kernels:
         for part in getattr(k, "parts", [k]):
             if isinstance(part, CmxGroupLinear) and part.panels:
