@@ -35,6 +35,10 @@ KERNEL_MODES = ("auto", "cmx", "native", "dequant")
 ACT_DTYPES = ("auto", "float32", "bfloat16", "int8")
 FAST_ACT = {"cmx": "int8", "native": "bfloat16", "dequant": "float32"}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# Every kernel object has `exact_rows`: the most rows one call computes each exactly as it computes that row alone
+# (codexmini's GEMVs: up to their row limit). torch's matmuls promise nothing of the kind: a row's sums may depend on
+# the rows beside it.
+TORCH_EXACT_ROWS = 1
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +64,8 @@ def zero_of(tensors: dict, name: str, scheme: str) -> torch.Tensor:
 
 
 class FloatLinear:
+    exact_rows = TORCH_EXACT_ROWS
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.float().contiguous()
         self.nbytes = self.weight.numel() * 4
@@ -72,6 +78,8 @@ class FloatLinear:
 class FloatConcatLinear:
     """Several float layers that read the same input, their outputs side by side (each keeps its own weight)."""
 
+    exact_rows = TORCH_EXACT_ROWS
+
     def __init__(self, parts: list[FloatLinear]):
         self.parts = parts
         self.nbytes = sum(p.nbytes for p in parts)
@@ -82,6 +90,8 @@ class FloatConcatLinear:
 
 
 class Int8Linear:
+    exact_rows = TORCH_EXACT_ROWS
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype):
         self.codes, self.act_dtype = aligned(codes), act_dtype
         self.scale = aligned(scale.to(act_dtype))
@@ -93,6 +103,8 @@ class Int8Linear:
 
 
 class Int4Linear:
+    exact_rows = TORCH_EXACT_ROWS
+
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, act_dtype: torch.dtype,
                  min_: torch.Tensor | None = None):
         codes = unpack_int4(packed).to(torch.int32)
@@ -122,6 +134,7 @@ class CmxInt8Linear:
         # unaligned loads only: the file's tensors are used in place (no copy)
         self.ext, self.codes, self.scale, self.int8_act = ext, codes.contiguous(), _kernel_scale(scale), int8_act
         self.nbytes = self.codes.numel() + self.scale.numel() * self.scale.element_size()
+        self.exact_rows = ext.gemv_rows()  # the GEMV's rows, each exactly as alone (more: the tiled GEMM)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self.ext.q8_linear(x.float().contiguous(), self.codes, self.scale, residual, self.int8_act)
@@ -154,6 +167,8 @@ class CmxGroupLinear:
             self._call = lambda x, packed, scale, zero, residual, _: kernel(x, packed, scale, zero, residual)
         else:
             self._call = getattr(ext, f"q{bits}_linear")
+        # the most rows a call computes each exactly as it is alone (the GEMVs'; more take the tiled GEMM)
+        self.exact_rows = ext.panel_gemv_rows() if self.panels else ext.gemv_rows()
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._call(x.float().contiguous(), self.packed, self.scale, self.zero, residual, self.int8_act)
@@ -269,6 +284,7 @@ class CmxConcatLinear:
     def __init__(self, parts: list):
         self.parts, self.int8_act = parts, parts[0].int8_act
         self.nbytes = sum(p.nbytes for p in parts)
+        self.exact_rows = min(p.exact_rows for p in parts)
         ext = parts[0].ext
         if isinstance(parts[0], CmxGroupLinear) and all(p.panels for p in parts):
             cat = getattr(ext, f"q{parts[0].bits}p_linear_cat")

@@ -540,6 +540,14 @@ class Runtime:
         self.load_seconds = time.perf_counter() - t0
 
     @property
+    def exact_rows(self) -> int:
+        """The most rows a forward may hold with every row computed exactly as it is alone: the least of its linear
+        kernels' (`exact_rows`; attention and the linear states are per sequence and always exact). The server mixes
+        decoding rows into a prefill forward only within it, so that greedy answers do not depend on what runs
+        beside them."""
+        return min(k.exact_rows for k in [self.head] + [k for layer in self.layers for k in layer.linears])
+
+    @property
     def recurrent(self) -> bool:
         """Whether any layer keeps a linear state (which `fork` needs a `Checkpoint` for, except at the end)."""
         return any(layer.type != "softmax" for layer in self.layers)

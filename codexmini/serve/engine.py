@@ -7,9 +7,9 @@ prefix cache where an earlier request shared its beginning. Every step of the lo
 1. drops the sequences whose client went away (their slot is free for the next step),
 2. decodes one token for every sequence past its prompt in one forward, samples each with its own parameters and
    generator, and sends the text on: with the next chunks of the prompts still prefilling (up to `prefill_chunk`
-   tokens in all) when there are any (`Runtime.prefill_batch`, the decoding tokens one-row chunks beside them: a
-   long prompt delays the others' next token by one chunk, not by the whole prompt), else alone
-   (`Runtime.decode_batch`: each weight read serves all of them).
+   tokens in all) when there are any (`Runtime.prefill_batch`, the decoding tokens one-row chunks beside them where
+   the kernels compute every row as alone: a long prompt delays the others' next token by one chunk, not by the
+   whole prompt), else alone (`Runtime.decode_batch`: each weight read serves all of them).
 Sequences join and leave between steps. Sampling, seeds and stop strings are per sequence, so a request's output
 does not depend on what runs beside it: its greedy tokens are the ones it gets alone.
 
@@ -334,9 +334,10 @@ class Engine:
         all, in one forward (`Runtime.prefill_batch`: the int kernels dequantize each weight once for all of
         them); a sequence whose prompt is done samples its first token. The `decoding` sequences ride along, their
         next token a one-row chunk of the same forward: a prompt's matmuls are bound by compute, so a few more
-        rows cost little beside a decoding step of their own, which would read every weight again (codexmini's int
-        kernels compute each row exactly as alone, so greedy answers do not change; float layers, as in a batched
-        decoding step, up to the order of additions). Returns whether they did."""
+        rows cost little beside a decoding step of their own, which would read every weight again. They do so only
+        where every row of the forward is computed exactly as alone (`Runtime.exact_rows`: codexmini's int kernels
+        up to their GEMVs' rows, any number with the AVX-512 panels), so greedy answers do not change. Returns
+        whether they did."""
         budget, work = self.prefill_chunk, []
         for seq in self._active:
             if not seq.prefilling:
@@ -350,6 +351,8 @@ class Engine:
                 work.append((seq, seq.prompt[start:stop]))
                 budget -= stop - start
         run = [(seq, chunk) for seq, chunk in work if chunk]
+        if sum(len(chunk) for _, chunk in run) + len(decoding) > self.rt.exact_rows:
+            decoding = []  # their rows would not be computed as alone: they take a decoding step of their own
         if run:
             logits = self.rt.prefill_batch([chunk for _, chunk in run] + [[seq.next_id] for seq in decoding],
                                            [seq.session for seq, _ in run] + [seq.session for seq in decoding])

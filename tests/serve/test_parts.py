@@ -213,3 +213,65 @@ def test_engine_greedy_equals_the_runtime_and_counts_tokens(runtimes):
         engine.close()
     assert text == rt.generate("class Stack:", SamplingConfig(max_tokens=10))
     assert fin.prompt_tokens == len(prompt) and fin.completion_tokens <= 10 and fin.cached_tokens == 0
+
+
+@pytest.mark.parametrize("kind", ["int4", "float"])
+def test_decoding_rides_along_with_a_prompt_only_where_every_row_is_exact(kind, runtimes, serve_tokenizer,
+                                                                          tmp_path):
+    """A request that arrives while another decodes: its prompt runs with the other's next token as a one-row chunk
+    of the same forward where the kernels compute every row as alone (`Runtime.exact_rows`: codexmini's int
+    kernels), never with torch's float matmuls; both answers equal each request alone either way."""
+    from codexmini.export.to_cmx import export_cmx
+    from codexmini.quantize import QuantizeConfig, quantize_model
+    from codexmini.runtime import Runtime
+    from codexmini.serve.engine import Delta, Engine, Finish
+    from codexmini.serve.protocol import GenParams
+    from tests.serve.conftest import LAYERS, make_model
+
+    if kind == "float":
+        rt = runtimes["hybrid"]
+    else:
+        model, _ = quantize_model(make_model(**LAYERS["hybrid"]), QuantizeConfig(method="rtn", default="int4_g32"))
+        rt = Runtime(export_cmx(model, serve_tokenizer, tmp_path / "q.cmx"))
+        if rt.kernels != "cmx":
+            pytest.skip("codexmini's kernels did not build here")
+    calls = []
+    prefill = rt.prefill_batch
+
+    def recorded(chunks, sessions):
+        calls.append([len(c) for c in chunks])
+        return prefill(chunks, sessions)
+
+    rt.prefill_batch = recorded
+    texts, n_long = ["def add(a, b):", "class Stack:\n    def push(self, item):"], 200
+    engine = Engine("m", rt, parallel=2, max_queue=0)
+    engine.start()
+
+    async def run():
+        async def answer(job):
+            text = ""
+            while True:
+                ev = await job.events.get()
+                if isinstance(ev, Delta):
+                    text += ev.text
+                elif isinstance(ev, Finish):
+                    return text
+
+        # long enough that it is still decoding when the second arrives, even on a busy machine
+        first = engine.submit(rt.tokenizer.encode(texts[0], add_special_tokens=False).ids,
+                              GenParams(temperature=0, max_tokens=n_long, ignore_eos=True), n_long)
+        ev = await first.events.get()  # the first request is decoding now
+        second = engine.submit(rt.tokenizer.encode(texts[1], add_special_tokens=False).ids,
+                               GenParams(temperature=0, max_tokens=8, ignore_eos=True), 8)
+        rest, other = await asyncio.gather(answer(first), answer(second))
+        return ev.text + rest, other
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        engine.close()
+        del rt.prefill_batch
+    mixed = [c for c in calls if 1 in c and max(c) > 1]
+    assert bool(mixed) == (kind == "int4" and rt.exact_rows >= sum(calls[-1])), calls
+    want = [rt.generate(t, SamplingConfig(max_tokens=n, stop_at_eos=False)) for t, n in zip(texts, (n_long, 8))]
+    assert list(got) == want
