@@ -2311,6 +2311,15 @@ void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const f
       acc[c] = _mm512_fmadd_ps(qb, row[c], acc[c]);
     }
   };
+  // A row of the state, asking for the rows 4 KiB ahead (the next heads' and sequences' states follow): at several
+  // sequences the states no longer fit the caches, and without it the hardware prefetchers left a decoding step
+  // waiting on them (8 sequences of a 20-layer all-linear model of SmolLM2's width: these calls 2.9 -> 1.1 ms).
+  auto load_row = [&](const float* sr, __m512* row) __attribute__((always_inline)) {
+    for (int c = 0; c < NV; ++c) {
+      __builtin_prefetch(sr + 16 * c + kPrefetchBytes / 4, 1);
+      row[c] = _mm512_maskz_loadu_ps(sm[c], sr + 16 * c);
+    }
+  };
   auto finish = [&](const __m512* acc, float* out) {
     alignas(64) float last[16];
     _mm512_store_ps(last, acc[D / 16]);
@@ -2326,7 +2335,7 @@ void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const f
     const float *qa = q + r * qs, *qb = qa + qs, *ka = k + r * ks, *kb = ka + ks;
     for (int64_t f = 0; f < Fd; ++f) {
       float* sr = S + f * V1;
-      for (int c = 0; c < NV; ++c) row[c] = _mm512_maskz_loadu_ps(sm[c], sr + 16 * c);
+      load_row(sr, row);
       update(row, va, ka[f], qa[f], aa);
       update(row, vb, kb[f], qb[f], ab);
       for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, sm[c], row[c]);
@@ -2341,7 +2350,7 @@ void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const f
     const float *qa = q + r * qs, *ka = k + r * ks;
     for (int64_t f = 0; f < Fd; ++f) {
       float* sr = S + f * V1;
-      for (int c = 0; c < NV; ++c) row[c] = _mm512_maskz_loadu_ps(sm[c], sr + 16 * c);
+      load_row(sr, row);
       update(row, va, ka[f], qa[f], aa);
       for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, sm[c], row[c]);
     }
