@@ -279,6 +279,8 @@ class Layer:
         state), so that they are not placed among the prompt's temporaries."""
         if self.type == "softmax":
             self.grow_cache(st, tokens)
+        elif self.type == "linear" and self.ext is not None:
+            self._kv_z(st)
         else:
             self._state(st)
 
@@ -330,10 +332,24 @@ class Layer:
         return self._phi(q, "q"), self._rep(self._phi(k, "k")), append_ones(self._rep(v))
 
     def _state(self, st):
-        """The linear-attention state `[H, F, D+1]` (zeros before the first token)."""
+        """The linear-attention state `[H, F, D+1]` (zeros before the first token): the ops functions' form, the
+        normaliser as column D (a session `_kv_z` held is joined back)."""
         if "state" not in st:
-            st["state"] = torch.zeros(self.h, self.n_features, self.hd + 1)
+            st["state"] = torch.cat([st.pop("kv"), st.pop("z")[..., None]], -1) if "kv" in st else \
+                torch.zeros(self.h, self.n_features, self.hd + 1)
         return st["state"]
+
+    def _kv_z(self, st) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear layer's state as codexmini's kernels hold it: `kv` `[H, F, D]` and its normaliser `z` `[H, F]`
+        (`_state` split: rows of D floats stay aligned to cache lines, where D+1 columns made most loads and stores
+        cross two; a prompt's linear attention 2x faster)."""
+        if "kv" not in st:
+            state = st.pop("state", None)
+            if state is None:
+                st["kv"], st["z"] = torch.zeros(self.h, self.n_features, self.hd), torch.zeros(self.h, self.n_features)
+            else:
+                st["kv"], st["z"] = state[..., :-1].contiguous(), state[..., -1].contiguous()
+        return st["kv"], st["z"]
 
     def _recurrent_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sts: list[dict],
                         starts: list[int]) -> torch.Tensor:
@@ -344,7 +360,8 @@ class Layer:
         (ops' chunked forms)."""
         fq, fk = self._features_rows(q, k)
         if self.type == "linear":
-            o = self.ext.linear_segments_([self._state(st) for st in sts], starts, fq, fk, v.contiguous(),
+            kvz = [self._kv_z(st) for st in sts]
+            o = self.ext.linear_segments_([kv for kv, _ in kvz], [z for _, z in kvz], starts, fq, fk, v.contiguous(),
                                           self.decay_mult, NORMALISER_EPS)
         else:
             sts = [self._ring(st) for st in sts]
@@ -413,6 +430,8 @@ class Layer:
         `fork` continues later. None for softmax layers: their KV cache is cut to length instead."""
         if self.type == "softmax":
             return None
+        if self.type == "linear" and self.ext is not None:
+            return {name: t.clone() for name, t in zip(("kv", "z"), self._kv_z(st))}
         out = {"state": self._state(st).clone()}
         if "wk" in st:
             meta = st.get("wmeta")
@@ -709,9 +728,11 @@ class Runtime:
         from ..cmx import save_safetensors_atomic
 
         tensors = {}
-        for layer, st in zip(self.layers, session.layers):
+        for layer, st in zip(self.layers, session.layers):  # files hold the ops functions' forms
             if layer.type == "hybrid":
                 layer.window_to_time_order(st)
+            elif layer.type == "linear" and st:
+                layer._state(st)
         for i, st in enumerate(session.layers):
             for k, v in st.items():
                 if torch.is_tensor(v):

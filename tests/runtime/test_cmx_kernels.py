@@ -540,9 +540,12 @@ def test_attention_of_mixed_segments_equals_each_sequence_alone(window, hd):
 
 @needs_ext
 @pytest.mark.parametrize("decay", [False, True])
-def test_linear_decode_step_equals_the_reference(decay):
+@pytest.mark.parametrize("D", [8, 64, 200])
+def test_linear_decode_step_equals_the_reference(decay, D):
+    """One step of linear_decode_ (D = 200: wider than the SIMD form, the plain C++ one; F = 20: a partial vector of
+    features) against ops' recurrence."""
     g = torch.Generator().manual_seed(7)
-    H, KV, F, D = 4, 2, 12, 8
+    H, KV, F = 4, 2, 20
     state = torch.rand(H, F, D + 1, generator=g)
     fq, fk, v = torch.rand(H, F, generator=g), torch.rand(KV, F, generator=g), torch.randn(KV, D, generator=g)
     a = torch.rand(H, generator=g) if decay else torch.empty(0)
@@ -552,8 +555,9 @@ def test_linear_decode_step_equals_the_reference(decay):
     o, want_state = recurrent_linear_attn(fq[None, :, None], fkr[None, :, None], v1[None, :, None], 1.0,
                                           state[None].clone(), True, torch.log(a) if decay else None)
     want = normalise(o[0, :, 0], 1e-6)
-    got = ext.linear_decode_(state, fq, fk, v, a, 1e-6)
-    torch.testing.assert_close(state, want_state[0])  # updated in place
+    kv, z = state[..., :D].contiguous(), state[..., D].contiguous()  # the kernels' form: the normaliser apart
+    got = ext.linear_decode_(kv, z, fq, fk, v, a, 1e-6)
+    torch.testing.assert_close(torch.cat([kv, z[..., None]], -1), want_state[0])  # updated in place
     torch.testing.assert_close(got, want)
 
 
@@ -563,20 +567,23 @@ def test_linear_steps_and_feature_maps_of_a_batch_equal_each_sequence_alone():
     tokens' heads give, bit for bit, what one call per sequence gives; a state given twice is refused."""
     g = torch.Generator().manual_seed(9)
     B, H, KV, F, D, hd, Fh = 3, 4, 2, 12, 8, 16, 6
-    states = [torch.rand(H, F, D + 1, generator=g) for _ in range(B)]
+    states = [torch.rand(H, F, D, generator=g) for _ in range(B)]
+    zs = [torch.rand(H, F, generator=g) for _ in range(B)]
     fq, fk, v = torch.rand(B, H, F, generator=g), torch.rand(B, KV, F, generator=g), torch.randn(B, KV, D, generator=g)
     a = torch.rand(H, generator=g)
-    alone = [s.clone() for s in states]
-    want = torch.stack([ext.linear_decode_(s, fq[b].contiguous(), fk[b].contiguous(), v[b].contiguous(), a, 1e-6)
-                        for b, s in enumerate(alone)])
-    got = ext.linear_segments_(states, list(range(B + 1)), fq, fk, v, a, 1e-6)
-    assert torch.equal(got, want) and all(torch.equal(s, t) for s, t in zip(states, alone))
+    alone = [(s.clone(), z.clone()) for s, z in zip(states, zs)]
+    want = torch.stack([ext.linear_decode_(s, z, fq[b].contiguous(), fk[b].contiguous(), v[b].contiguous(), a, 1e-6)
+                        for b, (s, z) in enumerate(alone)])
+    got = ext.linear_segments_(states, zs, list(range(B + 1)), fq, fk, v, a, 1e-6)
+    assert torch.equal(got, want)
+    assert all(torch.equal(s, t) and torch.equal(z, y) for s, z, (t, y) in zip(states, zs, alone))
+    two = (fq[:2].contiguous(), fk[:2].contiguous(), v[:2].contiguous(), a, 1e-6)
     with pytest.raises(RuntimeError, match="rows 0 and 1 share a state"):
-        ext.linear_segments_([states[0], states[0]], [0, 1, 2], fq[:2].contiguous(), fk[:2].contiguous(),
-                             v[:2].contiguous(), a, 1e-6)
+        ext.linear_segments_([states[0], states[0]], zs[:2], [0, 1, 2], *two)
+    with pytest.raises(RuntimeError, match="rows 0 and 1 share a normaliser"):
+        ext.linear_segments_(states[:2], [zs[0], zs[0]], [0, 1, 2], *two)
     with pytest.raises(RuntimeError, match="starts must"):
-        ext.linear_segments_(states[:2], [0, 2, 1], fq[:2].contiguous(), fk[:2].contiguous(), v[:2].contiguous(), a,
-                             1e-6)
+        ext.linear_segments_(states[:2], zs[:2], [0, 2, 1], *two)
     x, w = torch.randn(B * H, hd, generator=g), torch.randn(H, hd, Fh, generator=g)
     one_by_one = torch.cat([ext.hedgehog(x[b * H:(b + 1) * H].contiguous(), w) for b in range(B)])
     assert torch.equal(ext.hedgehog(x, w), one_by_one)
@@ -587,23 +594,26 @@ def test_linear_steps_and_feature_maps_of_a_batch_equal_each_sequence_alone():
 
 
 @needs_ext
-def test_linear_prompt_segments_equal_decoding_them_token_by_token():
+@pytest.mark.parametrize("D", [8, 64, 200])
+def test_linear_prompt_segments_equal_decoding_them_token_by_token(D):
     """Prompt chunks of three sequences (lengths 5, 0 and 9, on states that already hold tokens) in one
     linear_segments_ call: every output row and the final states equal, bit for bit, decoding each sequence's
     tokens one at a time."""
     g = torch.Generator().manual_seed(11)
-    H, KV, F, D = 4, 2, 12, 8
+    H, KV, F = 4, 2, 12
     lengths = [5, 0, 9]
     R = sum(lengths)
     starts = [0, 5, 5, 14]
-    states = [torch.rand(H, F, D + 1, generator=g) for _ in lengths]
+    states = [torch.rand(H, F, D, generator=g) for _ in lengths]
+    zs = [torch.rand(H, F, generator=g) for _ in lengths]
     fq, fk, v = torch.rand(R, H, F, generator=g), torch.rand(R, KV, F, generator=g), torch.randn(R, KV, D, generator=g)
     a = torch.rand(H, generator=g)
-    alone = [s.clone() for s in states]
-    want = torch.stack([ext.linear_decode_(alone[b], fq[r].contiguous(), fk[r].contiguous(), v[r].contiguous(), a,
+    alone = [(s.clone(), z.clone()) for s, z in zip(states, zs)]
+    want = torch.stack([ext.linear_decode_(*alone[b], fq[r].contiguous(), fk[r].contiguous(), v[r].contiguous(), a,
                                            1e-6) for b in range(3) for r in range(starts[b], starts[b + 1])])
-    got = ext.linear_segments_(states, starts, fq, fk, v, a, 1e-6)
-    assert torch.equal(got, want) and all(torch.equal(s, t) for s, t in zip(states, alone))
+    got = ext.linear_segments_(states, zs, starts, fq, fk, v, a, 1e-6)
+    assert torch.equal(got, want)
+    assert all(torch.equal(s, t) and torch.equal(z, y) for s, z, (t, y) in zip(states, zs, alone))
 
 
 @needs_ext

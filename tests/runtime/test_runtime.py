@@ -120,7 +120,8 @@ def test_saved_session_gives_the_same_continuation(tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("kernels", ["auto", "native"])
 def test_session_saved_mid_decode_continues_identically(kernels, ids, tiny_tokenizer, tmp_path):
-    """Saved after token-by-token decoding (the hybrid window past its size, in the fused path's ring buffer):
+    """Saved after token-by-token decoding (the hybrid window past its size, in the fused path's ring buffer; the
+    linear state split into kv and normaliser by codexmini's kernels): the file holds the ops functions' forms, and
     the restored session continues with the same logits, in the same or another kernel mode."""
     model = _model(layer_types=["hybrid", "linear"], feature_map="hedgehog", linear_decay=True)
     path = export_cmx(model, tiny_tokenizer, tmp_path / "m.cmx")
@@ -133,6 +134,8 @@ def test_session_saved_mid_decode_continues_identically(kernels, ids, tiny_token
     want = torch.stack([rt.forward(ids[0, t:t + 1], s) for t in range(20, 30)])
     for other in (rt, Runtime(path, kernels="dequant")):
         restored = other.load_session(tmp_path / "mid.session")
+        state = restored.layers[1]["state"]  # [H, F, D+1]: the normaliser as the last column
+        assert sorted(restored.layers[1]) == ["state"] and state.shape[-1] == rt.layers[1].hd + 1
         got = torch.stack([other.forward(ids[0, t:t + 1], restored) for t in range(20, 30)])
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     with torch.no_grad():

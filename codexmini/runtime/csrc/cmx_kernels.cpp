@@ -2282,34 +2282,26 @@ at::Tensor attend_decode_batch(const at::Tensor& qkv, std::vector<at::Tensor> kc
 
 
 // One head of linear attention over rows r = 0 .. n-1 of one sequence (the pointers at row 0, advanced by their
-// strides per row): for each, state = decay * state + fk^T [v, 1], acc = fq state, out = acc[:D] / (acc[D] + eps).
-// The state [F, D+1] is read and written once per two rows (each row's update is the same arithmetic as when it
-// comes alone, so decoding a prompt's tokens one by one gives the same bits). NV vectors of 16 hold D + 1 columns.
+// strides per row), on its state kv [F, D] and normaliser z [F]: for each row,
+//   kv = decay * kv + fk^T v,  z = decay * z + fk,  out = (fq kv) / (fq . z + eps).
+// The state is read and written once per two rows (each row's update is the same arithmetic as when it comes alone,
+// so decoding a prompt's tokens one by one gives the same bits). The normaliser is kept apart from kv (the ops
+// functions append it to v as a column of ones, [F, D+1]): rows of D floats stay aligned to cache lines, where the
+// D+1 columns made most loads and stores cross two (a 60-token prompt of a 20-layer all-linear model of SmolLM2's
+// width: these calls 4.3 -> ~2 ms). NV vectors of 16 hold D columns.
 #if defined(__AVX512F__)
 template <int NV>
-void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const float* q, int64_t qs, const float* k,
-                      int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n, float eps) {
-  const int64_t V1 = D + 1;
-  __mmask16 sm[NV], vm[NV];  // the state's columns (D + 1) and the values' (D) in each vector
+void linear_head_simd(float* S, float* Z, int64_t Fd, int64_t D, const float* dec, const float* q, int64_t qs,
+                      const float* k, int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n,
+                      float eps) {
+  __mmask16 vm[NV];  // the columns of each vector (D)
   for (int c = 0; c < NV; ++c) {
-    const int64_t left = V1 - 16 * c, vleft = D - 16 * c;
-    sm[c] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
-    vm[c] = static_cast<__mmask16>(vleft >= 16 ? 0xFFFF : vleft > 0 ? (1u << vleft) - 1 : 0);
+    const int64_t left = D - 16 * c;
+    vm[c] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
   }
   const __m512 av = _mm512_set1_ps(dec ? *dec : 1.f);
-  const __mmask16 at_d = static_cast<__mmask16>(1u << (D % 16));  // column D's lane in vector D / 16
-  auto v1_of = [&](const float* vr, __m512* out) {  // [v, 1]
-    for (int c = 0; c < NV; ++c) {
-      out[c] = _mm512_maskz_loadu_ps(vm[c], vr + 16 * c);
-      if (c == D / 16) out[c] = _mm512_mask_mov_ps(out[c], at_d, _mm512_set1_ps(1.f));
-    }
-  };
-  auto update = [&](__m512* row, const __m512* v1, float kf, float qf, __m512* acc) __attribute__((always_inline)) {
-    const __m512 kb = _mm512_set1_ps(kf), qb = _mm512_set1_ps(qf);
-    for (int c = 0; c < NV; ++c) {
-      row[c] = _mm512_fmadd_ps(kb, v1[c], dec ? _mm512_mul_ps(av, row[c]) : row[c]);
-      acc[c] = _mm512_fmadd_ps(qb, row[c], acc[c]);
-    }
+  auto load_v = [&](const float* vr, __m512* out) {
+    for (int c = 0; c < NV; ++c) out[c] = _mm512_maskz_loadu_ps(vm[c], vr + 16 * c);
   };
   // A row of the state, asking for the rows 4 KiB ahead (the next heads' and sequences' states follow): at several
   // sequences the states no longer fit the caches, and without it the hardware prefetchers left a decoding step
@@ -2317,53 +2309,78 @@ void linear_head_simd(float* S, int64_t Fd, int64_t D, const float* dec, const f
   auto load_row = [&](const float* sr, __m512* row) __attribute__((always_inline)) {
     for (int c = 0; c < NV; ++c) {
       __builtin_prefetch(sr + 16 * c + kPrefetchBytes / 4, 1);
-      row[c] = _mm512_maskz_loadu_ps(sm[c], sr + 16 * c);
+      row[c] = _mm512_maskz_loadu_ps(vm[c], sr + 16 * c);
     }
   };
-  auto finish = [&](const __m512* acc, float* out) {
-    alignas(64) float last[16];
-    _mm512_store_ps(last, acc[D / 16]);
-    const __m512 inv = _mm512_set1_ps(1.f / (last[D % 16] + eps));
+  auto update = [&](__m512* row, const __m512* vr, float kf, float qf, __m512* acc) __attribute__((always_inline)) {
+    const __m512 kb = _mm512_set1_ps(kf), qb = _mm512_set1_ps(qf);
+    for (int c = 0; c < NV; ++c) {
+      row[c] = _mm512_fmadd_ps(kb, vr[c], dec ? _mm512_mul_ps(av, row[c]) : row[c]);
+      acc[c] = _mm512_fmadd_ps(qb, row[c], acc[c]);
+    }
+  };
+  // z's update and fq . z for `rows` (1 or 2) rows, 16 features a vector
+  auto normaliser = [&](const float* const* kr, const float* const* qr, int rows, float* den) {
+    __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t f = 0; f < Fd; f += 16) {
+      const __mmask16 m = static_cast<__mmask16>(Fd - f >= 16 ? 0xFFFF : (1u << (Fd - f)) - 1);
+      __m512 z = _mm512_maskz_loadu_ps(m, Z + f);
+      for (int i = 0; i < rows; ++i) {
+        z = _mm512_add_ps(dec ? _mm512_mul_ps(av, z) : z, _mm512_maskz_loadu_ps(m, kr[i] + f));
+        s[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qr[i] + f), z, s[i]);
+      }
+      _mm512_mask_storeu_ps(Z + f, m, z);
+    }
+    for (int i = 0; i < rows; ++i) den[i] = _mm512_reduce_add_ps(s[i]) + eps;
+  };
+  auto finish = [&](const __m512* acc, float den, float* out) {
+    const __m512 inv = _mm512_set1_ps(1.f / den);
     for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(out + 16 * c, vm[c], _mm512_mul_ps(acc[c], inv));
   };
   int64_t r = 0;
   for (; NV <= 5 && r + 1 < n; r += 2) {  // two rows a pass (more vectors than registers beyond 5)
     __m512 va[NV], vb[NV], aa[NV], ab[NV], row[NV];
-    v1_of(v + r * vs, va);
-    v1_of(v + (r + 1) * vs, vb);
+    load_v(v + r * vs, va);
+    load_v(v + (r + 1) * vs, vb);
     for (int c = 0; c < NV; ++c) aa[c] = ab[c] = _mm512_setzero_ps();
     const float *qa = q + r * qs, *qb = qa + qs, *ka = k + r * ks, *kb = ka + ks;
+    const float* kr[2] = {ka, kb};
+    const float* qr[2] = {qa, qb};
+    float den[2];
+    normaliser(kr, qr, 2, den);
     for (int64_t f = 0; f < Fd; ++f) {
-      float* sr = S + f * V1;
+      float* sr = S + f * D;
       load_row(sr, row);
       update(row, va, ka[f], qa[f], aa);
       update(row, vb, kb[f], qb[f], ab);
-      for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, sm[c], row[c]);
+      for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, vm[c], row[c]);
     }
-    finish(aa, o + r * os);
-    finish(ab, o + (r + 1) * os);
+    finish(aa, den[0], o + r * os);
+    finish(ab, den[1], o + (r + 1) * os);
   }
   for (; r < n; ++r) {
     __m512 va[NV], aa[NV], row[NV];
-    v1_of(v + r * vs, va);
+    load_v(v + r * vs, va);
     for (int c = 0; c < NV; ++c) aa[c] = _mm512_setzero_ps();
     const float *qa = q + r * qs, *ka = k + r * ks;
+    float den;
+    normaliser(&ka, &qa, 1, &den);
     for (int64_t f = 0; f < Fd; ++f) {
-      float* sr = S + f * V1;
+      float* sr = S + f * D;
       load_row(sr, row);
       update(row, va, ka[f], qa[f], aa);
-      for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, sm[c], row[c]);
+      for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(sr + 16 * c, vm[c], row[c]);
     }
-    finish(aa, o + r * os);
+    finish(aa, den, o + r * os);
   }
 }
 
-// linear_head_simd for D + 1 <= 16 * 9 columns (else false: the caller's plain loop).
-bool linear_head(float* S, int64_t Fd, int64_t D, const float* dec, const float* q, int64_t qs, const float* k,
-                 int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n, float eps) {
-  switch ((D + 16) / 16) {
+// linear_head_simd for D <= 16 * 9 columns (else false: the caller's plain loop).
+bool linear_head(float* S, float* Z, int64_t Fd, int64_t D, const float* dec, const float* q, int64_t qs,
+                 const float* k, int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n, float eps) {
+  switch ((D + 15) / 16) {
 #define CMX_LINEAR_HEAD(NV) \
-  case NV: linear_head_simd<NV>(S, Fd, D, dec, q, qs, k, ks, v, vs, o, os, n, eps); return true;
+  case NV: linear_head_simd<NV>(S, Z, Fd, D, dec, q, qs, k, ks, v, vs, o, os, n, eps); return true;
     CMX_LINEAR_HEAD(1) CMX_LINEAR_HEAD(2) CMX_LINEAR_HEAD(3) CMX_LINEAR_HEAD(4) CMX_LINEAR_HEAD(5)
     CMX_LINEAR_HEAD(6) CMX_LINEAR_HEAD(7) CMX_LINEAR_HEAD(8) CMX_LINEAR_HEAD(9)
 #undef CMX_LINEAR_HEAD
@@ -2371,28 +2388,33 @@ bool linear_head(float* S, int64_t Fd, int64_t D, const float* dec, const float*
   }
 }
 #else
-bool linear_head(float*, int64_t, int64_t, const float*, const float*, int64_t, const float*, int64_t, const float*,
-                 int64_t, float*, int64_t, int64_t, float) { return false; }
+bool linear_head(float*, float*, int64_t, int64_t, const float*, const float*, int64_t, const float*, int64_t,
+                 const float*, int64_t, float*, int64_t, int64_t, float) { return false; }
 #endif
 
 // Linear attention on fixed-size states, in place, token by token: for each row r of sequence b and each head h
 // (KV group g = h / (H/KV)),
-//   state[h] = decay[h] * state[h] + fk[r, g]^T [v[r, g], 1], o = fq[r, h] state[h], out[r, h] = o[:D] / (o[D] + eps).
-// states[b] [H, F, D+1] (rows starts[b] .. starts[b+1]-1 continue it, in order), fq [R, H, F], fk [R, KV, F],
-// v [R, KV, D], decay [H] multiplicative or empty for none; returns [R, H, D]. One decoding step of B sequences
-// has one row each; a prompt chunk is one sequence's T rows, each computed exactly as decoding it would. Every
-// (sequence, head) is a task of one parallel loop and walks its rows with the head's state in cache (the
-// reference, codexmini.ops.linear_attn's chunked form, makes several passes and allocates each).
-at::Tensor linear_rows(std::vector<at::Tensor> states, const std::vector<int64_t>& starts, const at::Tensor& fq,
-                       const at::Tensor& fk, const at::Tensor& v, const at::Tensor& decay, double eps,
-                       const char* what) {
-  const int64_t B = static_cast<int64_t>(states.size());
-  TORCH_CHECK(B > 0, what, ": no state");
+//   kv[h] = decay[h] kv[h] + fk[r, g]^T v[r, g],  z[h] = decay[h] z[h] + fk[r, g],
+//   out[r, h] = (fq[r, h] kv[h]) / (fq[r, h] . z[h] + eps).
+// kvs[b] [H, F, D] and zs[b] [H, F] (rows starts[b] .. starts[b+1]-1 continue them, in order), fq [R, H, F],
+// fk [R, KV, F], v [R, KV, D], decay [H] multiplicative or empty for none; returns [R, H, D]. One decoding step of B
+// sequences has one row each; a prompt chunk is one sequence's T rows, each computed exactly as decoding it would.
+// Every (sequence, head) is a task of one parallel loop and walks its rows with the head's state in cache (the
+// reference, codexmini.ops.linear_attn's chunked form on [kv | z] = its state [F, D+1], makes several passes and
+// allocates each).
+at::Tensor linear_rows(std::vector<at::Tensor> kvs, std::vector<at::Tensor> zs, const std::vector<int64_t>& starts,
+                       const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v, const at::Tensor& decay,
+                       double eps, const char* what) {
+  const int64_t B = static_cast<int64_t>(kvs.size());
+  TORCH_CHECK(B > 0 && zs.size() == kvs.size(), what, ": one state and one normaliser per sequence");
   const int64_t R = segment_rows(starts, B, what);
-  for (const auto& st : states)
-    TORCH_CHECK(st.dim() == 3 && st.is_contiguous() && st.scalar_type() == at::kFloat &&
-                st.sizes() == states[0].sizes(), what, ": states must be float32 [H, F, D+1], all of one shape");
-  const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1;
+  for (const auto& st : kvs)
+    TORCH_CHECK(st.dim() == 3 && st.is_contiguous() && st.scalar_type() == at::kFloat && st.sizes() == kvs[0].sizes(),
+                what, ": states must be float32 [H, F, D], all of one shape");
+  const int64_t H = kvs[0].size(0), Fd = kvs[0].size(1), D = kvs[0].size(2);
+  for (const auto& z : zs)
+    TORCH_CHECK(z.is_contiguous() && z.scalar_type() == at::kFloat && z.sizes() == at::IntArrayRef({H, Fd}), what,
+                ": normalisers must be float32 [H, F] = [", H, ", ", Fd, "]");
   TORCH_CHECK(R > 0, what, ": no rows");
   TORCH_CHECK(fq.is_contiguous() && fq.scalar_type() == at::kFloat && fq.numel() == R * H * Fd,
               what, ": fq must be float32 [H, F] per row");
@@ -2404,39 +2426,45 @@ at::Tensor linear_rows(std::vector<at::Tensor> states, const std::vector<int64_t
               " heads and v of ", v.numel() / R, " values per row");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
               what, ": decay must be empty or float32 [H]");
-  const int64_t groups = H / KV, V1 = D + 1;
-  std::vector<float*> S;
-  for (auto& st : states) S.push_back(st.data_ptr<float>());
+  const int64_t groups = H / KV;
+  std::vector<float*> S, Z;
+  for (auto& st : kvs) S.push_back(st.data_ptr<float>());
+  for (auto& z : zs) Z.push_back(z.data_ptr<float>());
   check_distinct(std::vector<const void*>(S.begin(), S.end()), what, "state");
+  check_distinct(std::vector<const void*>(Z.begin(), Z.end()), what, "normaliser");
   const float* q = fq.data_ptr<float>();
   const float* k = fk.data_ptr<float>();
   const float* vv = v.data_ptr<float>();
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({R, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B * H, R * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
-    std::vector<float> v1(V1), acc(V1);
+  at::parallel_for(0, B * H, R * Fd * D >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, r0 = starts[b], hg = h / groups;
-      if (linear_head(S[b] + h * Fd * V1, Fd, D, dec ? dec + h : nullptr, q + (r0 * H + h) * Fd, H * Fd,
-                      k + (r0 * KV + hg) * Fd, KV * Fd, vv + (r0 * KV + hg) * D, KV * D, o + (r0 * H + h) * D, H * D,
-                      starts[b + 1] - r0, static_cast<float>(eps)))
+      float *Sh = S[b] + h * Fd * D, *Zh = Z[b] + h * Fd;
+      if (linear_head(Sh, Zh, Fd, D, dec ? dec + h : nullptr, q + (r0 * H + h) * Fd, H * Fd, k + (r0 * KV + hg) * Fd,
+                      KV * Fd, vv + (r0 * KV + hg) * D, KV * D, o + (r0 * H + h) * D, H * D, starts[b + 1] - r0,
+                      static_cast<float>(eps)))
         continue;
       const float a = dec ? dec[h] : 1.f;
       for (int64_t r = r0; r < starts[b + 1]; ++r) {
         const int64_t g = r * KV + hg, rh = r * H + h;
-        std::copy(vv + g * D, vv + (g + 1) * D, v1.begin());
-        v1[D] = 1.f;
+        const float *vr = vv + g * D, *kr = k + g * Fd, *qr = q + rh * Fd;
+        float den = 0.f;
+        for (int64_t f = 0; f < Fd; ++f) {
+          Zh[f] = a * Zh[f] + kr[f];
+          den += qr[f] * Zh[f];
+        }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t f = 0; f < Fd; ++f) {
-          float* row = S[b] + (h * Fd + f) * V1;
-          const float kf = k[g * Fd + f], qf = q[rh * Fd + f];
-          for (int64_t d = 0; d < V1; ++d) {
-            row[d] = a * row[d] + kf * v1[d];
-            acc[d] += qf * row[d];
+          float* row = Sh + f * D;
+          for (int64_t d = 0; d < D; ++d) {
+            row[d] = a * row[d] + kr[f] * vr[d];
+            acc[d] += qr[f] * row[d];
           }
         }
-        const float inv = 1.f / (acc[D] + static_cast<float>(eps));
+        const float inv = 1.f / (den + static_cast<float>(eps));
         for (int64_t d = 0; d < D; ++d) o[rh * D + d] = acc[d] * inv;
       }
     }
@@ -2444,17 +2472,18 @@ at::Tensor linear_rows(std::vector<at::Tensor> states, const std::vector<int64_t
   return out;
 }
 
-at::Tensor linear_decode_(at::Tensor& state, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
-                          const at::Tensor& decay, double eps) {
-  TORCH_CHECK(state.dim() == 3, "linear_decode_: state must be float32 [H, F, D+1]");
-  return linear_rows({state}, {0, 1}, fq, fk, v, decay, eps, "linear_decode_")[0];
+at::Tensor linear_decode_(at::Tensor& kv, at::Tensor& z, const at::Tensor& fq, const at::Tensor& fk,
+                          const at::Tensor& v, const at::Tensor& decay, double eps) {
+  TORCH_CHECK(kv.dim() == 3, "linear_decode_: state must be float32 [H, F, D]");
+  return linear_rows({kv}, {z}, {0, 1}, fq, fk, v, decay, eps, "linear_decode_")[0];
 }
 
-// linear_decode_ for several sequences' runs of tokens (rows starts[b] .. starts[b+1]-1 continue states[b]; fq
-// [R, H, F], fk [R, KV, F], v [R, KV, D]), in one call: prompt chunks, computed as decoding them token by token.
-at::Tensor linear_segments_(std::vector<at::Tensor> states, const std::vector<int64_t>& starts, const at::Tensor& fq,
-                            const at::Tensor& fk, const at::Tensor& v, const at::Tensor& decay, double eps) {
-  return linear_rows(states, starts, fq, fk, v, decay, eps, "linear_segments_");
+// linear_decode_ for several sequences' runs of tokens (rows starts[b] .. starts[b+1]-1 continue kvs[b] / zs[b];
+// fq [R, H, F], fk [R, KV, F], v [R, KV, D]), in one call: prompt chunks, computed as decoding them token by token.
+at::Tensor linear_segments_(std::vector<at::Tensor> kvs, std::vector<at::Tensor> zs, const std::vector<int64_t>& starts,
+                            const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v, const at::Tensor& decay,
+                            double eps) {
+  return linear_rows(kvs, zs, starts, fq, fk, v, decay, eps, "linear_segments_");
 }
 
 // Hedgehog's map of one head of one token (x [D], w [D, Fh], NF = Fh / 16 vectors of the projection kept in
@@ -2762,9 +2791,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "starts[b]..starts[b+1] continue sequence b from slot ns[b]): decoding steps, prompt chunks, or both at once");
   m.def("attend_decode_batch", &attend_decode_batch, nogil, "attend_decode for several sequences, one row of qkv each, "
         "in one parallel loop");
-  m.def("linear_decode_", &linear_decode_, nogil, "one token of linear attention on its state, in place");
+  m.def("linear_decode_", &linear_decode_, nogil, "one token of linear attention on its state (kv and normaliser z), "
+        "in place");
   m.def("linear_segments_", &linear_segments_, nogil, "linear_decode_ for several sequences' runs of tokens (rows "
-        "starts[b]..starts[b+1]-1 continue states[b]), token by token, in one parallel loop");
+        "starts[b]..starts[b+1]-1 continue kvs[b] / zs[b]), token by token, in one parallel loop");
   m.def("hedgehog", &hedgehog, "hedgehog feature map of one token");
   m.def("hybrid_decode_", &hybrid_decode_, nogil, "one token of a hybrid (window + linear) layer, in place");
   m.def("hybrid_segments_", &hybrid_segments_, nogil, "hybrid_decode_ for several sequences' runs of tokens (rows "
