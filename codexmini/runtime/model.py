@@ -279,7 +279,7 @@ class Layer:
         state), so that they are not placed among the prompt's temporaries."""
         if self.type == "softmax":
             self.grow_cache(st, tokens)
-        elif self.type == "linear" and self.ext is not None:
+        elif self.ext is not None:
             self._kv_z(st)
         else:
             self._state(st)
@@ -340,7 +340,7 @@ class Layer:
         return st["state"]
 
     def _kv_z(self, st) -> tuple[torch.Tensor, torch.Tensor]:
-        """A linear layer's state as codexmini's kernels hold it: `kv` `[H, F, D]` and its normaliser `z` `[H, F]`
+        """A linear or hybrid layer's state as codexmini's kernels hold it: `kv` `[H, F, D]` and its normaliser `z` `[H, F]`
         (`_state` split: rows of D floats stay aligned to cache lines, where D+1 columns made most loads and stores
         cross two; a prompt's linear attention 2x faster)."""
         if "kv" not in st:
@@ -365,7 +365,8 @@ class Layer:
                                           self.decay_mult, NORMALISER_EPS)
         else:
             sts = [self._ring(st) for st in sts]
-            o = self.ext.hybrid_segments_([self._state(st) for st in sts], [st["wk"] for st in sts],
+            kvz = [self._kv_z(st) for st in sts]
+            o = self.ext.hybrid_segments_([kv for kv, _ in kvz], [z for _, z in kvz], [st["wk"] for st in sts],
                                           [st["wfk"] for st in sts], [st["wv1"] for st in sts],
                                           [st["wmeta"] for st in sts], starts, q.contiguous(), k.contiguous(),
                                           v.contiguous(), fq, fk, self.decay_mult, self.hd ** -0.5, NORMALISER_EPS)
@@ -430,9 +431,10 @@ class Layer:
         `fork` continues later. None for softmax layers: their KV cache is cut to length instead."""
         if self.type == "softmax":
             return None
-        if self.type == "linear" and self.ext is not None:
-            return {name: t.clone() for name, t in zip(("kv", "z"), self._kv_z(st))}
-        out = {"state": self._state(st).clone()}
+        if self.ext is not None:
+            out = {name: t.clone() for name, t in zip(("kv", "z"), self._kv_z(st))}
+        else:
+            out = {"state": self._state(st).clone()}
         if "wk" in st:
             meta = st.get("wmeta")
             if meta is None:
@@ -731,7 +733,7 @@ class Runtime:
         for layer, st in zip(self.layers, session.layers):  # files hold the ops functions' forms
             if layer.type == "hybrid":
                 layer.window_to_time_order(st)
-            elif layer.type == "linear" and st:
+            if layer.type != "softmax" and st:
                 layer._state(st)
         for i, st in enumerate(session.layers):
             for k, v in st.items():

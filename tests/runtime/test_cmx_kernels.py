@@ -618,18 +618,20 @@ def test_linear_prompt_segments_equal_decoding_them_token_by_token(D):
 
 @needs_ext
 @pytest.mark.parametrize("decay", [False, True])
-def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay):
+@pytest.mark.parametrize("D", [8, 64, 200])
+def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay, D):
     """Token by token through the fused hybrid step (a ring buffer that fills, then wraps twice) against ops'
-    hybrid attention over the whole sequence, and its quadratic reference."""
+    hybrid attention over the whole sequence, and its quadratic reference (D = 200: wider than the AVX-512 form,
+    the plain C++ one; F = 20: a partial vector of features)."""
     g = torch.Generator().manual_seed(8)
-    H, KV, D, F, w, T = 4, 2, 8, 12, 5, 13
+    H, KV, F, w, T = 4, 2, 20, 5, 13
     q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, KV, D, generator=g), torch.randn(T, KV, D, generator=g)
     fq, fk = torch.rand(T, H, F, generator=g), torch.rand(T, KV, F, generator=g)
     a = torch.rand(H, generator=g) * 0.5 + 0.5 if decay else torch.empty(0)
     log_decay = torch.log(a) if decay else None
-    state, meta = torch.zeros(H, F, D + 1), torch.tensor([0, 0], dtype=torch.long)
+    kv, z, meta = torch.zeros(H, F, D), torch.zeros(H, F), torch.tensor([0, 0], dtype=torch.long)
     wk, wfk, wv1 = torch.zeros(H, w, D), torch.zeros(H, w, F), torch.zeros(H, w, D + 1)
-    got = torch.stack([ext.hybrid_decode_(state, wk, wfk, wv1, meta, q[t].contiguous(), k[t].contiguous(),
+    got = torch.stack([ext.hybrid_decode_(kv, z, wk, wfk, wv1, meta, q[t].contiguous(), k[t].contiguous(),
                                           v[t].contiguous(), fq[t].contiguous(), fk[t].contiguous(), a, D ** -0.5,
                                           1e-6) for t in range(T)], dim=1)  # [H, T, D]
 
@@ -640,27 +642,25 @@ def test_hybrid_decode_steps_equal_ops_hybrid_attention(decay):
     want, want_state = hybrid_attn(heads(q), heads(k, 2), heads(fq), heads(fk, 2), heads(v1, 2), w, D ** -0.5,
                                    None, log_decay, None, chunk_size=4)
     torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(state, want_state[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([kv, z[..., None]], -1), want_state[0], atol=1e-5, rtol=1e-5)
     naive = naive_hybrid_attn(heads(q), heads(k, 2), heads(v, 2), heads(fq), heads(fk, 2), w, D ** -0.5, log_decay)
     torch.testing.assert_close(got, naive[0], atol=1e-5, rtol=1e-5)
 
 
-
-
 @needs_ext
-def test_hybrid_steps_of_a_batch_equal_each_sequence_alone():
+@pytest.mark.parametrize("D", [8, 64, 200])
+def test_hybrid_steps_of_a_batch_equal_each_sequence_alone(D):
     """hybrid_segments_ with one row per sequence (a decoding step): three sequences at different window fills
     (empty, part full, wrapped), each on its own state and ring, give bit for bit what one hybrid_decode_ call per
-    sequence gives; a state given twice is refused."""
+    sequence gives; a state or normaliser given twice is refused."""
     g = torch.Generator().manual_seed(10)
-    B, H, KV, D, F, w = 3, 4, 2, 8, 12, 5
+    B, H, KV, F, w = 3, 4, 2, 12, 5
     a = torch.rand(H, generator=g) * 0.5 + 0.5
 
     def seq(filled):
-        state, meta = torch.rand(H, F, D + 1, generator=g), torch.tensor([min(filled, w), filled % w if filled >= w
-                                                                          else 0], dtype=torch.long)
-        return [state, torch.randn(H, w, D, generator=g), torch.rand(H, w, F, generator=g),
-                torch.rand(H, w, D + 1, generator=g), meta]
+        meta = torch.tensor([min(filled, w), filled % w if filled >= w else 0], dtype=torch.long)
+        return [torch.rand(H, F, D, generator=g), torch.rand(H, F, generator=g), torch.randn(H, w, D, generator=g),
+                torch.rand(H, w, F, generator=g), torch.rand(H, w, D + 1, generator=g), meta]
 
     seqs = [seq(n) for n in (0, 3, 7)]
     alone = [[t.clone() for t in s] for s in seqs]
@@ -669,13 +669,19 @@ def test_hybrid_steps_of_a_batch_equal_each_sequence_alone():
     want = torch.stack([ext.hybrid_decode_(*s, q[b].contiguous(), k[b].contiguous(), v[b].contiguous(),
                                            fq[b].contiguous(), fk[b].contiguous(), a, D ** -0.5, 1e-6)
                         for b, s in enumerate(alone)])
-    got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(5)], list(range(B + 1)), q, k, v, fq, fk, a,
+    got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(6)], list(range(B + 1)), q, k, v, fq, fk, a,
                                D ** -0.5, 1e-6)
     assert torch.equal(got, want)
     assert all(torch.equal(x, y) for s, t in zip(seqs, alone) for x, y in zip(s, t))  # states, rings and metas
+    two = ([0, 1, 2], q[:2].contiguous(), k[:2].contiguous(), v[:2].contiguous(), fq[:2].contiguous(),
+           fk[:2].contiguous(), a, D ** -0.5, 1e-6)
     with pytest.raises(RuntimeError, match="rows 0 and 1 share a state"):
-        ext.hybrid_segments_(*[[seqs[0][i]] * 2 for i in range(5)], [0, 1, 2], q[:2].contiguous(), k[:2].contiguous(),
-                                 v[:2].contiguous(), fq[:2].contiguous(), fk[:2].contiguous(), a, D ** -0.5, 1e-6)
+        ext.hybrid_segments_(*[[seqs[0][i]] * 2 for i in range(6)], *two)
+    with pytest.raises(RuntimeError, match="rows 0 and 1 share a normaliser"):
+        ext.hybrid_segments_(*[[seqs[0][i], seqs[0][i] if i == 1 else seqs[1][i]] for i in range(6)], *two)
+
+
+
 def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):
     """No C++ compiler: load() returns None with the reason, auto picks torch's kernels, cmx is refused clearly."""
     import subprocess
@@ -695,12 +701,13 @@ def test_without_a_compiler_the_runtime_falls_back_to_torch_kernels(tmp_path):
 
 
 @needs_ext
-def test_hybrid_prompt_segments_equal_decoding_them_token_by_token():
+@pytest.mark.parametrize("D", [8, 64, 200])
+def test_hybrid_prompt_segments_equal_decoding_them_token_by_token(D):
     """Prompt chunks of three sequences in one hybrid_segments_ call (an empty window filling and wrapping past it
     twice, a part-full window, a wrapped one; 13, 2 and 6 tokens): every row, state, ring slot and ring meta equals,
     bit for bit, decoding each sequence's tokens one at a time."""
     g = torch.Generator().manual_seed(12)
-    H, KV, D, F, w = 4, 2, 8, 12, 5
+    H, KV, F, w = 4, 2, 12, 5
     lengths = [13, 2, 6]
     starts = [0, 13, 15, 21]
     R = starts[-1]
@@ -708,7 +715,7 @@ def test_hybrid_prompt_segments_equal_decoding_them_token_by_token():
 
     def seq(filled):
         meta = torch.tensor([min(filled, w), filled % w if filled >= w else 0], dtype=torch.long)
-        return [torch.rand(H, F, D + 1, generator=g), torch.randn(H, w, D, generator=g),
+        return [torch.rand(H, F, D, generator=g), torch.rand(H, F, generator=g), torch.randn(H, w, D, generator=g),
                 torch.rand(H, w, F, generator=g), torch.rand(H, w, D + 1, generator=g), meta]
 
     seqs = [seq(n) for n in (0, 3, 7)]
@@ -718,7 +725,7 @@ def test_hybrid_prompt_segments_equal_decoding_them_token_by_token():
     want = torch.stack([ext.hybrid_decode_(*alone[b], q[r].contiguous(), k[r].contiguous(), v[r].contiguous(),
                                            fq[r].contiguous(), fk[r].contiguous(), a, D ** -0.5, 1e-6)
                         for b in range(3) for r in range(starts[b], starts[b + 1])])
-    got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(5)], starts, q, k, v, fq, fk, a, D ** -0.5, 1e-6)
+    got = ext.hybrid_segments_(*[[s[i] for s in seqs] for i in range(6)], starts, q, k, v, fq, fk, a, D ** -0.5, 1e-6)
     assert torch.equal(got, want)
     assert all(torch.equal(x, y) for s, t in zip(seqs, alone) for x, y in zip(s, t))  # states, rings and metas
 

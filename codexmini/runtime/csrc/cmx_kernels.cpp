@@ -2571,28 +2571,194 @@ at::Tensor hedgehog(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
-// One sequence's buffers for a hybrid step, checked: state [H, F, D+1], the window ring (wk [H, w, D], wfk [H, w, F],
-// wv1 [H, w, D+1]) and meta [count, oldest].
+// One sequence's buffers for a hybrid step, checked: the linear state as the kernels hold it (kv [H, F, D] and its
+// normaliser z [H, F], as linear_rows'), the window ring (wk [H, w, D], wfk [H, w, F], wv1 [H, w, D+1]) and meta
+// [count, oldest].
 struct HybridSeq {
-  float *S, *K, *FK, *VV;
+  float *S, *Z, *K, *FK, *VV;
   int64_t* meta;
   int64_t count, oldest;
 };
 
-HybridSeq hybrid_seq(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
-                     const at::Tensor& like_state, const at::Tensor& like_wk, const char* what) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &wk, &wfk, &wv1})
+HybridSeq hybrid_seq(at::Tensor& kv, at::Tensor& z, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
+                     const at::Tensor& like_kv, const at::Tensor& like_wk, const char* what) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&kv, &z, &wk, &wfk, &wv1})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, what, ": tensors must be contiguous float32");
   TORCH_CHECK(meta.numel() == 2 && meta.scalar_type() == at::kLong && meta.is_contiguous(),
               what, ": meta must be int64 [count, oldest]");
-  const int64_t H = like_state.size(0), Fd = like_state.size(1), D = like_state.size(2) - 1, W = like_wk.size(1);
-  TORCH_CHECK(state.sizes() == like_state.sizes() && wk.sizes() == at::IntArrayRef({H, W, D}) &&
-              wfk.sizes() == at::IntArrayRef({H, W, Fd}) && wv1.sizes() == at::IntArrayRef({H, W, D + 1}),
+  const int64_t H = like_kv.size(0), Fd = like_kv.size(1), D = like_kv.size(2), W = like_wk.size(1);
+  TORCH_CHECK(kv.sizes() == like_kv.sizes() && z.sizes() == at::IntArrayRef({H, Fd}), what,
+              ": states must be [H, F, D] with normalisers [H, F], every sequence's of one shape");
+  TORCH_CHECK(wk.sizes() == at::IntArrayRef({H, W, D}) && wfk.sizes() == at::IntArrayRef({H, W, Fd}) &&
+              wv1.sizes() == at::IntArrayRef({H, W, D + 1}),
               what, ": window buffers must be [H, w, D|F|D+1], every sequence's of one shape");
   int64_t* mp = meta.data_ptr<int64_t>();
   TORCH_CHECK(mp[0] >= 0 && mp[0] <= W && mp[1] >= 0 && mp[1] < W, what, ": bad window meta");
-  return {state.data_ptr<float>(), wk.data_ptr<float>(), wfk.data_ptr<float>(), wv1.data_ptr<float>(), mp, mp[0],
-          mp[1]};
+  return {kv.data_ptr<float>(), z.data_ptr<float>(), wk.data_ptr<float>(), wfk.data_ptr<float>(),
+          wv1.data_ptr<float>(), mp, mp[0], mp[1]};
+}
+
+// One (sequence, head) of a hybrid layer over its rows (see hybrid_rows), in plain C++: the head's linear state
+// S [F, D] / Z [F], its ring K [w, D], FK [w, F], VV [w, D+1]; row r's q / fq at q + r * qs, fq + r * fqs, its new
+// key, features and value at k + r * ks, fk + r * fks, v + r * vs; out at o + r * os.
+struct HybridHead {
+  float *S, *Z, *K, *FK, *VV;
+  int64_t Fd, D, W, count, oldest;
+  float decay;  // 1 for none
+};
+
+void hybrid_head_plain(HybridHead& h, const float* q, int64_t qs, const float* fq, int64_t fqs, const float* k,
+                       int64_t ks, const float* fk, int64_t fks, const float* v, int64_t vs, float* o, int64_t os,
+                       int64_t n, float scale, float eps) {
+  const int64_t Fd = h.Fd, D = h.D, W = h.W, V1 = D + 1;
+  std::vector<float> lin(D), num(D), a(W);
+  for (int64_t r = 0; r < n; ++r) {
+    const float *qr = q + r * qs, *fqr = fq + r * fqs;
+    const bool full = h.count == W;
+    const int64_t slot = full ? h.oldest : (h.oldest + h.count) % W, m = full ? W : h.count + 1;
+    const float* fold = h.FK + slot * Fd;  // the leaving key's features (when full)
+    const float* vold = h.VV + slot * V1;
+    float lin_den = 0.f;
+    for (int64_t f = 0; f < Fd; ++f) {
+      h.Z[f] = h.decay * h.Z[f] + (full ? fold[f] : 0.f);
+      lin_den += fqr[f] * h.Z[f];
+    }
+    std::fill(lin.begin(), lin.end(), 0.f);
+    for (int64_t f = 0; f < Fd; ++f) {
+      float* row = h.S + f * D;
+      const float kf = full ? fold[f] : 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        row[d] = h.decay * row[d] + kf * vold[d];
+        lin[d] += fqr[f] * row[d];
+      }
+    }
+    // the new token takes the slot
+    std::copy(k + r * ks, k + r * ks + D, h.K + slot * D);
+    std::copy(fk + r * fks, fk + r * fks + Fd, h.FK + slot * Fd);
+    std::copy(v + r * vs, v + r * vs + D, h.VV + slot * V1);
+    h.VV[slot * V1 + D] = 1.f;
+    // softmax over the window (slots in any order: the sum does not care)
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t sl = full ? j : (h.oldest + j) % W;
+      a[j] = dot(qr, h.K + sl * D, D) * scale;
+      mx = std::max(mx, a[j]);
+    }
+    float den = 0.f;
+    std::fill(num.begin(), num.end(), 0.f);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t sl = full ? j : (h.oldest + j) % W;
+      const float e = std::exp(a[j] - mx);
+      den += e;
+      const float* vj = h.VV + sl * V1;
+      for (int64_t d = 0; d < D; ++d) num[d] += e * vj[d];
+    }
+    const float inv = 1.f / (den + lin_den + eps);
+    for (int64_t d = 0; d < D; ++d) o[r * os + d] = (num[d] + lin[d]) * inv;
+    if (full) h.oldest = (h.oldest + 1) % W;
+    else ++h.count;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// hybrid_head_plain in AVX-512, NV vectors of 16 holding D columns: the state's rows prefetched and updated as
+// linear_head_simd's, the window's scores one reduction per slot, their exponentials 16 at a time (exp16).
+template <int NV>
+void hybrid_head_simd(HybridHead& h, const float* q, int64_t qs, const float* fq, int64_t fqs, const float* k,
+                      int64_t ks, const float* fk, int64_t fks, const float* v, int64_t vs, float* o, int64_t os,
+                      int64_t n, float scale, float eps) {
+  const int64_t Fd = h.Fd, D = h.D, W = h.W, V1 = D + 1;
+  __mmask16 vm[NV];
+  for (int c = 0; c < NV; ++c) {
+    const int64_t left = D - 16 * c;
+    vm[c] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
+  }
+  const __m512 av = _mm512_set1_ps(h.decay);
+  const bool decays = h.decay != 1.f;
+  std::vector<float> a(static_cast<size_t>((W + 15) / 16 * 16));
+  for (int64_t r = 0; r < n; ++r) {
+    const float *qr = q + r * qs, *fqr = fq + r * fqs;
+    const bool full = h.count == W;
+    const int64_t slot = full ? h.oldest : (h.oldest + h.count) % W, m = full ? W : h.count + 1;
+    const float* fold = h.FK + slot * Fd;
+    __m512 vo[NV], lin[NV];
+    for (int c = 0; c < NV; ++c) {
+      vo[c] = full ? _mm512_maskz_loadu_ps(vm[c], h.VV + slot * V1 + 16 * c) : _mm512_setzero_ps();
+      lin[c] = _mm512_setzero_ps();
+    }
+    __m512 zs = _mm512_setzero_ps();
+    for (int64_t f = 0; f < Fd; f += 16) {
+      const __mmask16 mk = static_cast<__mmask16>(Fd - f >= 16 ? 0xFFFF : (1u << (Fd - f)) - 1);
+      __m512 z = _mm512_maskz_loadu_ps(mk, h.Z + f);
+      if (decays) z = _mm512_mul_ps(av, z);
+      if (full) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(mk, fold + f));
+      zs = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, fqr + f), z, zs);
+      _mm512_mask_storeu_ps(h.Z + f, mk, z);
+    }
+    const float lin_den = _mm512_reduce_add_ps(zs);
+    for (int64_t f = 0; f < Fd; ++f) {
+      float* sr = h.S + f * D;
+      const __m512 kb = _mm512_set1_ps(full ? fold[f] : 0.f), qb = _mm512_set1_ps(fqr[f]);
+      for (int c = 0; c < NV; ++c) {
+        __builtin_prefetch(sr + 16 * c + kPrefetchBytes / 4, 1);
+        __m512 row = _mm512_maskz_loadu_ps(vm[c], sr + 16 * c);
+        row = _mm512_fmadd_ps(kb, vo[c], decays ? _mm512_mul_ps(av, row) : row);
+        lin[c] = _mm512_fmadd_ps(qb, row, lin[c]);
+        _mm512_mask_storeu_ps(sr + 16 * c, vm[c], row);
+      }
+    }
+    std::copy(k + r * ks, k + r * ks + D, h.K + slot * D);
+    std::copy(fk + r * fks, fk + r * fks + Fd, h.FK + slot * Fd);
+    std::copy(v + r * vs, v + r * vs + D, h.VV + slot * V1);
+    h.VV[slot * V1 + D] = 1.f;
+    __m512 qv[NV];
+    for (int c = 0; c < NV; ++c) qv[c] = _mm512_maskz_loadu_ps(vm[c], qr + 16 * c);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < m; ++j) {
+      const float* kj = h.K + (full ? j : (h.oldest + j) % W) * D;
+      for (int c = 0; c < NV; ++c) __builtin_prefetch(kj + 16 * c + kPrefetchBytes / 4);  // as the state's rows
+      __m512 s = _mm512_setzero_ps();
+      for (int c = 0; c < NV; ++c) s = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(vm[c], kj + 16 * c), s);
+      a[j] = _mm512_reduce_add_ps(s) * scale;
+      mx = std::max(mx, a[j]);
+    }
+    __m512 dv = _mm512_setzero_ps();
+    for (int64_t j = 0; j < m; j += 16) {
+      const __mmask16 live = static_cast<__mmask16>(m - j >= 16 ? 0xFFFF : (1u << (m - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, a.data() + j),
+                                                                       _mm512_set1_ps(mx))));
+      _mm512_mask_storeu_ps(a.data() + j, live, e);
+      dv = _mm512_add_ps(dv, e);
+    }
+    const float den = _mm512_reduce_add_ps(dv);
+    for (int64_t j = 0; j < m; ++j) {
+      const float* vj = h.VV + (full ? j : (h.oldest + j) % W) * V1;
+      for (int c = 0; c < NV; ++c) __builtin_prefetch(vj + 16 * c + kPrefetchBytes / 4);
+      const __m512 e = _mm512_set1_ps(a[j]);
+      for (int c = 0; c < NV; ++c) lin[c] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(vm[c], vj + 16 * c), lin[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / (den + lin_den + eps));
+    for (int c = 0; c < NV; ++c) _mm512_mask_storeu_ps(o + r * os + 16 * c, vm[c], _mm512_mul_ps(lin[c], inv));
+    if (full) h.oldest = (h.oldest + 1) % W;
+    else ++h.count;
+  }
+}
+#endif
+
+void hybrid_head(HybridHead& h, const float* q, int64_t qs, const float* fq, int64_t fqs, const float* k, int64_t ks,
+                 const float* fk, int64_t fks, const float* v, int64_t vs, float* o, int64_t os, int64_t n,
+                 float scale, float eps) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  switch ((h.D + 15) / 16) {
+#define CMX_HYBRID_HEAD(NV) \
+  case NV: return hybrid_head_simd<NV>(h, q, qs, fq, fqs, k, ks, fk, fks, v, vs, o, os, n, scale, eps);
+    CMX_HYBRID_HEAD(1) CMX_HYBRID_HEAD(2) CMX_HYBRID_HEAD(3) CMX_HYBRID_HEAD(4) CMX_HYBRID_HEAD(5)
+    CMX_HYBRID_HEAD(6) CMX_HYBRID_HEAD(7) CMX_HYBRID_HEAD(8)
+#undef CMX_HYBRID_HEAD
+    default: break;
+  }
+#endif
+  hybrid_head_plain(h, q, qs, fq, fqs, k, ks, fk, fks, v, vs, o, os, n, scale, eps);
 }
 
 // A hybrid layer token by token: softmax attention over a sliding window of the last `w` keys plus linear attention
@@ -2600,41 +2766,46 @@ HybridSeq hybrid_seq(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Ten
 // (one row each for a decoding step; a prompt chunk's T rows, each computed exactly as decoding it would), in one
 // parallel loop over (sequence, head). The window is a ring buffer in place: wk [H, w, D], wfk [H, w, F],
 // wv1 [H, w, D+1] (keys, their features and [value, 1], per query head), with meta = [count, oldest slot] (int64,
-// updated in place). When the window is full its oldest key leaves into the state (state = decay * state +
-// fk_old^T v1_old, decay applied every step); the new key takes a slot; then
-//   out[h] = (sum_j a_j v_j + (fq[h] state[h])[:D]) / (sum_j a_j + (fq[h] state[h])[D] + eps),
+// updated in place). The linear state is kvs[b] [H, F, D] and zs[b] [H, F] (linear_rows' form). When the window is
+// full its oldest key leaves into the state (kv = decay * kv + fk_old^T v_old, z = decay * z + fk_old; decay
+// applied every step); the new key takes a slot; then
+//   out[h] = (sum_j a_j v_j + fq[h] kv[h]) / (sum_j a_j + fq[h] . z[h] + eps),
 //   a_j = exp(q[h] . k_j * scale - max), j over the window (this token included).
 // Row r's inputs: q [H, D], k / v [KV, D], fq [H, F], fk [KV, F] (rows of q [R, H, D] etc.); returns [R, H, D].
-// The reference is codexmini.ops.hybrid.hybrid_attn (tensors in time order instead of a ring).
-at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> wks, std::vector<at::Tensor> wfks,
-                       std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas, const std::vector<int64_t>& starts,
-                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
-                       const at::Tensor& fk, const at::Tensor& decay, double scale, double eps, const char* what) {
-  const int64_t B = static_cast<int64_t>(states.size());
-  TORCH_CHECK(B > 0 && wks.size() == states.size() && wfks.size() == states.size() && wv1s.size() == states.size() &&
-              metas.size() == states.size(), what, ": one state, window and meta per sequence");
+// The reference is codexmini.ops.hybrid.hybrid_attn (tensors in time order instead of a ring, the state [F, D+1]).
+at::Tensor hybrid_rows(std::vector<at::Tensor> kvs, std::vector<at::Tensor> zs, std::vector<at::Tensor> wks,
+                       std::vector<at::Tensor> wfks, std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas,
+                       const std::vector<int64_t>& starts, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& decay,
+                       double scale, double eps, const char* what) {
+  const int64_t B = static_cast<int64_t>(kvs.size());
+  TORCH_CHECK(B > 0 && zs.size() == kvs.size() && wks.size() == kvs.size() && wfks.size() == kvs.size() &&
+              wv1s.size() == kvs.size() && metas.size() == kvs.size(), what,
+              ": one state, normaliser, window and meta per sequence");
   const int64_t R = segment_rows(starts, B, what);
   TORCH_CHECK(R > 0, what, ": no rows");
-  TORCH_CHECK(states[0].dim() == 3 && wks[0].dim() == 3, what, ": state must be [H, F, D+1], the window [H, w, D]");
+  TORCH_CHECK(kvs[0].dim() == 3 && wks[0].dim() == 3, what, ": state must be [H, F, D], the window [H, w, D]");
   std::vector<HybridSeq> seqs;
-  std::vector<const void*> state_buffers, window_buffers;
+  std::vector<const void*> state_buffers, norm_buffers, window_buffers;
   for (int64_t b = 0; b < B; ++b) {
-    seqs.push_back(hybrid_seq(states[b], wks[b], wfks[b], wv1s[b], metas[b], states[0], wks[0], what));
+    seqs.push_back(hybrid_seq(kvs[b], zs[b], wks[b], wfks[b], wv1s[b], metas[b], kvs[0], wks[0], what));
     state_buffers.push_back(seqs[b].S);
+    norm_buffers.push_back(seqs[b].Z);
     window_buffers.push_back(seqs[b].K);
   }
   check_distinct(state_buffers, what, "state");
+  check_distinct(norm_buffers, what, "normaliser");
   check_distinct(window_buffers, what, "window");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &fq, &fk})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, what, ": tensors must be contiguous float32");
-  const int64_t H = states[0].size(0), Fd = states[0].size(1), D = states[0].size(2) - 1, W = wks[0].size(1);
+  const int64_t H = kvs[0].size(0), Fd = kvs[0].size(1), D = kvs[0].size(2), W = wks[0].size(1);
   const int64_t KV = k.numel() / (R * D);
   TORCH_CHECK(q.numel() == R * H * D && fq.numel() == R * H * Fd && KV > 0 && H % KV == 0 &&
               k.numel() == R * KV * D && v.numel() == R * KV * D && fk.numel() == R * KV * Fd,
               what, ": q/k/v/fq/fk shapes do not match the state");
   TORCH_CHECK(decay.numel() == 0 || (decay.numel() == H && decay.is_contiguous() && decay.scalar_type() == at::kFloat),
               what, ": decay must be empty or float32 [H]");
-  const int64_t groups = H / KV, V1 = D + 1;
+  const int64_t groups = H / KV;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -2643,62 +2814,15 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
   const float* dec = decay.numel() ? decay.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({R, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B * H, R * Fd * V1 >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
-    std::vector<float> lin(V1), num(D), a(W);
+  at::parallel_for(0, B * H, R * Fd * D >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H;
+      const int64_t b = t / H, h = t % H, r0 = starts[b], g = r0 * KV + h / groups;
       const HybridSeq& sq = seqs[b];
-      const float dh = dec ? dec[h] : 1.f;
-      int64_t count = sq.count, oldest = sq.oldest;  // the ring as this head sees it, row by row
-      for (int64_t r = starts[b]; r < starts[b + 1]; ++r) {
-        const int64_t g = r * KV + h / groups, rh = r * H + h;
-        const bool full = count == W;
-        const int64_t slot = full ? oldest : (oldest + count) % W, n = full ? W : count + 1;
-        const float* fold = sq.FK + (h * W + slot) * Fd;  // the leaving key's features (when full)
-        const float* vold = sq.VV + (h * W + slot) * V1;
-        std::fill(lin.begin(), lin.end(), 0.f);
-        for (int64_t f = 0; f < Fd; ++f) {
-          float* row = sq.S + (h * Fd + f) * V1;
-          const float qf = fqp[rh * Fd + f];
-          if (full) {
-            const float kf = fold[f];
-            for (int64_t d = 0; d < V1; ++d) {
-              row[d] = dh * row[d] + kf * vold[d];
-              lin[d] += qf * row[d];
-            }
-          } else {
-            for (int64_t d = 0; d < V1; ++d) {
-              row[d] = dh * row[d];
-              lin[d] += qf * row[d];
-            }
-          }
-        }
-        // the new token takes the slot
-        std::copy(kp + g * D, kp + (g + 1) * D, sq.K + (h * W + slot) * D);
-        std::copy(fkp + g * Fd, fkp + (g + 1) * Fd, sq.FK + (h * W + slot) * Fd);
-        std::copy(vp + g * D, vp + (g + 1) * D, sq.VV + (h * W + slot) * V1);
-        sq.VV[(h * W + slot) * V1 + D] = 1.f;
-        // softmax over the window (slots in any order: the sum does not care)
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t sl = full ? j : (oldest + j) % W;
-          a[j] = dot(qp + rh * D, sq.K + (h * W + sl) * D, D) * static_cast<float>(scale);
-          m = std::max(m, a[j]);
-        }
-        float den = 0.f;
-        std::fill(num.begin(), num.end(), 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t sl = full ? j : (oldest + j) % W;
-          const float e = std::exp(a[j] - m);
-          den += e;
-          const float* vj = sq.VV + (h * W + sl) * V1;
-          for (int64_t d = 0; d < D; ++d) num[d] += e * vj[d];
-        }
-        const float inv = 1.f / (den + lin[D] + static_cast<float>(eps));
-        for (int64_t d = 0; d < D; ++d) o[rh * D + d] = (num[d] + lin[d]) * inv;
-        if (full) oldest = (oldest + 1) % W;
-        else ++count;
-      }
+      HybridHead hh{sq.S + h * Fd * D, sq.Z + h * Fd, sq.K + h * W * D, sq.FK + h * W * Fd, sq.VV + h * W * (D + 1),
+                    Fd, D, W, sq.count, sq.oldest, dec ? dec[h] : 1.f};
+      hybrid_head(hh, qp + (r0 * H + h) * D, H * D, fqp + (r0 * H + h) * Fd, H * Fd, kp + g * D, KV * D,
+                  fkp + g * Fd, KV * Fd, vp + g * D, KV * D, o + (r0 * H + h) * D, H * D, starts[b + 1] - r0,
+                  static_cast<float>(scale), static_cast<float>(eps));
     }
   });
   for (int64_t b = 0; b < B; ++b) {  // every head moved its ring alike: the sequence's meta, once
@@ -2709,22 +2833,23 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> states, std::vector<at::Tensor> w
   return out;
 }
 
-at::Tensor hybrid_decode_(at::Tensor& state, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1, at::Tensor& meta,
-                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& fq,
-                          const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
-  return hybrid_rows({state}, {wk}, {wfk}, {wv1}, {meta}, {0, 1}, q, k, v, fq, fk, decay, scale, eps,
+at::Tensor hybrid_decode_(at::Tensor& kv, at::Tensor& z, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1,
+                          at::Tensor& meta, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
+  return hybrid_rows({kv}, {z}, {wk}, {wfk}, {wv1}, {meta}, {0, 1}, q, k, v, fq, fk, decay, scale, eps,
                      "hybrid_decode_")[0];
 }
 
 // hybrid_decode_ for several sequences' runs of tokens (rows starts[b] .. starts[b+1]-1 continue sequence b; q
 // [R, H, D], k / v [R, KV, D], fq [R, H, F], fk [R, KV, F]) in one call: prompt chunks, computed as decoding them
 // token by token.
-at::Tensor hybrid_segments_(std::vector<at::Tensor> states, std::vector<at::Tensor> wks, std::vector<at::Tensor> wfks,
-                            std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas,
+at::Tensor hybrid_segments_(std::vector<at::Tensor> kvs, std::vector<at::Tensor> zs, std::vector<at::Tensor> wks,
+                            std::vector<at::Tensor> wfks, std::vector<at::Tensor> wv1s, std::vector<at::Tensor> metas,
                             const std::vector<int64_t>& starts, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& decay,
                             double scale, double eps) {
-  return hybrid_rows(states, wks, wfks, wv1s, metas, starts, q, k, v, fq, fk, decay, scale, eps, "hybrid_segments_");
+  return hybrid_rows(kvs, zs, wks, wfks, wv1s, metas, starts, q, k, v, fq, fk, decay, scale, eps,
+                     "hybrid_segments_");
 }
 
 std::string isa() { return kIsa; }
