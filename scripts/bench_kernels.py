@@ -18,7 +18,11 @@ int4 in the file's layout and repacked in panels (what the runtime runs where th
 Table 4 (`--table stack`): every linear layer of a 30-layer stack of SmolLM2-135M's shapes in turn (q, k, v, o,
 gate, up, down: 106 M weights, so they stream from memory as in a decoding step), int4 / int3 / int2 g32 with int8
 activations, in the file's layout and in panels; ms per pass over the stack (median of 7, the kernels in turn) and
-GB/s of weight bytes.
+GB/s of weight bytes. `--stack big` runs twelve 8192x2048 matrices instead (113 MB in int4): calls long enough that
+what every call costs whatever its size (the binding, the activations' quantization, the threads' start, the first
+cache lines of the weights) no longer counts, so the bytes per second are the kernels' own.
+
+    .venv/bin/python scripts/bench_kernels.py --table stack [--stack big]
 """
 
 from __future__ import annotations
@@ -135,7 +139,11 @@ def rows_table(ext, repeats: int) -> None:
             print(f"| {N}x{K} {name} | {label} | " + " | ".join(f"{u:.1f} ({u / us[0]:.2f}x)" for u in us) + " |")
 
 
-def stack_table(ext, rows=(1, 8), passes: int = 7) -> None:
+STACKS = {"smollm2": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30,
+          "big": [(8192, 2048)] * 12}
+
+
+def stack_table(ext, rows=(1, 8), passes: int = 7, stack: str = "smollm2") -> None:
     """A decoding step's matrices in turn, too many to stay in cache: the kernels per byte of weights read. The
     passes visit every kernel in turn (round-robin), so a slow spell of the machine touches them alike."""
     from codexmini.ops.layouts import pack_bits
@@ -143,7 +151,7 @@ def stack_table(ext, rows=(1, 8), passes: int = 7) -> None:
 
     g = torch.Generator().manual_seed(3)
     empty = torch.empty(0, dtype=torch.uint8)
-    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    shapes = STACKS[stack]
     kernels = []  # (label, call, weights, extra arguments, bits, weight bytes)
     for bits in (4, 3, 2):
         weights = []
@@ -159,7 +167,7 @@ def stack_table(ext, rows=(1, 8), passes: int = 7) -> None:
             panels = [(to_panels(q, P, 4) if bits == 4 else to_lowbit_panels(q, bits, P), to_panels(s, P))
                       for q, s in weights]
             kernels.append((f"int{bits} g32 panels", getattr(ext, f"q{bits}p_linear"), panels, (None,), bits, nbytes))
-    xs = {m: {K: torch.randn(m, K, generator=g) for K in (576, 1536)} for m in rows}
+    xs = {m: {K: torch.randn(m, K, generator=g) for K in {K for _, K in shapes}} for m in rows}
     times = {(i, m): [] for i in range(len(kernels)) for m in rows}
     for _ in range(passes):
         for i, (_, call, ws, extra, bits, _) in enumerate(kernels):
@@ -183,6 +191,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--table", choices=["all", "onerow", "lowbit", "rows", "stack"], default="all")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--stack", choices=sorted(STACKS), default="smollm2",
+                   help="table 4's matrices: SmolLM2-135M's 210, or twelve 8192x2048 (the kernels' own bytes/s)")
     args = p.parse_args()
     from codexmini.runtime import native
 
@@ -205,7 +215,7 @@ def main() -> None:
         rows_table(ext, args.repeats)
         print()
     if args.table in ("all", "stack") and ext is not None:
-        stack_table(ext)
+        stack_table(ext, stack=args.stack)
 
 
 if __name__ == "__main__":
