@@ -340,9 +340,9 @@ class Layer:
         return st["state"]
 
     def _kv_z(self, st) -> tuple[torch.Tensor, torch.Tensor]:
-        """A linear or hybrid layer's state as codexmini's kernels hold it: `kv` `[H, F, D]` and its normaliser `z` `[H, F]`
-        (`_state` split: rows of D floats stay aligned to cache lines, where D+1 columns made most loads and stores
-        cross two; a prompt's linear attention 2x faster)."""
+        """A linear or hybrid layer's state as codexmini's kernels hold it: `kv` `[H, F, D]` and its normaliser `z`
+        `[H, F]` (`_state` split: rows of D floats stay aligned to cache lines, where D+1 columns made most loads and
+        stores cross two; a prompt's linear attention 2x faster)."""
         if "kv" not in st:
             state = st.pop("state", None)
             if state is None:

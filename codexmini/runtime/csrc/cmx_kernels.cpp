@@ -2835,7 +2835,8 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> kvs, std::vector<at::Tensor> zs, 
 
 at::Tensor hybrid_decode_(at::Tensor& kv, at::Tensor& z, at::Tensor& wk, at::Tensor& wfk, at::Tensor& wv1,
                           at::Tensor& meta, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& decay, double scale, double eps) {
+                          const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& decay, double scale,
+                          double eps) {
   return hybrid_rows({kv}, {z}, {wk}, {wfk}, {wv1}, {meta}, {0, 1}, q, k, v, fq, fk, decay, scale, eps,
                      "hybrid_decode_")[0];
 }
