@@ -178,6 +178,7 @@ class Layer:
 
         self.ext = native.load() if mode == "cmx" else None
         self.split_qkv = (self.h * self.hd, self.kv * self.hd, self.kv * self.hd)
+        self._step = self._step_args()
         if self.type != "softmax":
             self.feature_map = c["feature_map"]
             # hedgehog's weights in fp32, once: for the ops function and the fused kernel alike
@@ -189,6 +190,19 @@ class Layer:
             self.n_features = feature_map_dim(self.feature_map, self.hd,
                                               self.fm_w["k"].shape[-1] if self.fm_w else None)
             self.chunk = c.get("linear_chunk_size", 64)
+
+    def _step_args(self) -> tuple | None:
+        """The weights a decoding step of this layer hands `ext.softmax_step` in one call (q, k, v, o, gate, up,
+        down, all panels of one width, q/k/v and gate/up fused), or None: then `forward_rows` makes the calls."""
+        if self.ext is None or self.type != "softmax":
+            return None
+        fused = [self.qkv, self.gate_up]
+        if not all(isinstance(k, CmxConcatLinear) for k in fused) or [len(k.parts) for k in fused] != [3, 2]:
+            return None
+        parts = [*self.qkv.parts, self.o, *self.gate_up.parts, self.down]
+        if not all(isinstance(k, CmxGroupLinear) and k.panels and k.bits == parts[0].bits for k in parts):
+            return None
+        return [k.packed for k in parts], [k.scale for k in parts], [k.zero for k in parts], parts[0].bits
 
     def _rep(self, x):  # [KV, T, D] -> [H, T, D]
         return x if self.groups == 1 else x.repeat_interleave(self.groups, dim=0)
@@ -206,6 +220,13 @@ class Layer:
         (cos / sin `[B, D]`). The linear layers take all B rows in one call (one pass over each weight serves every
         sequence); attention runs per sequence, through the same call a single sequence's decode step makes."""
         B, ext = x.shape[0], self.ext
+        if self._step is not None and B <= decode_rows():  # the same calls, made in one (`_step_args`)
+            ns = self._cache_slots(sts, [1] * B)
+            out = ext.softmax_step(x, self.in_norm, self.post_norm, self.eps, *self._step, [st["k"] for st in sts],
+                                   [st["v"] for st in sts], ns, cos, sin, self.h, self.kv, self.hd, self.hd ** -0.5)
+            for st, n in zip(sts, ns):
+                st["n"] = n + 1
+            return out
         a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
         rows = []
         if ext and self.qkv:
@@ -234,6 +255,9 @@ class Layer:
         codexmini's kernels; every row is computed as `forward` on that sequence's chunk alone computes it. A segment
         of one row is a decoding step: prompts and decoding sequences can share one forward."""
         T, ext = x.shape[0], self.ext
+        if self._step is not None and len(segments) <= decode_rows() and all(b - a == 1 for a, b, _ in segments):
+            # one token each: a decoding step
+            return self.forward_rows(x, cos, sin, [st for _, _, st in segments])
         a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
         if ext is not None and self.qkv is not None:  # every segment's rows in one call, each as `forward` gives it
             qkv = self.qkv(a)
@@ -299,14 +323,19 @@ class Layer:
                 buf[:, :n] = st[name][:, :n]
             st[name] = buf
 
+    def _cache_slots(self, sts: list[dict], rows: list[int]) -> list[int]:
+        """Each session's first free KV slot, its cache grown to take `rows[b]` more tokens."""
+        ns = [st.get("n", 0) for st in sts]
+        for st, n, r in zip(sts, ns, rows):
+            self.grow_cache(st, n + r)
+        return ns
+
     def _softmax_segments(self, qkv: torch.Tensor, sts: list[dict], starts: list[int]) -> torch.Tensor:
         """Rows of several sessions through codexmini's fused attention kernel, in one call: rows
         `starts[b]:starts[b + 1]` of qkv `[R, C]` (rotary applied) continue `sts[b]`, causally, each row computed as
         decoding it alone would be (a decoding step has one row per session, a prompt chunk a session's T rows).
         The reference is `_softmax`, torch's SDPA (which cost 3-5x as much on a short prompt)."""
-        ns = [st.get("n", 0) for st in sts]
-        for b, (st, n) in enumerate(zip(sts, ns)):
-            self.grow_cache(st, n + starts[b + 1] - starts[b])
+        ns = self._cache_slots(sts, [starts[b + 1] - starts[b] for b in range(len(sts))])
         o = self.ext.attend_segments(qkv, [st["k"] for st in sts], [st["v"] for st in sts], ns, starts, self.h,
                                      self.kv, self.hd, self.hd ** -0.5, 0)
         for b, (st, n) in enumerate(zip(sts, ns)):

@@ -202,3 +202,39 @@ def test_prefill_batch_refuses_bad_input(tiny_tokenizer, tmp_path):
         rt.prefill_batch([[1], [2]], [s, s])
     with pytest.raises(ValueError, match="non-empty"):
         rt.prefill_batch([[1], []], [s, rt.new_session()])
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_a_softmax_layers_step_in_one_call_equals_its_calls_one_by_one(bits, tiny_tokenizer, tmp_path):
+    """`ext.softmax_step` (a softmax layer's decoding step in one native call, where every matmul is in panels of
+    one width) against `forward_rows` making the same calls from Python: bit for bit, logits, KV caches and their
+    lengths, for one and several sequences; layers it cannot take (a hybrid one, a float model's) keep the calls."""
+    model = _model(layer_types=["softmax", "hybrid", "softmax"], num_hidden_layers=3, feature_map="hedgehog")
+    model, _ = quantize_model(model, QuantizeConfig(method="rtn", default=f"int{bits}_g32",
+                                                    rules=[{"pattern": "lm_head", "scheme": "int8"}]))
+    rt = Runtime(export_cmx(model, tiny_tokenizer, tmp_path / "q.cmx"))
+    if rt.kernels != "cmx" or not rt.layers[0].ext.panels():
+        pytest.skip("no panel kernels here (codexmini's kernels with AVX-512 VNNI)")
+    assert [layer._step is not None for layer in rt.layers] == [True, False, True]
+    steps = [layer._step for layer in rt.layers]
+    for B in (1, 3):
+        prompts = _prompts(B, seed=B)
+        runs = []
+        for one_call in (True, False):
+            for layer, step in zip(rt.layers, steps):
+                layer._step = step if one_call else None
+            sessions = [rt.new_session() for _ in prompts]
+            for p, s in zip(prompts, sessions):
+                rt.forward(p, s)
+            runs.append((torch.stack([rt.decode_batch([7 + b for b in range(B)], sessions) for _ in range(5)]),
+                         sessions))
+        (fast, s_fast), (calls, s_calls) = runs
+        assert torch.equal(fast, calls)
+        for a, b in zip(s_fast, s_calls):
+            for la, lb in zip(a.layers, b.layers):
+                if "k" in la:
+                    n = la["n"]
+                    assert n == lb["n"] and torch.equal(la["k"][:, :n], lb["k"][:, :n])
+                    assert torch.equal(la["v"][:, :n], lb["v"][:, :n])
+    float_rt = Runtime(export_cmx(_model(), tiny_tokenizer, tmp_path / "f.cmx"))
+    assert all(layer._step is None for layer in float_rt.layers)
