@@ -229,8 +229,8 @@ class Layer:
             return out
         a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
         rows = []
-        if ext and self.qkv:
-            qkv = _by_rows(self.qkv, a)
+        if ext:
+            qkv = self._qkv(a, _by_rows)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
             if self.type == "softmax":  # every session's heads in one call
                 rows.append(self._softmax_segments(qkv, sts, list(range(B + 1))))
@@ -259,8 +259,8 @@ class Layer:
             # one token each: a decoding step
             return self.forward_rows(x, cos, sin, [st for _, _, st in segments])
         a = ext.rms_norm(x, self.in_norm, self.eps) if ext else rms_norm(x, self.in_norm, self.eps)
-        if ext is not None and self.qkv is not None:  # every segment's rows in one call, each as `forward` gives it
-            qkv = self.qkv(a)
+        if ext is not None:  # every segment's rows in one call, each as `forward` gives it
+            qkv = self._qkv(a)
             ext.rope_(qkv, cos, sin, self.h + self.kv, self.hd)
             starts = [i for i, _, _ in segments] + [segments[-1][1]]
             sts = [st for _, _, st in segments]
@@ -274,6 +274,15 @@ class Layer:
         rows = [self._attend(q[:, i:j], k[:, i:j], v[:, i:j], st).transpose(0, 1).reshape(j - i, self.h * self.hd)
                 for i, j, st in segments]
         return self._mlp(self.o(rows[0] if len(rows) == 1 else torch.cat(rows), x))
+
+    def _qkv(self, a: torch.Tensor, run=None) -> torch.Tensor:
+        """q, k and v side by side, `[rows, (H + 2 KV) hd]`, as codexmini's attention kernels take them: the fused
+        kernel's output, or (q, k and v in different schemes, as a per-tensor allocation makes them) the three
+        layers' outputs joined. `run`: how the kernels are called (`_by_rows` for a batched decode step)."""
+        run = run or _direct
+        if self.qkv is not None:
+            return run(self.qkv, a)
+        return torch.cat([run(self.q, a), run(self.k, a), run(self.v, a)], dim=-1)
 
     def _mlp(self, h: torch.Tensor, by_rows=None) -> torch.Tensor:
         """The MLP block after attention (`h` = the residual stream with attention added); `by_rows`: how the
