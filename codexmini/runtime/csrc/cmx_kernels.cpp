@@ -91,6 +91,9 @@ constexpr int64_t kBlockRows = 64;
 // faster than without.
 constexpr int64_t kPrefetchBytes = 4096;
 
+// The mask of a vector of 16 lanes' first n (none for n <= 0, all for n >= 16): the tails of masked loads and stores.
+inline uint16_t lanes16(int64_t n) { return static_cast<uint16_t>(n >= 16 ? 0xFFFF : n > 0 ? (1u << n) - 1 : 0); }
+
 // f(std::integral_constant<int, M>{}) for M = rows, 1 .. kGemvRows: the GEMVs' one kernel instance per row count.
 template <class F>
 void with_rows(int64_t rows, F&& f) {
@@ -566,12 +569,12 @@ struct Avx512 {
 #endif
   // n <= V scales / zero points from i (masked loads: nothing past them is read)
   static F scales(Scales s, int64_t i, int n) {
-    const __mmask16 k = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    const __mmask16 k = lanes16(n);
     if (s.half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s.at(i)));
     return _mm512_maskz_loadu_ps(k, s.at(i));
   }
   static F zeros(const uint8_t* p, int n) {
-    const __mmask16 k = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    const __mmask16 k = lanes16(n);
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p)));
   }
   // the codes of columns e0 .. e0 + V-1 (e0 a multiple of V) in natural order, for the prompts' dequantization
@@ -2110,7 +2113,7 @@ void attend_group(const float* q, const KVCache& c, int64_t kvh, int64_t groups,
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[h]));
     __m512 den = _mm512_setzero_ps();
     for (int64_t j = 0; j < S; j += 16) {
-      const __mmask16 live = static_cast<__mmask16>(S - j >= 16 ? 0xFFFF : (1u << (S - j)) - 1);
+      const __mmask16 live = lanes16(S - j);
       const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, ph + j), m));
       _mm512_mask_storeu_ps(ph + j, live, e);
       den = _mm512_add_ps(den, _mm512_maskz_mov_ps(live, e));
@@ -2295,10 +2298,7 @@ void linear_head_simd(float* S, float* Z, int64_t Fd, int64_t D, const float* de
                       const float* k, int64_t ks, const float* v, int64_t vs, float* o, int64_t os, int64_t n,
                       float eps) {
   __mmask16 vm[NV];  // the columns of each vector (D)
-  for (int c = 0; c < NV; ++c) {
-    const int64_t left = D - 16 * c;
-    vm[c] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
-  }
+  for (int c = 0; c < NV; ++c) vm[c] = lanes16(D - 16 * c);
   const __m512 av = _mm512_set1_ps(dec ? *dec : 1.f);
   auto load_v = [&](const float* vr, __m512* out) {
     for (int c = 0; c < NV; ++c) out[c] = _mm512_maskz_loadu_ps(vm[c], vr + 16 * c);
@@ -2323,7 +2323,7 @@ void linear_head_simd(float* S, float* Z, int64_t Fd, int64_t D, const float* de
   auto normaliser = [&](const float* const* kr, const float* const* qr, int rows, float* den) {
     __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t f = 0; f < Fd; f += 16) {
-      const __mmask16 m = static_cast<__mmask16>(Fd - f >= 16 ? 0xFFFF : (1u << (Fd - f)) - 1);
+      const __mmask16 m = lanes16(Fd - f);
       __m512 z = _mm512_maskz_loadu_ps(m, Z + f);
       for (int i = 0; i < rows; ++i) {
         z = _mm512_add_ps(dec ? _mm512_mul_ps(av, z) : z, _mm512_maskz_loadu_ps(m, kr[i] + f));
@@ -2605,13 +2605,17 @@ struct HybridHead {
   float *S, *Z, *K, *FK, *VV;
   int64_t Fd, D, W, count, oldest;
   float decay;  // 1 for none
+  float* scratch;  // hybrid_scratch(D, W) floats, the task's own
 };
+
+// Floats of scratch a hybrid head's rows need: the window's scores (padded to whole vectors) and two rows of D.
+inline int64_t hybrid_scratch(int64_t D, int64_t W) { return (W + 15) / 16 * 16 + 2 * D; }
 
 void hybrid_head_plain(HybridHead& h, const float* q, int64_t qs, const float* fq, int64_t fqs, const float* k,
                        int64_t ks, const float* fk, int64_t fks, const float* v, int64_t vs, float* o, int64_t os,
                        int64_t n, float scale, float eps) {
   const int64_t Fd = h.Fd, D = h.D, W = h.W, V1 = D + 1;
-  std::vector<float> lin(D), num(D), a(W);
+  float *a = h.scratch, *lin = a + (W + 15) / 16 * 16, *num = lin + D;
   for (int64_t r = 0; r < n; ++r) {
     const float *qr = q + r * qs, *fqr = fq + r * fqs;
     const bool full = h.count == W;
@@ -2623,7 +2627,7 @@ void hybrid_head_plain(HybridHead& h, const float* q, int64_t qs, const float* f
       h.Z[f] = h.decay * h.Z[f] + (full ? fold[f] : 0.f);
       lin_den += fqr[f] * h.Z[f];
     }
-    std::fill(lin.begin(), lin.end(), 0.f);
+    std::fill(lin, lin + D, 0.f);
     for (int64_t f = 0; f < Fd; ++f) {
       float* row = h.S + f * D;
       const float kf = full ? fold[f] : 0.f;
@@ -2645,7 +2649,7 @@ void hybrid_head_plain(HybridHead& h, const float* q, int64_t qs, const float* f
       mx = std::max(mx, a[j]);
     }
     float den = 0.f;
-    std::fill(num.begin(), num.end(), 0.f);
+    std::fill(num, num + D, 0.f);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t sl = full ? j : (h.oldest + j) % W;
       const float e = std::exp(a[j] - mx);
@@ -2669,13 +2673,10 @@ void hybrid_head_simd(HybridHead& h, const float* q, int64_t qs, const float* fq
                       int64_t n, float scale, float eps) {
   const int64_t Fd = h.Fd, D = h.D, W = h.W, V1 = D + 1;
   __mmask16 vm[NV];
-  for (int c = 0; c < NV; ++c) {
-    const int64_t left = D - 16 * c;
-    vm[c] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
-  }
+  for (int c = 0; c < NV; ++c) vm[c] = lanes16(D - 16 * c);
   const __m512 av = _mm512_set1_ps(h.decay);
   const bool decays = h.decay != 1.f;
-  std::vector<float> a(static_cast<size_t>((W + 15) / 16 * 16));
+  float* a = h.scratch;  // the window's scores, then their exponentials
   for (int64_t r = 0; r < n; ++r) {
     const float *qr = q + r * qs, *fqr = fq + r * fqs;
     const bool full = h.count == W;
@@ -2688,7 +2689,7 @@ void hybrid_head_simd(HybridHead& h, const float* q, int64_t qs, const float* fq
     }
     __m512 zs = _mm512_setzero_ps();
     for (int64_t f = 0; f < Fd; f += 16) {
-      const __mmask16 mk = static_cast<__mmask16>(Fd - f >= 16 ? 0xFFFF : (1u << (Fd - f)) - 1);
+      const __mmask16 mk = lanes16(Fd - f);
       __m512 z = _mm512_maskz_loadu_ps(mk, h.Z + f);
       if (decays) z = _mm512_mul_ps(av, z);
       if (full) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(mk, fold + f));
@@ -2724,10 +2725,10 @@ void hybrid_head_simd(HybridHead& h, const float* q, int64_t qs, const float* fq
     }
     __m512 dv = _mm512_setzero_ps();
     for (int64_t j = 0; j < m; j += 16) {
-      const __mmask16 live = static_cast<__mmask16>(m - j >= 16 ? 0xFFFF : (1u << (m - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, a.data() + j),
+      const __mmask16 live = lanes16(m - j);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, a + j),
                                                                        _mm512_set1_ps(mx))));
-      _mm512_mask_storeu_ps(a.data() + j, live, e);
+      _mm512_mask_storeu_ps(a + j, live, e);
       dv = _mm512_add_ps(dv, e);
     }
     const float den = _mm512_reduce_add_ps(dv);
@@ -2815,11 +2816,12 @@ at::Tensor hybrid_rows(std::vector<at::Tensor> kvs, std::vector<at::Tensor> zs, 
   at::Tensor out = at::empty({R, H, D}, at::kFloat);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, B * H, R * Fd * D >= 4096 ? 1 : B * H, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(hybrid_scratch(D, W));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, r0 = starts[b], g = r0 * KV + h / groups;
       const HybridSeq& sq = seqs[b];
       HybridHead hh{sq.S + h * Fd * D, sq.Z + h * Fd, sq.K + h * W * D, sq.FK + h * W * Fd, sq.VV + h * W * (D + 1),
-                    Fd, D, W, sq.count, sq.oldest, dec ? dec[h] : 1.f};
+                    Fd, D, W, sq.count, sq.oldest, dec ? dec[h] : 1.f, scratch.data()};
       hybrid_head(hh, qp + (r0 * H + h) * D, H * D, fqp + (r0 * H + h) * Fd, H * Fd, kp + g * D, KV * D,
                   fkp + g * Fd, KV * Fd, vp + g * D, KV * D, o + (r0 * H + h) * D, H * D, starts[b + 1] - r0,
                   static_cast<float>(scale), static_cast<float>(eps));
@@ -2865,19 +2867,20 @@ at::Tensor softmax_step_impl(const at::Tensor& x, const at::Tensor& in_norm, con
                              const std::vector<at::Tensor>& zs, std::vector<at::Tensor>& kcaches,
                              std::vector<at::Tensor>& vcaches, const std::vector<int64_t>& ns, const at::Tensor& cos,
                              const at::Tensor& sin, int64_t heads, int64_t kv_heads, int64_t hd, double scale) {
-  auto part = [&](size_t a, size_t b) {
-    return std::vector<at::Tensor>(ws.begin() + a, ws.begin() + b);
+  auto cat = [&](const at::Tensor& in, size_t a, size_t b, bool silu) {  // matrices a .. b-1 side by side
+    auto slice = [&](const std::vector<at::Tensor>& v) {
+      return std::vector<at::Tensor>(v.begin() + a, v.begin() + b);
+    };
+    return panel_linear_cat<BITS>(in, slice(ws), slice(ss), slice(zs), silu);
   };
-  auto sc = [&](size_t a, size_t b) { return std::vector<at::Tensor>(ss.begin() + a, ss.begin() + b); };
-  auto zp = [&](size_t a, size_t b) { return std::vector<at::Tensor>(zs.begin() + a, zs.begin() + b); };
-  at::Tensor qkv = panel_linear_cat<BITS>(rms_norm(x, in_norm, eps), part(0, 3), sc(0, 3), zp(0, 3), false);
+  at::Tensor qkv = cat(rms_norm(x, in_norm, eps), 0, 3, false);
   rope_(qkv, cos, sin, heads + kv_heads, hd);
   std::vector<int64_t> starts(ns.size() + 1);
   std::iota(starts.begin(), starts.end(), int64_t{0});
   const at::Tensor o = attend_segments_impl(qkv, kcaches, vcaches, ns, starts, heads, kv_heads, hd, scale, 0,
                                             "softmax_step");
   const at::Tensor h = panel_linear<BITS>(o, ws[3], ss[3], zs[3], x);
-  const at::Tensor act = panel_linear_cat<BITS>(rms_norm(h, post_norm, eps), part(4, 6), sc(4, 6), zp(4, 6), true);
+  const at::Tensor act = cat(rms_norm(h, post_norm, eps), 4, 6, true);
   return panel_linear<BITS>(act, ws[6], ss[6], zs[6], h);
 }
 
